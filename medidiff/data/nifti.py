@@ -1,0 +1,178 @@
+"""Reading and writing NIfTI volumes, with the checks that turn bad files into clear errors.
+
+Arrays follow the layout of :mod:`medidiff.data.dicom`: channel-first ``(C, X, Y, Z)`` with a 4x4
+voxel-to-RAS affine (the NIfTI convention; voxels are kept in the order they are stored, the affine
+says where they are). A 2D image ``(X, Y)`` becomes a single slice ``(1, X, Y, 1)``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+
+from medidiff.errors import DataError
+
+__all__ = ["NIFTI_SUFFIXES", "is_nifti", "nifti_geometry", "nifti_stem", "read_nifti", "save_nifti"]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_DAMAGED = (ImageFileError, OSError, EOFError, zlib.error, ValueError)
+_REEXPORT = "export or download the file again (test a .gz file with `gzip -t FILE`)."
+
+
+def is_nifti(path: str | Path) -> bool:
+    """Whether a path's name ends in ``.nii`` or ``.nii.gz``."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str | Path) -> str:
+    """The file name without ``.nii`` / ``.nii.gz``."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _open(path: Path) -> nib.Nifti1Image:
+    if path.is_symlink() and not path.exists():
+        raise DataError("is a broken symbolic link.", where=path, fix="point the link at an existing file.")
+    if not path.exists():
+        raise DataError("does not exist.", where=path, fix="check the path.")
+    if path.is_dir():
+        raise DataError("is a folder where a NIfTI file was expected.", where=path,
+                        fix="point at a .nii or .nii.gz file.")
+    if path.stat().st_size == 0:
+        raise DataError("is an empty file (0 bytes).", where=path, fix=_REEXPORT)
+    try:
+        return nib.load(path)
+    except _DAMAGED as err:
+        raise DataError(f"is not a readable NIfTI file ({type(err).__name__}: {err}).", where=path,
+                        fix=_REEXPORT) from err
+
+
+def _checked_affine(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    affine = np.asarray(img.affine, dtype=np.float64)
+    linear = affine[:3, :3]
+    singular = not np.isfinite(affine).all()
+    if not singular:
+        sv = np.linalg.svd(linear, compute_uv=False)
+        singular = sv.min() <= 1e-6 * max(sv.max(), 1e-12)
+    if singular:
+        raise DataError(
+            "has a singular or invalid affine (voxel sizes of zero, or a degenerate qform/sform); "
+            "its voxels have no position in space.",
+            where=path,
+            fix="set a valid sform/qform (e.g. nibabel `img.set_sform(affine, code=1)`, or `fslorient`), "
+                "or export the image again.")
+    return affine
+
+
+def _spatial_shape(shape: tuple[int, ...], path: Path, multichannel: bool) -> tuple[tuple[int, ...], int]:
+    """``((X, Y, Z), channels)`` for a stored shape, or a DataError."""
+    if len(shape) < 2 or 0 in shape:
+        raise DataError(f"is an empty image (shape {tuple(shape)}).", where=path,
+                        fix="export the image again; a volume needs at least one voxel along each axis.")
+    dims = tuple(shape) + (1,) * max(0, 3 - len(shape))
+    extra = dims[3:]
+    channels = int(np.prod(extra)) if extra else 1
+    if channels > 1 and not multichannel:
+        raise DataError(
+            f"is {len(dims)}D (shape {tuple(shape)}) where a 3D volume is expected.",
+            where=path,
+            fix="give one 3D file per channel (nnU-Net style `case_0000.nii.gz`, `case_0001.nii.gz`), "
+                "load it with multichannel=True, or split it (e.g. `fslsplit`).")
+    return dims[:3], channels
+
+
+def nifti_geometry(path: str | Path, multichannel: bool = False) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The spatial shape and affine of a NIfTI file, from its header only.
+
+    Args:
+        path: the file.
+        multichannel: accept 4D/5D files whose extra axes are channels.
+
+    Returns:
+        ``((X, Y, Z), affine)``.
+
+    Raises:
+        DataError: the file is missing, damaged, empty or has a singular affine.
+    """
+    path = Path(path)
+    img = _open(path)
+    spatial, _ = _spatial_shape(img.shape, path, multichannel)
+    return spatial, _checked_affine(img, path)
+
+
+def read_nifti(path: str | Path, multichannel: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a NIfTI file as a float32 ``(C, X, Y, Z)`` array with its RAS affine.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        multichannel: treat the axes after the third as channels (otherwise a 4D file is an error,
+            except for a trailing axis of length 1).
+
+    Returns:
+        ``(array, affine)``; scl_slope/scl_inter are applied.
+
+    Raises:
+        DataError: missing, empty or damaged file (including a corrupt gzip stream), singular affine,
+            zero-size image, 4D where 3D is expected, NaN or Inf voxels.
+    """
+    path = Path(path)
+    img = _open(path)
+    spatial, channels = _spatial_shape(img.shape, path, multichannel)
+    affine = _checked_affine(img, path)
+    try:
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except _DAMAGED as err:
+        raise DataError(f"has damaged or truncated image data ({type(err).__name__}: {err}).", where=path,
+                        fix=_REEXPORT) from err
+    data = data.reshape(*spatial, channels)
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise DataError(f"has {bad} NaN or infinite voxel(s).", where=path,
+                        fix="replace them (e.g. numpy.nan_to_num) or mask them, then save the image again.")
+    return np.ascontiguousarray(np.moveaxis(data, -1, 0)), affine
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
+    """Writes a ``(C, X, Y, Z)`` array as NIfTI, atomically (temporary file in the folder, then rename).
+
+    A single channel is written 3D, several channels 4D ``(X, Y, Z, C)``. Whole-number data that fits
+    is stored as int16 (e.g. CT in HU), anything else as float32. qform and sform are both set to the
+    affine, with code 1 (scanner coordinates).
+
+    Args:
+        array: the volume, channel-first.
+        affine: its 4x4 voxel-to-RAS affine.
+        path: the destination (``.nii.gz`` or ``.nii``); its folder is created.
+
+    Returns:
+        The written path.
+    """
+    path = Path(path)
+    data = np.asarray(array)
+    data = data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)
+    whole = data.size and np.all(np.mod(data, 1) == 0) and data.min() >= -32768 and data.max() <= 32767
+    data = data.astype(np.int16 if whole else np.float32)
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
+    # medidiff.io had no atomic-write helper when this was written; this is the private equivalent.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
