@@ -122,12 +122,11 @@ class Process:
         grid = schedules.time_grid(
             steps, kind, t_start=t_start, t_min=self.t_min, log_snr=self.log_snr, t_of_log_snr=self.t_of_log_snr
         )
-        head = self.snap(grid[:-1])
-        if bool((head[1:] >= head[:-1]).any()):
-            raise ValueError(
-                f"{steps} steps from t_start={t_start} repeat a time of this {type(self).__name__}; use fewer steps"
-            )
-        return torch.cat([head, grid[-1:]])
+        return torch.cat([self.snap_grid(grid[:-1]), grid[-1:]])
+
+    def snap_grid(self, times: torch.Tensor) -> torch.Tensor:
+        """Snap a descending grid of evaluation times to the process's times, keeping it strictly descending."""
+        return times
 
     def sample_time(
         self, batch: int, generator: torch.Generator | None = None, device: str | torch.device | None = None
@@ -282,6 +281,22 @@ class DDPM(Process):
 
     def snap(self, t):
         return (torch.round(t * self.n_steps).clamp(1, self.n_steps) / self.n_steps).to(t.dtype)
+
+    def snap_grid(self, times):
+        """Snap to grid indices; where several times round to one index, earlier ones move up the grid.
+
+        Raises ``ValueError`` when there are more times than grid points up to the first one.
+        """
+        idx = self.index(self.snap(times)).tolist()
+        top = idx[0] if idx else 0
+        for k in range(len(idx) - 2, -1, -1):  # strictly decreasing, pushing repeats towards t_start
+            idx[k] = max(idx[k], idx[k + 1] + 1)
+        if idx and idx[0] > top:
+            raise ValueError(
+                f"{len(idx)} steps do not fit below t={float(times[0]):.4g} on a {self.n_steps}-step DDPM grid;"
+                " use fewer steps"
+            )
+        return (torch.tensor(idx, dtype=times.dtype) + 1) / self.n_steps
 
     def net_time(self, t):
         return t * self.n_steps - 1.0

@@ -1,0 +1,335 @@
+"""Samplers: plain functions over one denoiser, sharing one signature.
+
+``fn(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None, **kw)``
+
+- ``denoiser(x_t, t) -> x0_hat`` (``medidiff.core.denoiser``); eps and score are derived from it.
+- ``x`` is the state at ``t_start``: prior noise when ``t_start == 1``, a partially noised image for
+  partial diffusion (anomaly detection, warm starts).
+- ``steps`` evaluation times come from ``process.time_grid(steps, t_start=..., kind=grid)``; the last
+  step goes to ``t = 0``, where the sample is the denoised estimate.
+- ``hook(x0_hat, x_t, t)`` may return a corrected ``x0_hat`` after every network evaluation (data
+  consistency, guidance); ``callback(info)`` sees each step's ``i``, ``t``, ``x`` and ``x0_hat``.
+- ``generator``: one ``torch.Generator`` or a list with one per sample (per-sample seeds).
+- ``progress=True`` shows a progress bar.
+
+Samplers run without autograd; a hook that needs gradients enables them itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .noise import gaussian_like
+from .processes import Process
+from .utils import bcast
+
+__all__ = [
+    "ddpm",
+    "ddim",
+    "euler_maruyama",
+    "predictor_corrector",
+    "annealed_langevin",
+    "euler",
+    "heun",
+    "dpm_solver_2m",
+    "ddim_invert",
+    "SAMPLERS",
+    "get_sampler",
+    "nfe",
+]
+
+Hook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# -- shared pieces ---------------------------------------------------------------------------------
+def _denoise(denoiser, x: torch.Tensor, t: torch.Tensor, hook: Hook | None) -> torch.Tensor:
+    """Evaluate the denoiser at scalar time ``t`` (broadcast to the batch) and apply the hook."""
+    tb = t.to(x.dtype).expand(x.shape[0])
+    x0 = denoiser(x, tb)
+    if hook is not None:
+        x0 = hook(x0, x, tb)
+    return x0
+
+
+def _coef(process: Process, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    alpha, sigma = process.marginal(t.to(torch.float64))
+    return alpha.to(x.dtype), sigma.to(x.dtype)
+
+
+def _steps(process: Process, steps: int, t_start: float, grid: str, progress: bool, name: str
+           ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(i, t, s)`` for each step from time ``t`` to the next time ``s`` (``s == 0`` last)."""
+    times = process.time_grid(steps, t_start=t_start, kind=grid)
+    for i in tqdm(range(steps), desc=name, disable=not progress, leave=False):
+        yield i, times[i], times[i + 1]
+
+
+def _report(callback, i, t, x, x0) -> None:
+    if callback is not None:
+        callback({"i": i, "t": float(t), "x": x, "x0_hat": x0})
+
+
+def _score(process: Process, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    alpha, sigma = _coef(process, t, x)
+    return (alpha * x0 - x) / sigma**2
+
+
+def _em_step(process: Process, x, x0, t, s, generator) -> torch.Tensor:
+    """One Euler-Maruyama step of the reverse-time SDE (Song et al. 2021, eq. 6) from ``t`` down to ``s``."""
+    dt = (t - s).to(x.dtype)
+    drift, diffusion = process.sde(x, t.to(x.dtype).expand(x.shape[0]))
+    g = bcast(diffusion, x)
+    score = _score(process, x, x0, t)
+    return x - (drift - g**2 * score) * dt + g * torch.sqrt(dt) * gaussian_like(x, generator)
+
+
+def _ddim_update(process: Process, x, x0, t, s, eta: float, generator) -> torch.Tensor:
+    """Generalised DDIM update (Song, Meng & Ermon 2021, eq. 12) for any ``(alpha, sigma)`` process."""
+    a_t, s_t = _coef(process, t, x)
+    a_s, s_s = _coef(process, s, x)
+    eps = (x - a_t * x0) / s_t
+    if eta == 0:
+        return a_s * x0 + s_s * eps
+    # the eta = 1 variance is that of the posterior q(x_s | x_t, x0)
+    var = (eta * s_s) ** 2 * (1 - (a_t * s_s / (a_s * s_t)) ** 2).clamp(min=0)
+    return a_s * x0 + torch.sqrt(s_s**2 - var) * eps + torch.sqrt(var) * gaussian_like(x, generator)
+
+
+# -- samplers --------------------------------------------------------------------------------------
+@torch.no_grad()
+def ddim(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
+         eta: float = 0.0, grid: str = "uniform", progress: bool = False) -> torch.Tensor:
+    """DDIM (Song, Meng & Ermon 2021, eq. 12); ``eta=0`` is deterministic, ``eta=1`` is ancestral DDPM.
+
+    Args:
+        eta: scale of the fresh noise (0 deterministic, 1 the DDPM posterior variance).
+        grid: time grid kind (``uniform``, ``quadratic``, ``logsnr``).
+    """
+    for i, t, s in _steps(process, steps, t_start, grid, progress, "ddim"):
+        x0 = _denoise(denoiser, x, t, hook)
+        x = x0 if s == 0 else _ddim_update(process, x, x0, t, s, eta, generator)
+        _report(callback, i, t, x, x0)
+    return x
+
+
+def ddpm(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
+         grid: str = "uniform", progress: bool = False) -> torch.Tensor:
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2): each step samples the posterior ``q(x_s | x_t, x0_hat)``.
+
+    With a ``DDPM`` process and ``steps == n_steps`` this is the original chain; fewer steps skip
+    along the grid with the matching posterior.
+    """
+    return ddim(denoiser, x, process, steps, t_start=t_start, hook=hook, callback=callback,
+                generator=generator, eta=1.0, grid=grid, progress=progress)
+
+
+@torch.no_grad()
+def euler_maruyama(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
+                   grid: str = "uniform", progress: bool = False) -> torch.Tensor:
+    """Euler-Maruyama on the reverse-time SDE (Song et al. 2021, eq. 6); the last step returns ``x0_hat``."""
+    for i, t, s in _steps(process, steps, t_start, grid, progress, "euler_maruyama"):
+        x0 = _denoise(denoiser, x, t, hook)
+        x = x0 if s == 0 else _em_step(process, x, x0, t, s, generator)
+        _report(callback, i, t, x, x0)
+    return x
+
+
+def _langevin(process, denoiser, x, t, hook, generator, step_size) -> torch.Tensor:
+    """One Langevin move ``x + eps * score + sqrt(2 eps) z``.
+
+    ``step_size`` is a scalar tensor or a function ``(score, z) -> (B,)`` of per-sample steps.
+    """
+    x0 = _denoise(denoiser, x, t, hook)
+    score = _score(process, x, x0, t)
+    z = gaussian_like(x, generator)
+    eps = bcast(step_size(score, z) if callable(step_size) else step_size, x)
+    return x + eps * score + torch.sqrt(2 * eps) * z
+
+
+@torch.no_grad()
+def predictor_corrector(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
+                        snr: float = 0.16, n_corrector: int = 1, grid: str = "uniform",
+                        progress: bool = False) -> torch.Tensor:
+    """Predictor-corrector sampling (Song et al. 2021, Algorithms 2-3): Langevin corrector, then reverse SDE.
+
+    The corrector's step size is ``2 (snr * |z| / |score|)^2`` per sample; the predictor is an
+    Euler-Maruyama step of the reverse SDE. Network evaluations: ``steps * (n_corrector + 1)``.
+
+    Args:
+        snr: the corrector's signal-to-noise ratio.
+        n_corrector: Langevin steps per noise level.
+    """
+
+    def step_size(score, z):
+        ratio = z.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp(min=1e-12)
+        return 2 * (snr * ratio) ** 2
+
+    for i, t, s in _steps(process, steps, t_start, grid, progress, "predictor_corrector"):
+        for _ in range(n_corrector):
+            x = _langevin(process, denoiser, x, t, hook, generator, step_size)
+        x0 = _denoise(denoiser, x, t, hook)
+        x = x0 if s == 0 else _em_step(process, x, x0, t, s, generator)
+        _report(callback, i, t, x, x0)
+    return x
+
+
+@torch.no_grad()
+def annealed_langevin(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
+                      n_inner: int = 10, step_lr: float = 0.5, grid: str = "uniform",
+                      progress: bool = False) -> torch.Tensor:
+    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1) with a final denoising step.
+
+    At each of the ``steps`` noise levels ``sigma_i``, ``n_inner`` moves
+    ``x + (a_i / 2) score + sqrt(a_i) z`` with ``a_i = step_lr * sigma_i^2``, then ``x0_hat`` at the last
+    level (Jolicoeur-Martineau et al. 2021). Network evaluations: ``steps * n_inner + 1``.
+
+    Args:
+        n_inner: Langevin moves per noise level.
+        step_lr: step size as a fraction of each level's noise variance.
+    """
+    times = process.time_grid(steps, t_start=t_start, kind=grid)
+    for i in tqdm(range(steps), desc="annealed_langevin", disable=not progress, leave=False):
+        t = times[i]
+        _, sigma = _coef(process, t, x)
+        level = 0.5 * step_lr * sigma**2
+        for _ in range(n_inner):
+            x = _langevin(process, denoiser, x, t, hook, generator, level)
+        _report(callback, i, t, x, None)
+    return _denoise(denoiser, x, times[steps - 1], hook)
+
+
+def _pf_ode(denoiser, x, process, steps, *, t_start, hook, callback, grid, progress, second_order: bool
+            ) -> torch.Tensor:
+    """Probability-flow ODE in Karras et al.'s (2022, eq. 4) scaled variables ``x/alpha`` and ``sigma/alpha``.
+
+    ``d(x/alpha) / d(sigma/alpha) = (x/alpha - x0_hat) / (sigma/alpha)`` holds for every process, so one
+    integrator serves DDPM, VP, sub-VP and VE alike.
+    """
+    name = "heun" if second_order else "euler"
+    for i, t, s in _steps(process, steps, t_start, grid, progress, name):
+        x0 = _denoise(denoiser, x, t, hook)
+        if s == 0:
+            x = x0
+        else:
+            a_t, s_t = _coef(process, t, x)
+            a_s, s_s = _coef(process, s, x)
+            h_t, h_s = s_t / a_t, s_s / a_s
+            xh = x / a_t
+            d = (xh - x0) / h_t
+            xh_next = xh + (h_s - h_t) * d
+            if second_order:
+                x0_next = _denoise(denoiser, a_s * xh_next, s, hook)
+                d_next = (xh_next - x0_next) / h_s
+                xh_next = xh + (h_s - h_t) * (d + d_next) / 2
+            x = a_s * xh_next
+        _report(callback, i, t, x, x0)
+    return x
+
+
+def euler(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
+          grid: str = "uniform", progress: bool = False) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, eq. 4); deterministic."""
+    with torch.no_grad():
+        return _pf_ode(denoiser, x, process, steps, t_start=t_start, hook=hook, callback=callback, grid=grid,
+                       progress=progress, second_order=False)
+
+
+def heun(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
+         grid: str = "uniform", progress: bool = False) -> torch.Tensor:
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1).
+
+    Network evaluations: ``2 * steps - 1`` (the step to ``t = 0`` is first order).
+    """
+    with torch.no_grad():
+        return _pf_ode(denoiser, x, process, steps, t_start=t_start, hook=hook, callback=callback, grid=grid,
+                       progress=progress, second_order=True)
+
+
+@torch.no_grad()
+def dpm_solver_2m(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
+                  grid: str = "logsnr", progress: bool = False) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep second order in the data prediction.
+
+    Uses ``lambda = log(alpha / sigma)``; the first step is first order and the step to ``t = 0`` returns
+    ``x0_hat``. One network evaluation per step.
+    """
+    x0_prev, h_prev = None, None
+    for i, t, s in _steps(process, steps, t_start, grid, progress, "dpm_solver_2m"):
+        x0 = _denoise(denoiser, x, t, hook)
+        if s == 0:
+            x = x0
+        else:
+            a_t, s_t = _coef(process, t, x)
+            a_s, s_s = _coef(process, s, x)
+            h = torch.log(a_s / s_s) - torch.log(a_t / s_t)
+            d = x0
+            if x0_prev is not None:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            x = (s_s / s_t) * x - a_s * torch.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+        _report(callback, i, t, x, x0)
+    return x
+
+
+@torch.no_grad()
+def ddim_invert(denoiser, x0, process, steps, *, t_end=1.0, hook=None, callback=None, generator=None,
+                grid: str = "uniform", progress: bool = False) -> torch.Tensor:
+    """Deterministic DDIM inversion (Song, Meng & Ermon 2021, sec. 4.3; Dhariwal & Nichol 2021): image -> ``x_t``.
+
+    Runs the ``eta = 0`` DDIM update forward in time along the reverse of the grid that
+    ``ddim(..., steps, t_start=t_end)`` uses, so that sampling from the result retraces the path.
+    The first step treats the image as the state at the smallest grid time.
+
+    Args:
+        x0: clean images.
+        t_end: the time to invert to.
+
+    Returns:
+        the latent ``x_{t_end}``.
+    """
+    times = process.time_grid(steps, t_start=t_end, kind=grid).flip(0)  # 0, t_last, ..., t_end
+    x = x0
+    for i in tqdm(range(steps), desc="ddim_invert", disable=not progress, leave=False):
+        u, v = times[i], times[i + 1]
+        tau = u if u > 0 else v
+        x0_hat = _denoise(denoiser, x, tau, hook)
+        x = _ddim_update(process, x, x0_hat, tau, v, 0.0, generator)
+        _report(callback, i, v, x, x0_hat)
+    return x
+
+
+SAMPLERS: dict[str, Callable] = {
+    "ddpm": ddpm,
+    "ddim": ddim,
+    "euler_maruyama": euler_maruyama,
+    "predictor_corrector": predictor_corrector,
+    "annealed_langevin": annealed_langevin,
+    "euler": euler,
+    "heun": heun,
+    "dpm_solver_2m": dpm_solver_2m,
+}
+
+
+def get_sampler(name: str) -> Callable:
+    """The sampler function called ``name``."""
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}") from None
+
+
+def nfe(name: str, steps: int, **kw) -> int:
+    """Network evaluations a sampler makes for ``steps`` steps (for reports and budgets)."""
+    if name == "heun":
+        return 2 * steps - 1
+    if name == "predictor_corrector":
+        return steps * (kw.get("n_corrector", 1) + 1)
+    if name == "annealed_langevin":
+        return steps * kw.get("n_inner", 10) + 1
+    return steps
+
+
