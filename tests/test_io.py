@@ -1,0 +1,239 @@
+"""Writing results: atomic writes, safe names, NIfTI geometry, grid round trips, DICOM, PNG, tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import CenterSpatialCropd, Compose, Orientationd, Spacingd
+
+from medidiff import io
+from medidiff.data import sample
+from medidiff.errors import DataError
+
+# An LPS-like, anisotropic input grid (as a DICOM series would give): x and y flipped, 2.5 mm slices.
+AFFINE = np.array([[-0.9, 0, 0, 100.0], [0, -0.9, 0, 80.0], [0, 0, 2.5, -40.0], [0, 0, 0, 1]])
+SHAPE = (60, 50, 20)
+
+
+def smooth_volume() -> MetaTensor:
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"), -1)
+    xyz = ijk @ AFFINE[:3, :3].T + AFFINE[:3, 3]
+    f = np.sin(xyz[..., 0] / 15) + np.cos(xyz[..., 1] / 11) + xyz[..., 2] / 30
+    return MetaTensor(torch.tensor(f, dtype=torch.float32)[None], affine=torch.tensor(AFFINE))
+
+
+def png_size(path) -> tuple[int, int]:
+    head = open(path, "rb").read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+# ---------------------------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("/data/patients/sub-01_T1w.nii.gz", "sub-01_T1w"),
+        ("C:\\scans\\case 7 (repeat).dcm", "case_7_repeat"),
+        ("../../etc/passwd", "passwd"),
+        ("..", "case"),
+        ("", "case"),
+        (".hidden", "hidden"),
+        ("série_é", "s_rie"),
+        ("a" * 100, "a" * 64),
+    ],
+)
+def test_safe_case_name(text, expected):
+    name = io.safe_case_name(text)
+    assert name == expected
+    assert all(c.isalnum() or c in "._-" for c in name) and not name.startswith(".")
+
+
+def test_safe_case_name_removes_identifiers():
+    assert io.safe_case_name("Doe_Peter_CT", identifiers=["Doe^Peter", "12345"]) == "CT"
+    assert io.safe_case_name("12345", identifiers=["12345"]) == "case"
+
+
+def test_result_path():
+    p = io.result_path("/out", "/in/sub-01.nii.gz", "anomaly_mask", ".nii.gz")
+    assert str(p) == "/out/sub-01_anomaly_mask.nii.gz"
+    with pytest.raises(ValueError):
+        io.result_path("/out", "a", "../x", "png")
+
+
+# -------------------------------------------------------------------------------------------- atomic
+
+
+def test_atomic_write_leaves_nothing_when_writer_raises(tmp_path):
+    target = tmp_path / "table.csv"
+    with pytest.raises(RuntimeError), io.atomic_write(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("writer failed")
+    assert list(tmp_path.iterdir()) == []
+    target.write_text("old")
+    with pytest.raises(RuntimeError), io.atomic_write(target) as tmp:
+        tmp.write_text("new")
+        raise RuntimeError("writer failed")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+    with io.atomic_write(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.endswith(".csv")
+        tmp.write_text("new")
+    assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_write_refuses_inputs(tmp_path):
+    src = tmp_path / "in" / "scan.nii.gz"
+    src.parent.mkdir()
+    src.write_bytes(b"input")
+    for target in (src, tmp_path / "in" / ".." / "in" / "scan.nii.gz", src.parent / "new.nii.gz"):
+        with pytest.raises(DataError, match="input"):
+            io.write_json({}, target, protected=[src.parent])
+    with pytest.raises(DataError, match="input"):
+        io.write_text("x", src, protected=[src])
+    assert src.read_bytes() == b"input"
+    io.write_text("x", tmp_path / "out.txt", protected=[src.parent])  # elsewhere is fine
+
+
+def test_write_json_and_table(tmp_path):
+    obj = {"auroc": np.float32(0.5), "shape": torch.tensor([1, 2]), "path": tmp_path, "n": np.int64(3)}
+    p = io.write_json(obj, tmp_path / "metrics.json")
+    assert json.loads(p.read_text()) == {"auroc": 0.5, "shape": [1, 2], "path": str(tmp_path), "n": 3}
+    rows = [{"case": "a", "dice": 0.75}, {"case": "b", "hd95": 2.5}]
+    p = io.write_table(rows, tmp_path / "t.csv")
+    with open(p) as f:
+        back = list(csv.DictReader(f))
+    assert back == [{"case": "a", "dice": "0.75", "hd95": ""}, {"case": "b", "dice": "", "hd95": "2.5"}]
+
+
+# ------------------------------------------------------------------------------------------- volumes
+
+
+def test_write_like_keeps_affine_and_dtypes(tmp_path):
+    ref = sample.brain_volume()
+    heat = torch.rand(1, *ref.shape[1:])
+    p = io.write_like(heat, ref, tmp_path / "c_heatmap.nii.gz")
+    img = nib.load(p)
+    np.testing.assert_array_equal(img.affine, ref.affine.numpy())
+    assert img.shape == (80, 96, 80) and img.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(img.get_fdata(dtype=np.float32), heat[0].numpy())
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S") and int(img.header["sform_code"]) == 1
+
+    mask = heat[0] > 0.5  # (X, Y, Z) bool -> uint8
+    img = nib.load(io.write_like(mask, ref, tmp_path / "c_mask.nii.gz"))
+    assert img.get_data_dtype() == np.uint8
+    assert int(np.asarray(img.dataobj).sum()) == int(mask.sum())
+
+    two = np.stack([heat[0].numpy(), 2 * heat[0].numpy()])  # (C, X, Y, Z) -> 4D NIfTI
+    img = nib.load(io.write_nifti(two, tmp_path / "two.nii", ref.affine))
+    assert img.shape == (80, 96, 80, 2)
+    np.testing.assert_allclose(img.get_fdata()[..., 1], two[1], rtol=1e-6)
+
+    with pytest.raises(DataError, match="to_input_grid"):
+        io.write_like(heat[:, :40], ref, tmp_path / "bad.nii.gz")
+    with pytest.raises(DataError, match="affine"):
+        io.write_nifti(np.zeros((4, 4, 4)), tmp_path / "no_affine.nii.gz")
+
+
+def test_crop_resample_round_trip_lands_on_input_grid():
+    image = smooth_volume()
+    prepare = Compose([
+        Orientationd("image", "RAS", labels=None),
+        Spacingd("image", (2.0, 2.0, 2.0), mode="bilinear"),
+        CenterSpatialCropd("image", (20, 18, 16)),
+    ])
+    prepared = prepare({"image": image})["image"]
+    assert prepared.shape == (1, 20, 18, 16)
+    result = prepared.clone()  # an identity "result" on the model's grid
+    back = io.to_input_grid(result, image, prepared)
+    assert back.shape == image.shape
+    np.testing.assert_array_equal(back.affine.numpy(), AFFINE)
+    coverage = io.to_input_grid(torch.ones_like(prepared), image, prepared)[0]
+    defined = coverage > 0.999  # inside the model's field of view (away from its edge)
+    assert 0.2 < float(defined.float().mean()) < 0.5  # the crop covers part of the input
+    err = (back[0] - image[0])[defined].abs()
+    assert float(err.max()) < 0.02 and float(err.mean()) < 0.005  # two linear interpolations
+    assert float(back[0][coverage == 0].abs().max()) == 0.0  # zero outside the model's field of view
+    # the same as MONAI's own inverse of the transforms
+    inverse = prepare.inverse({"image": prepared})["image"]
+    assert float((inverse[0] - back[0]).abs().max()) < 1e-4
+    # a mask comes back as a mask
+    mask = (prepared > 1.0).float()
+    mask_back = io.to_input_grid(mask, image, prepared, mode="nearest")
+    assert set(torch.unique(mask_back).tolist()) <= {0.0, 1.0}
+    with pytest.raises(DataError, match="prepared grid"):
+        io.to_input_grid(result[:, :10], image, prepared)
+
+
+# --------------------------------------------------------------------------------------------- DICOM
+
+
+def test_write_dicom_series_matches_source_geometry(tmp_path):
+    folder = sample.dicom_examples().get("ct_series")
+    if folder is None:
+        pytest.skip("pydicom's dicomdirtests series is missing")
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    sources = sorted((pydicom.dcmread(f) for f in files), key=lambda d: float(d.ImagePositionPatient[2]))
+    ps = float(sources[0].PixelSpacing[0])
+    affine = np.diag([-ps, -ps, 2.5, 1.0])  # columns -> -x, rows -> -y (LPS to RAS), slices -> +z
+    affine[:3, 3] = np.asarray(sources[0].ImagePositionPatient, float) * [-1, -1, 1]
+    hu = np.stack([d.pixel_array.T * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in sources], -1)
+    ref = MetaTensor(torch.tensor(hu, dtype=torch.float32)[None], affine=torch.tensor(affine))
+    result = ref * 0.5 + 0.25
+    out = io.write_dicom_series(result, ref, files, tmp_path / "dcm", units="HU", protected=files)
+    assert len(out) == len(files)
+    series_uids = set()
+    for src_file, out_file in zip(files, out):
+        src, new = pydicom.dcmread(src_file), pydicom.dcmread(out_file)
+        series_uids.add(new.SeriesInstanceUID)
+        assert new.SeriesInstanceUID != src.SeriesInstanceUID and new.SOPInstanceUID != src.SOPInstanceUID
+        assert new.StudyInstanceUID == src.StudyInstanceUID
+        assert new.FrameOfReferenceUID == src.FrameOfReferenceUID
+        assert list(new.ImagePositionPatient) == list(src.ImagePositionPatient)
+        assert list(new.ImageOrientationPatient) == list(src.ImageOrientationPatient)
+        assert "DERIVED" in new.ImageType
+        assert new.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        values = new.pixel_array * float(new.RescaleSlope) + float(new.RescaleIntercept)
+        expected = (src.pixel_array * float(src.RescaleSlope) + float(src.RescaleIntercept)) * 0.5 + 0.25
+        np.testing.assert_allclose(values, expected, atol=float(new.RescaleSlope))
+    assert len(series_uids) == 1
+    shifted = MetaTensor(ref.as_tensor(), affine=torch.tensor(affine))
+    shifted.affine[2, 3] += 1.25  # half a slice off: the slices are not on the grid
+    with pytest.raises(DataError, match="grid"):
+        io.write_dicom_series(result, shifted, files, tmp_path / "bad")
+
+
+# ----------------------------------------------------------------------------------------------- PNG
+
+
+def test_relevant_slices_follow_heatmap_mass():
+    heat = np.zeros((10, 12, 30))
+    heat[2:5, 3:6, 17] = 1.0
+    heat[2:5, 3:6, 5] = 0.5
+    heat[2:3, 3:4, 25] = 0.1
+    assert io.relevant_slices(heat, 2) == [5, 17]
+    assert io.relevant_slices(heat, 5) == [5, 17, 25]  # only slices with mass
+    assert io.relevant_slices(np.zeros((4, 4, 9)), 3) == [2, 4, 6]
+
+
+def test_overlay_png_sizes(tmp_path):
+    vol = sample.brain_volume()
+    heat = torch.zeros_like(vol)
+    heat[0, 30:40, 40:50, 50:53] = 2.0
+    mask = sample.brain_mask()
+    p = io.overlay_png(vol, heatmap=heat, contours={"brain": mask}, path=tmp_path / "c_overlay.png",
+                       title="heatmap", units="a.u.", n_slices=4, ncols=2, panel_inches=2.0, dpi=50)
+    assert png_size(p) == (int((2 * 2.0 + 0.9) * 50), int((2 * 2.0 + 0.5) * 50))
+    p2 = io.overlay_png(vol[0, :, :, 40], heatmap=heat[0, :, :, 40], path=tmp_path / "slice.png", dpi=40)
+    assert png_size(p2) == (int((2.5 + 0.9) * 40), int((2.5 + 0.5) * 40))
+    with pytest.raises(DataError, match="shape"):
+        io.overlay_png(vol, heatmap=heat[:, :10], path=tmp_path / "bad.png")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["c_overlay.png", "slice.png"]
