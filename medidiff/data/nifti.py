@@ -7,6 +7,7 @@ says where they are). A 2D image ``(X, Y)`` becomes a single slice ``(1, X, Y, 1
 
 from __future__ import annotations
 
+import gzip
 import os
 import tempfile
 import zlib
@@ -51,6 +52,28 @@ def _open(path: Path) -> nib.Nifti1Image:
         raise DataError("is an empty file (0 bytes).", where=path, fix=_REEXPORT)
     try:
         return nib.load(path)
+    except _DAMAGED as err:
+        raise DataError(f"is not a readable NIfTI file ({type(err).__name__}: {err}).", where=path,
+                        fix=_REEXPORT) from err
+
+
+def _open_verified(path: Path) -> nib.Nifti1Image:
+    """Opens a NIfTI file; a ``.gz`` file is decompressed whole first so that its CRC is checked.
+
+    nibabel alone stops reading at the end of the voxel data, so damage inside a gzip stream can go
+    unnoticed; reading to the end of the stream makes gzip verify the checksum.
+    """
+    img = _open(path)
+    if not str(path).lower().endswith(".gz"):
+        return img
+    try:
+        with gzip.open(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"is a corrupt gzip file ({type(err).__name__}: {err}).", where=path,
+                        fix=_REEXPORT) from err
+    try:
+        return type(img).from_bytes(raw)
     except _DAMAGED as err:
         raise DataError(f"is not a readable NIfTI file ({type(err).__name__}: {err}).", where=path,
                         fix=_REEXPORT) from err
@@ -125,7 +148,7 @@ def read_nifti(path: str | Path, multichannel: bool = False) -> tuple[np.ndarray
             zero-size image, 4D where 3D is expected, NaN or Inf voxels.
     """
     path = Path(path)
-    img = _open(path)
+    img = _open_verified(path)
     spatial, channels = _spatial_shape(img.shape, path, multichannel)
     affine = _checked_affine(img, path)
     try:
