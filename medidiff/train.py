@@ -1,0 +1,692 @@
+"""The one training engine for every task: a network, a process and a dataset in; weights out.
+
+``fit`` trains a denoiser on a ``Dataset`` of dicts ``{"image": (C, *spatial) in [-1, 1], optional
+"cond": (Cc, *spatial)}`` with the denoising loss of ``medidiff.core.losses``. It does AdamW with linear
+warm-up then a cosine or constant learning rate, gradient clipping and accumulation, bf16 autocast on
+CUDA, EMA, a validation loss at fixed times and noise, sample images, TensorBoard, a progress bar,
+atomic checkpoints and exact resume, and DDP under ``torchrun`` (rank 0 does the I/O).
+
+Exact resume: the data order is a function of ``(seed, epoch)`` (``DistributedSampler``), the times
+and noise of step ``s`` on rank ``r`` come from a generator seeded with ``(seed, r, s)``, and checkpoints
+hold the model, EMA, optimizer, scheduler, scaler, the global RNG states of every rank and the position
+in the epoch. ``run_recipe`` is the ``train`` task: it builds data, network and process from a recipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .core import noise as core_noise
+from .core.denoiser import Denoiser
+from .core.ema import EMA
+from .core.losses import diffusion_loss
+from .core.processes import Process
+from .errors import TrainingError
+from .fsutil import TMP_PREFIX, atomic_write, write_bytes
+from .runtime import Dist, derived_seed, init_distributed, resolve_device, rng_state, seed_everything, set_rng_state
+from .weights import WEIGHTS_NAME, save_model
+
+__all__ = [
+    "TrainingConfig",
+    "TrainResult",
+    "fit",
+    "run_recipe",
+    "lr_factor",
+    "find_checkpoint",
+    "weights_checksum",
+    "CHECKPOINT_DIR",
+    "PAUSE_ENV",
+]
+
+log = logging.getLogger("medidiff.train")
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_FORMAT = 1
+#: Test hook: after writing the checkpoint of this step, rank 0 sleeps (so a test can kill it there).
+PAUSE_ENV = "MEDIDIFF_TEST_PAUSE_AFTER_STEP"
+_CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class TrainingConfig(BaseModel):
+    """The ``training`` section of a recipe.
+
+    Attributes:
+        steps: optimizer steps in all.
+        batch_size: images per micro-batch on each process.
+        grad_accum_steps: micro-batches per optimizer step.
+        lr: peak learning rate of AdamW.
+        lr_schedule: ``cosine`` (decay to ``lr * lr_min_ratio``) or ``constant`` after the warm-up.
+        lr_warmup_steps: steps of linear warm-up from 0.
+        lr_min_ratio: final learning rate of the cosine, as a share of ``lr``.
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        grad_clip: largest gradient norm (``null`` for no clipping).
+        precision: ``auto`` (bf16 on CUDA, fp32 on a CPU), ``fp32``, ``bf16`` or ``fp16`` (CUDA, with a
+            gradient scaler).
+        ema_decay: EMA decay (``null`` for no EMA).
+        ema_warmup: ramp the EMA decay up over the first steps.
+        save_ema: write the EMA weights (not the raw ones) to ``model.safetensors``.
+        loss_weighting: ``uniform`` or ``min_snr``.
+        min_snr_gamma: the Min-SNR clipping value.
+        noise: training noise, ``gaussian`` or ``simplex``.
+        noise_options: options of the noise (e.g. simplex octaves), passed to ``medidiff.core.noise``.
+        log_every: steps between log lines and TensorBoard points.
+        val_every: steps between validation losses (0: only at the end).
+        sample_every: steps between sample images (0: none).
+        sample_count: images per sample grid.
+        sample_steps: DDIM steps for the sample images.
+        checkpoint_every: steps between checkpoints (0: only at the end).
+        keep_checkpoints: how many recent checkpoints to keep.
+        resume: continue from the latest checkpoint in the output folder (start afresh if there is none).
+        stop_after: end the run cleanly after this step (with a checkpoint), e.g. for time-limited jobs.
+        tensorboard: write TensorBoard logs to ``tb/``.
+        progress: show a progress bar.
+        compile: ``torch.compile`` the network (CUDA).
+        channels_last: channels-last memory format on CUDA.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 8
+    grad_accum_steps: PositiveInt = 1
+    lr: PositiveFloat = 2e-4
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_min_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: PositiveFloat | None = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    ema_decay: float | None = Field(0.999, ge=0.0, lt=1.0)
+    ema_warmup: bool = True
+    save_ema: bool = True
+    loss_weighting: Literal["uniform", "min_snr"] = "uniform"
+    min_snr_gamma: PositiveFloat = 5.0
+    noise: Literal["gaussian", "simplex"] = "gaussian"
+    noise_options: dict[str, Any] = Field(default_factory=dict)
+    log_every: PositiveInt = 50
+    val_every: int = Field(500, ge=0)
+    sample_every: int = Field(0, ge=0)
+    sample_count: PositiveInt = 4
+    sample_steps: PositiveInt = 20
+    checkpoint_every: int = Field(500, ge=0)
+    keep_checkpoints: PositiveInt = 2
+    resume: bool = False
+    stop_after: PositiveInt | None = None
+    tensorboard: bool = True
+    progress: bool = True
+    compile: bool = False
+    channels_last: bool = True
+
+
+@dataclass
+class TrainResult:
+    """What ``fit`` leaves behind.
+
+    Attributes:
+        out_dir: the run's folder.
+        step: the last step done.
+        history: per-step ``step``, ``loss``, ``lr`` and the ``val_step``, ``val_loss``, ``val_loss_ema`` lists.
+        weights: path of ``model.safetensors``.
+        checkpoint: path of the last checkpoint.
+        checksum: SHA-256 of the trained (raw) weights; under DDP every rank's is checked equal.
+        world_size: number of processes that trained.
+        outputs: files written (for the manifest's checksums; rank 0 only).
+        inputs: input files read (set by ``run_recipe``).
+        replica_checksums: every rank's ``checksum`` (all equal, or training fails).
+    """
+
+    out_dir: Path
+    step: int
+    history: dict[str, list]
+    weights: Path | None
+    checkpoint: Path | None
+    checksum: str
+    world_size: int = 1
+    outputs: list[Path] = field(default_factory=list)
+    inputs: list[Path] = field(default_factory=list)
+    replica_checksums: list[str] = field(default_factory=list)
+
+
+# -- pure pieces -----------------------------------------------------------------------------------
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then cosine decay or constant.
+
+    Args:
+        step: optimizer steps done so far.
+        warmup: warm-up steps (the factor rises as ``(step + 1) / warmup``).
+        total: all steps of the run.
+        schedule: ``cosine`` or ``constant``.
+        min_ratio: the cosine's final factor.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def weights_checksum(module: nn.Module) -> str:
+    """SHA-256 over a module's state dict (names, dtypes, shapes and bytes), to compare replicas."""
+    h = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _draw_noise(x0: torch.Tensor, kind: str, generator: torch.Generator, options: dict) -> torch.Tensor:
+    if kind == "gaussian":
+        return core_noise.gaussian_like(x0, generator)
+    if not hasattr(core_noise, "noise_like"):
+        raise TrainingError(f"training.noise: {kind} needs medidiff.core.noise.noise_like, which is missing",
+                            where="training.noise", fix="use training.noise: gaussian, or update medidiff.")
+    return core_noise.noise_like(x0, kind, generator, **options)
+
+
+class _Batches:
+    """Endless batches in an order fixed by ``(seed, epoch)``; ``position`` counts batches into the epoch."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, dist_: Dist, num_workers: int = 0,
+                 epoch: int = 0, position: int = 0):
+        self.sampler = DistributedSampler(dataset, num_replicas=dist_.world_size, rank=dist_.rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.per_epoch = len(self.sampler) // batch_size
+        if self.per_epoch == 0:
+            raise TrainingError(
+                f"{len(dataset)} training images are too few for batches of {batch_size} on {dist_.world_size} "
+                "process(es)", where="training.batch_size", fix="lower training.batch_size or add data.")
+        self.epoch, self.position, self._it = epoch, position, None
+
+    def _start(self) -> None:
+        self.sampler.set_epoch(self.epoch)
+        order = list(self.sampler)
+        chunks = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.position, self.per_epoch)]
+        self._it = iter(DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.num_workers))
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.position >= self.per_epoch:
+            self.epoch, self.position, self._it = self.epoch + 1, 0, None
+        if self._it is None:
+            self._start()
+        self.position += 1
+        return next(self._it)
+
+
+def _checkpoint_paths(out_dir: Path) -> list[tuple[int, Path]]:
+    folder = out_dir / CHECKPOINT_DIR
+    found = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = _CKPT_RE.match(p.name)
+            if m and not p.name.startswith(TMP_PREFIX):
+                found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def find_checkpoint(out_dir: str | Path) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint in ``out_dir/checkpoints`` and its contents (``None`` if there is none).
+
+    Unreadable files (e.g. cut short by a crash outside ``atomic_write``) are skipped with a warning.
+    """
+    for _, path in _checkpoint_paths(Path(out_dir)):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped
+            log.warning("skipping unreadable checkpoint %s (%s)", path, e)
+    return None
+
+
+def _write_png(path: Path, image: torch.Tensor) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import image as mpimg
+
+    buf = io.BytesIO()
+    mpimg.imsave(buf, image.float().clamp(-1, 1).cpu().numpy(), cmap="gray", vmin=-1, vmax=1, format="png")
+    write_bytes(path, buf.getvalue())
+
+
+def _grid(x: torch.Tensor) -> torch.Tensor:
+    """First channel of each image (middle slice along the last axis in 3D), side by side: ``(H, N * W)``."""
+    x = x[:, 0]
+    while x.ndim > 3:
+        x = x.select(-1, x.shape[-1] // 2)
+    return torch.cat(list(x), dim=-1)
+
+
+# -- the engine ------------------------------------------------------------------------------------
+class _Engine:
+    """One training run; ``fit`` builds and runs it. Methods are the stages of a step."""
+
+    def __init__(self, net: nn.Module, process: Process, train_set: Dataset, *, config: TrainingConfig,
+                 out_dir: Path, prediction: str, val_set: Dataset | None, seed: int, device: torch.device,
+                 data_prep: dict | None, extra_meta: dict | None, num_workers: int):
+        self.cfg, self.out_dir, self.prediction = config, out_dir, prediction
+        self.num_workers = num_workers
+        self.process, self.seed, self.device = process, seed, device
+        self.train_set, self.val_set = train_set, val_set
+        self.data_prep, self.extra_meta = dict(data_prep or {}), dict(extra_meta or {})
+        self.dist = init_distributed(device)
+        self.main = self.dist.is_main
+        self.net = net.to(device)
+        cuda = device.type == "cuda"
+        precision = config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32")
+        if precision == "fp16" and not cuda:
+            raise TrainingError("precision fp16 needs CUDA", where="training.precision", fix="use auto or fp32.")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        if cuda and config.channels_last:
+            self.net.to(memory_format=torch.channels_last if net.config["spatial_dims"] == 2
+                        else torch.channels_last_3d)
+        module: nn.Module = self.net
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            module = DistributedDataParallel(self.net, device_ids=[device.index] if cuda else None)
+        self.ddp = module if self.dist.active else None
+        if config.compile:
+            module = torch.compile(module)
+        self.denoiser = Denoiser(module, process, prediction)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=config.lr, betas=config.adam_betas,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(lr_factor, warmup=config.lr_warmup_steps, total=config.steps,
+                                    schedule=config.lr_schedule, min_ratio=config.lr_min_ratio))
+        self.ema = EMA(self.net, config.ema_decay, config.ema_warmup) if config.ema_decay is not None else None
+        self.step = 0
+        self.history: dict[str, list] = {"step": [], "loss": [], "lr": [], "val_step": [], "val_loss": [],
+                                         "val_loss_ema": []}
+        self.last_checkpoint: Path | None = None
+        self.writer = None
+
+    # ---- state ----
+    def _gather(self, obj: Any) -> list:
+        if not self.dist.active:
+            return [obj]
+        out = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def _state(self, batches: _Batches, rngs: list) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "epoch": batches.epoch,
+            "position": batches.position,
+            "seed": self.seed,
+            "world_size": self.dist.world_size,
+            "net_config": self.net.config,
+            "process": self.process.config(),
+            "prediction": self.prediction,
+            "model": self.net.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": rngs,
+            "history": self.history,
+        }
+
+    def restore(self, path: Path, state: dict) -> tuple[int, int]:
+        """Load a checkpoint; returns ``(epoch, position)`` of the data stream."""
+        mine = {"net_config": self.net.config, "process": self.process.config(), "prediction": self.prediction}
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise TrainingError(
+                    f"cannot resume: the checkpoint's {key} ({state.get(key)}) differs from the recipe's ({value})",
+                    where=path, fix="restore the recipe the run was started with, or train into a new --out folder.")
+        self.net.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        rngs = state.get("rng") or []
+        if len(rngs) == self.dist.world_size:
+            set_rng_state(rngs[self.dist.rank], self.device)
+        else:
+            log.warning("checkpoint has RNG states for %d processes, this run has %d: reseeding",
+                        len(rngs), self.dist.world_size)
+            seed_everything(derived_seed(self.seed, self.dist.rank, state["step"]))
+        self.history = {k: list(v) for k, v in state["history"].items()}
+        self.step = int(state["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+        return int(state["epoch"]), int(state["position"])
+
+    def save_checkpoint(self, batches: _Batches) -> None:
+        rngs = self._gather(rng_state(self.device))
+        if not self.main:
+            return
+        path = self.out_dir / CHECKPOINT_DIR / f"step_{self.step:07d}.pt"
+        with atomic_write(path) as f:
+            torch.save(self._state(batches, rngs), f)
+        self.last_checkpoint = path
+        for _, old in _checkpoint_paths(self.out_dir)[self.cfg.keep_checkpoints:]:
+            old.unlink(missing_ok=True)
+        self.save_weights()
+        self.write_history()
+        log.info("checkpoint %s", path)
+
+    def save_weights(self) -> Path:
+        use_ema = self.ema is not None and self.cfg.save_ema
+        extra = {
+            "weights": "ema" if use_ema else "raw",
+            "step": self.step,
+            "noise": {"kind": self.cfg.noise, "options": self.cfg.noise_options},
+            "loss_weighting": self.cfg.loss_weighting,
+            "data_prep": self.data_prep,
+            **self.extra_meta,
+        }
+        return save_model(self.out_dir, self.ema.shadow if use_ema else self.net, self.process, self.prediction, extra)
+
+    def write_history(self) -> None:
+        h = self.history
+        vals = dict(zip(h["val_step"], zip(h["val_loss"], h["val_loss_ema"])))
+        with atomic_write(self.out_dir / "history.csv", "w") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "loss", "lr", "val_loss", "val_loss_ema"])
+            for s, loss, lr in zip(h["step"], h["loss"], h["lr"]):
+                v = vals.get(s, ("", ""))
+                w.writerow([s, f"{loss:.8g}", f"{lr:.6g}", *(x if x == "" or x is None else f"{x:.8g}" for x in v)])
+
+    # ---- one step ----
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _batch_loss(self, denoiser: Denoiser, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        x0 = batch["image"].to(self.device, non_blocking=True)
+        cond = batch.get("cond")
+        cond = None if cond is None else cond.to(self.device, non_blocking=True)
+        if self.device.type == "cuda" and self.cfg.channels_last:
+            fmt = torch.channels_last if x0.ndim == 4 else torch.channels_last_3d
+            x0 = x0.contiguous(memory_format=fmt)
+        t = self.process.sample_time(x0.shape[0], generator=generator, device=self.device)
+        eps = _draw_noise(x0, self.cfg.noise, generator, self.cfg.noise_options)
+        with self._autocast():
+            loss = diffusion_loss(denoiser, x0, cond=cond, weighting=self.cfg.loss_weighting,
+                                  gamma=self.cfg.min_snr_gamma, noise=eps, t=t)
+        return loss, x0.shape[0]
+
+    def train_step(self, batches: _Batches) -> tuple[float, int]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss and images seen."""
+        cfg = self.cfg
+        self.net.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        images = 0
+        for micro in range(cfg.grad_accum_steps):
+            g = torch.Generator(device=self.device).manual_seed(
+                derived_seed(self.seed, self.dist.rank, self.step, micro))
+            last = micro == cfg.grad_accum_steps - 1
+            sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
+            with sync:
+                loss, n = self._batch_loss(self.denoiser, next(batches), g)
+                scaled = loss / cfg.grad_accum_steps
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += loss.detach()
+            images += n
+        total /= cfg.grad_accum_steps
+        if self.dist.active:
+            torch.distributed.all_reduce(total)
+            total /= self.dist.world_size
+        value = float(total)
+        if not math.isfinite(value):
+            self._fail(f"the training loss became {value} at step {self.step + 1}")
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+            if self.scaler is None and not torch.isfinite(norm):
+                self._fail(f"the gradient norm became {float(norm)} at step {self.step + 1}")
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.net)
+        self.step += 1
+        return value, images * self.dist.world_size
+
+    def _fail(self, what: str) -> None:
+        last = self.last_checkpoint or (_checkpoint_paths(self.out_dir) or [(0, None)])[0][1]
+        kept = f" The last good checkpoint, {last}, is intact." if last else ""
+        raise TrainingError(
+            f"{what}; training stopped.{kept}", where=self.out_dir,
+            fix=f"lower training.lr (now {self.cfg.lr:g}) or add training.lr_warmup_steps, keep training.grad_clip "
+                "on, and check the data for NaN or Inf values; then resume with --resume.")
+
+    # ---- evaluation ----
+    @torch.no_grad()
+    def validation_loss(self, net: nn.Module) -> float:
+        """Mean loss over the validation set at times and noise fixed by the seed (comparable across steps)."""
+        denoiser = Denoiser(net, self.process, self.prediction)
+        was_training = net.training
+        net.eval()
+        loader = DataLoader(self.val_set, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.num_workers)
+        total, count = 0.0, 0
+        for j, batch in enumerate(loader):
+            g = torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, 0x7A1, j))
+            loss, n = self._batch_loss(denoiser, batch, g)
+            total, count = total + float(loss) * n, count + n
+        net.train(was_training)
+        return total / max(count, 1)
+
+    def validate(self) -> None:
+        if not (self.main and self.val_set is not None and len(self.val_set)):
+            return
+        loss = self.validation_loss(self.net)
+        loss_ema = self.validation_loss(self.ema.shadow) if self.ema else loss
+        self.history["val_step"].append(self.step)
+        self.history["val_loss"].append(loss)
+        self.history["val_loss_ema"].append(loss_ema)
+        log.info("step %d validation loss %.5f (EMA %.5f)", self.step, loss, loss_ema)
+        if self.writer:
+            self.writer.add_scalar("val/loss", loss, self.step)
+            self.writer.add_scalar("val/loss_ema", loss_ema, self.step)
+
+    @torch.no_grad()
+    def write_samples(self, shape: tuple[int, ...], cond: torch.Tensor | None) -> Path | None:
+        if not self.main:
+            return None
+        from .core.samplers import ddim
+
+        net = self.ema.shadow if self.ema else self.net
+        denoiser = Denoiser(net, self.process, self.prediction, cond=cond)
+        g = torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, 0x5A3))
+        x = self.process.prior_sample((self.cfg.sample_count, *shape), generator=g, device=self.device)
+        with self._autocast():
+            samples = ddim(denoiser, x, self.process, self.cfg.sample_steps, generator=g)
+        path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
+        grid = _grid(samples)
+        _write_png(path, grid)
+        if self.writer:
+            self.writer.add_image("samples", ((grid + 1) / 2).clamp(0, 1)[None].float().cpu(), self.step)
+        return path
+
+    # ---- the loop ----
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        epoch = position = 0
+        found = find_checkpoint(self.out_dir) if cfg.resume else None
+        if found is None and not cfg.resume and _checkpoint_paths(self.out_dir):
+            raise TrainingError("the output folder already holds checkpoints", where=self.out_dir,
+                                fix="continue that run with --resume (training.resume: true), or use a new --out.")
+        if found is not None:
+            epoch, position = self.restore(*found)
+            self.last_checkpoint = found[0]
+        else:
+            if cfg.resume:
+                log.info("no checkpoint in %s: starting a new run", self.out_dir)
+            seed_everything(derived_seed(self.seed, self.dist.rank))
+        batches = _Batches(self.train_set, cfg.batch_size, self.seed, self.dist, self.num_workers, epoch, position)
+        first = self.train_set[0]
+        sample_shape = tuple(first["image"].shape)
+        sample_cond = None
+        if cfg.sample_every and "cond" in first:
+            sample_cond = torch.stack([self.train_set[i % len(self.train_set)]["cond"]
+                                       for i in range(cfg.sample_count)]).to(self.device)
+        if cfg.sample_every:
+            try:
+                from .core.samplers import ddim  # noqa: F401
+            except ImportError:
+                raise TrainingError("sample images need medidiff.core.samplers.ddim, which is missing",
+                                    where="training.sample_every", fix="set training.sample_every: 0.") from None
+        if self.main and cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+        end = min(cfg.steps, cfg.stop_after or cfg.steps)
+        pause = os.environ.get(PAUSE_ENV)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (self.main and cfg.progress))
+        rate = None
+        try:
+            while self.step < end:
+                tick = time.perf_counter()
+                loss, images = self.train_step(batches)
+                speed = images / max(time.perf_counter() - tick, 1e-9)
+                rate = speed if rate is None else 0.9 * rate + 0.1 * speed
+                lr = self.scheduler.get_last_lr()[0]
+                self.history["step"].append(self.step)
+                self.history["loss"].append(loss)
+                self.history["lr"].append(lr)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", imgs_s=f"{rate:.1f}")
+                if self.main and (self.step % cfg.log_every == 0 or self.step == end):
+                    log.info("step %d/%d loss %.5f lr %.3g %.1f img/s", self.step, cfg.steps, loss, lr, rate)
+                    if self.writer:
+                        self.writer.add_scalar("train/loss", loss, self.step)
+                        self.writer.add_scalar("train/lr", lr, self.step)
+                        self.writer.add_scalar("train/imgs_per_s", rate, self.step)
+                if (cfg.val_every and self.step % cfg.val_every == 0) or self.step == cfg.steps:
+                    self.validate()
+                if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.steps):
+                    self.write_samples(sample_shape, sample_cond)
+                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == end:
+                    self.save_checkpoint(batches)
+                    if self.main and pause is not None and int(pause) == self.step:
+                        time.sleep(3600)  # the test that set PAUSE_ENV kills the process here
+        finally:
+            bar.close()
+            if self.writer:
+                self.writer.close()
+        checksum = weights_checksum(self.net)
+        sums = self._gather(checksum)
+        if len(set(sums)) > 1:
+            raise TrainingError(f"the {len(sums)} processes ended with different weights", where=self.out_dir,
+                                fix="report this; check that every process runs the same recipe and data.")
+        weights = self.out_dir / WEIGHTS_NAME if self.main else None
+        return TrainResult(self.out_dir, self.step, self.history, weights, self.last_checkpoint, checksum,
+                           self.dist.world_size, replica_checksums=list(sums))
+
+
+
+def fit(
+    net: nn.Module,
+    process: Process,
+    train_set: Dataset,
+    *,
+    config: TrainingConfig,
+    out_dir: str | Path,
+    prediction: str = "eps",
+    val_set: Dataset | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    data_prep: dict | None = None,
+    extra_meta: dict | None = None,
+    num_workers: int = 0,
+) -> TrainResult:
+    """Train ``net`` as a denoiser of ``process`` on ``train_set``.
+
+    Works alike in one process and under ``torchrun`` (DDP; rank 0 writes the files). Writes into
+    ``out_dir``: ``checkpoints/step_*.pt``, ``model.safetensors`` and ``model.json``, ``history.csv``,
+    ``samples/*.png`` and ``tb/`` as configured.
+
+    Args:
+        net: the network (``medidiff.nets.build_unet``), initialised identically on every rank.
+        process: the forward process.
+        train_set: items ``{"image": (C, *spatial), optional "cond": (Cc, *spatial)}`` in ``[-1, 1]``.
+        config: the ``training`` section.
+        out_dir: the run's folder.
+        prediction: the network's parametrisation.
+        val_set: held-out items for the validation loss.
+        seed: the run's seed (data order, times, noise).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:i`` (or a ``torch.device``).
+        data_prep: how the data was prepared, saved in ``model.json``.
+        extra_meta: further entries for ``model.json``.
+        num_workers: data-loader worker processes.
+
+    Returns:
+        The run's ``TrainResult``.
+
+    Raises:
+        TrainingError: a NaN/Inf loss (the last good checkpoint is kept), a mismatched checkpoint on
+            resume, or checkpoints in ``out_dir`` without ``resume``.
+    """
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    out_dir = Path(out_dir)
+    engine = _Engine(net, process, train_set, config=config, out_dir=out_dir, prediction=prediction,
+                     val_set=val_set, seed=seed, device=device, data_prep=data_prep, extra_meta=extra_meta,
+                     num_workers=num_workers)
+    try:
+        result = engine.run()
+        if engine.main:
+            result.outputs = [out_dir / WEIGHTS_NAME, out_dir / "model.json"]
+            if result.checkpoint:
+                result.outputs.append(result.checkpoint)
+        return result
+    finally:
+        engine.dist.close()
+
+
+def run_recipe(recipe: Any, out_dir: str | Path) -> TrainResult:
+    """The ``train`` task: build data, network and process from a recipe and ``fit``.
+
+    Args:
+        recipe: a validated ``medidiff.recipes.Recipe``.
+        out_dir: the run's folder.
+
+    Returns:
+        The ``TrainResult`` (its ``inputs`` attribute lists the input files read).
+    """
+    from .train_data import build_data
+
+    bundle = build_data(recipe.data, recipe.seed)
+    torch.manual_seed(recipe.seed)  # the same initial weights on every rank
+    net = recipe.model.build(spatial_dims=recipe.data.spatial_dims, in_channels=bundle.channels,
+                             cond_channels=bundle.cond_channels)
+    result = fit(net, recipe.process.build(), bundle.train, config=recipe.training, out_dir=out_dir,
+                 prediction=recipe.model.prediction, val_set=bundle.val, seed=recipe.seed, device=recipe.device,
+                 data_prep=bundle.data_prep, num_workers=recipe.data.num_workers)
+    result.inputs = bundle.inputs
+    return result

@@ -1,0 +1,244 @@
+"""Training data for recipes: the ``data`` section, its sources, and the train/validation split.
+
+The engine (``medidiff.train``) takes any ``Dataset`` of dicts ``{"image": (C, *spatial) in [-1, 1],
+optional "cond": (Cc, *spatial)}``. This module turns a recipe's ``data`` section into such datasets:
+
+- ``synthetic``: smooth random blobs (ellipsoids with soft edges) in 2D or 3D at ``data.size``, seeded;
+  a stand-in that needs no files;
+- ``sample:brain``: the bundled MNI152 brain slices (``medidiff.data.sample``), scaled to ``[-1, 1]``;
+- a path: read by ``medidiff.data.discover.training_set`` (a module of the data package).
+
+Tasks add sources with ``register_source``; ``build_data`` returns a ``DataBundle`` that also carries
+the ``data_prep`` record saved beside the weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from torch.utils.data import Dataset, Subset
+
+from .errors import RecipeError
+
+__all__ = [
+    "DataConfig",
+    "DataBundle",
+    "TensorDataset",
+    "SOURCES",
+    "register_source",
+    "build_data",
+    "split",
+    "synthetic_images",
+]
+
+
+class DataConfig(BaseModel):
+    """The ``data`` section of a recipe.
+
+    Attributes:
+        source: ``synthetic``, ``sample:brain`` or a folder/file path.
+        spatial_dims: 2 or 3.
+        size: image size per spatial axis (multiples of ``2 ** (levels - 1)`` of the U-Net).
+        channels: image channels of synthetic data.
+        num_samples: number of synthetic images (training and validation together).
+        val_fraction: share of the images held out for the validation loss.
+        slice_axis: axis the brain volume is sliced along (0 sagittal, 1 coronal, 2 axial).
+        num_workers: data-loader worker processes.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = "synthetic"
+    spatial_dims: Literal[2, 3] = 2
+    size: list[PositiveInt] = Field(default_factory=lambda: [32, 32])
+    channels: PositiveInt = 1
+    num_samples: PositiveInt = 64
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    slice_axis: Literal[0, 1, 2] = 2
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _size_matches_dims(self) -> DataConfig:
+        if len(self.size) != self.spatial_dims:
+            raise ValueError(f"size {self.size} has {len(self.size)} entries for spatial_dims={self.spatial_dims}")
+        return self
+
+
+class TensorDataset(Dataset):
+    """Items ``{"image": images[i]}`` (and ``"cond": cond[i]``) from in-memory tensors.
+
+    Args:
+        images: ``(N, C, *spatial)`` in ``[-1, 1]``.
+        cond: optional ``(N, Cc, *spatial)`` conditioning channels.
+    """
+
+    def __init__(self, images: torch.Tensor, cond: torch.Tensor | None = None):
+        if cond is not None and len(cond) != len(images):
+            raise ValueError(f"{len(cond)} conditioning items for {len(images)} images")
+        self.images, self.cond = images, cond
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {"image": self.images[i]}
+        if self.cond is not None:
+            item["cond"] = self.cond[i]
+        return item
+
+
+@dataclass
+class DataBundle:
+    """What a data source yields.
+
+    Attributes:
+        train: the training dataset.
+        val: the held-out dataset (``None`` without validation).
+        channels: image channels ``C``.
+        cond_channels: conditioning channels ``Cc`` (0 for none).
+        data_prep: how the images were prepared (saved in ``model.json``).
+        inputs: input files, for the manifest's checksums.
+    """
+
+    train: Dataset
+    val: Dataset | None
+    channels: int
+    cond_channels: int = 0
+    data_prep: dict[str, Any] = field(default_factory=dict)
+    inputs: list[Path] = field(default_factory=list)
+
+
+def split(dataset: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """A seeded random split into training and validation subsets (at least one validation item if asked).
+
+    Args:
+        dataset: the full dataset.
+        val_fraction: share held out, in ``[0, 1)``.
+        seed: the split's seed.
+
+    Returns:
+        ``(train, val)``; ``val`` is ``None`` when ``val_fraction`` is 0.
+    """
+    n = len(dataset)
+    n_val = 0 if val_fraction <= 0 else max(1, round(n * val_fraction))
+    if n_val == 0:
+        return dataset, None
+    if n - n_val < 1:
+        raise RecipeError(f"{n} images leave none for training after holding out {n_val}",
+                          where="data.val_fraction", fix="lower data.val_fraction or add data.")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(dataset, sorted(order[n_val:])), Subset(dataset, sorted(order[:n_val]))
+
+
+def synthetic_images(n: int, size: list[int], channels: int = 1, seed: int = 0) -> torch.Tensor:
+    """Smooth random blob images in ``[-1, 1]``: 2-5 soft-edged ellipsoids on a dark background.
+
+    Args:
+        n: number of images.
+        size: spatial size (2 or 3 entries).
+        channels: channels (each a different mix of the same blobs).
+        seed: the seed; the same seed gives the same images.
+
+    Returns:
+        A float32 tensor ``(n, channels, *size)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    d = len(size)
+    axes = torch.meshgrid(*[torch.linspace(-1, 1, s) for s in size], indexing="ij")
+    grid = torch.stack(axes)  # (d, *size)
+    out = torch.zeros((n, channels, *size))
+    for k in range(n):
+        for _ in range(int(torch.randint(2, 6, (1,), generator=g))):
+            centre = (torch.rand(d, generator=g) - 0.5) * 1.2
+            radii = 0.15 + 0.35 * torch.rand(d, generator=g)
+            weights = 0.3 + 0.7 * torch.rand(channels, generator=g)
+            r2 = (((grid - centre.reshape(d, *[1] * d)) / radii.reshape(d, *[1] * d)) ** 2).sum(0)
+            blob = torch.sigmoid((1 - r2) * 8)  # soft edge
+            out[k] += weights.reshape(channels, *[1] * d) * blob
+    return (out.clamp(0, 1) * 2 - 1).float()
+
+
+def _synthetic(cfg: DataConfig, seed: int) -> DataBundle:
+    images = synthetic_images(cfg.num_samples, cfg.size, cfg.channels, seed)
+    train, val = split(TensorDataset(images), cfg.val_fraction, seed)
+    prep = {"source": "synthetic", "size": list(cfg.size), "intensity": {"range": [-1.0, 1.0]}}
+    return DataBundle(train, val, cfg.channels, data_prep=prep)
+
+
+#: Percentiles mapped to -1 and 1 when MRI intensities are scaled.
+MRI_PERCENTILES = (0.5, 99.5)
+
+
+def _brain(cfg: DataConfig, seed: int) -> DataBundle:
+    if cfg.spatial_dims != 2:
+        raise RecipeError("sample:brain gives 2D slices of one volume", where="data.spatial_dims",
+                          fix="set data.spatial_dims: 2 (and a 2-entry data.size).")
+    from .data import sample
+
+    images, _ = sample.brain_slices(axis=cfg.slice_axis, size=cfg.size)
+    lo, hi = (float(torch.quantile(images.flatten(), q / 100)) for q in MRI_PERCENTILES)
+    images = ((images - lo) / max(hi - lo, 1e-8)).clamp(0, 1) * 2 - 1
+    train, val = split(TensorDataset(images), cfg.val_fraction, seed)
+    folder = sample.data_dir()
+    prep = {
+        "source": "sample:brain",
+        "modality": "MR T1",
+        "orientation": "RAS",
+        "spacing_mm": [2.0, 2.0],
+        "slicing_axis": cfg.slice_axis,
+        "size": list(cfg.size),
+        "intensity": {"method": "percentile", "percentiles": list(MRI_PERCENTILES), "low": lo, "high": hi,
+                      "range": [-1.0, 1.0]},
+    }
+    return DataBundle(train, val, 1, data_prep=prep, inputs=[folder / sample.BRAIN_FILES["t1"]])
+
+
+def _path(cfg: DataConfig, seed: int) -> DataBundle:
+    path = Path(cfg.source).expanduser()
+    if not path.exists():
+        known = difflib.get_close_matches(cfg.source, list(SOURCES), n=1)
+        hint = f" Did you mean '{known[0]}'?" if known else ""
+        raise RecipeError(f"data source {cfg.source!r} is neither a known source nor an existing path.{hint}",
+                          where="data.source", fix=f"use one of {sorted(SOURCES)} or a folder of DICOM/NIfTI files.")
+    try:
+        discover = importlib.import_module("medidiff.data.discover")
+        reader = discover.training_set
+    except (ImportError, AttributeError):
+        raise RecipeError("reading training images from a path needs medidiff.data.discover.training_set, "
+                          "which this installation lacks", where="data.source",
+                          fix="use data.source: synthetic or sample:brain, or update medidiff.") from None
+    dataset, data_prep, files = reader(path, data=cfg, seed=seed)
+    train, val = split(dataset, cfg.val_fraction, seed)
+    first = dataset[0]
+    cond = first.get("cond")
+    return DataBundle(train, val, int(first["image"].shape[0]), 0 if cond is None else int(cond.shape[0]),
+                      data_prep=dict(data_prep), inputs=[Path(f) for f in files])
+
+
+#: Named data sources; anything else is taken as a path.
+SOURCES: dict[str, Callable[[DataConfig, int], DataBundle]] = {"synthetic": _synthetic, "sample:brain": _brain}
+
+
+def register_source(name: str, build: Callable[[DataConfig, int], DataBundle]) -> None:
+    """Make ``data.source: name`` build its data with ``build(data_config, seed) -> DataBundle``."""
+    SOURCES[name] = build
+
+
+def build_data(cfg: DataConfig, seed: int) -> DataBundle:
+    """The datasets a ``data`` section describes.
+
+    Args:
+        cfg: the ``data`` section.
+        seed: the run's seed (synthetic images and the split depend on it).
+
+    Returns:
+        The training and validation datasets with their channels and ``data_prep`` record.
+    """
+    return SOURCES.get(cfg.source, _path)(cfg, seed)
