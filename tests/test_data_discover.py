@@ -13,7 +13,7 @@ from nibabel.testing import data_path as nibabel_data
 
 from medidiff.data.batch import FailureLog, iter_loaded
 from medidiff.data.discover import discover, load, load_label
-from medidiff.data.inspect import format_inspection, inspect_path
+from medidiff.data.inspect import convert_path, format_inspection, inspect_path
 from medidiff.errors import DataError
 
 
@@ -188,3 +188,22 @@ def test_inspect_lists_volumes_problems_and_skipped_files(tmp_path, data_series)
     assert "1x6x5x4" in text and "0.6x0.8x2.5" in text and "    ! " in text and "missing 1 slice" in text
     assert text.splitlines()[0].split() == ["name", "modality", "description", "shape", "spacing",
                                             "orientation", "files"]
+
+
+def test_inspect_reports_reading_warnings():
+    from pydicom.data import get_testdata_file
+
+    (row,) = inspect_path(get_testdata_file("emri_small.dcm"))
+    assert row["shape"] == (1, 64, 64, 10) and row["modality"] == "MR"
+    assert len(row["problems"]) == 1 and "position in the patient is unknown" in row["problems"][0]
+
+
+def test_convert_never_overwrites_its_input(tmp_path):
+    _nifti(tmp_path / "scan.nii.gz", _volume(0))
+    before = (tmp_path / "scan.nii.gz").read_bytes()
+    with pytest.raises(DataError, match="no series could be converted"):
+        convert_path(tmp_path / "scan.nii.gz", tmp_path)
+    assert (tmp_path / "scan.nii.gz").read_bytes() == before
+    with (tmp_path / "failures.csv").open() as handle:
+        (row,) = csv.DictReader(handle)
+    assert row["case"] == "scan" and "refusing to write over an input" in row["error"]

@@ -8,15 +8,12 @@ exception is a bug and is raised.
 
 from __future__ import annotations
 
-import csv
-import io
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from medidiff.errors import MedidiffError
+from medidiff.io import write_table
 
 __all__ = ["FAILURES_FILE", "FailureLog", "iter_loaded"]
 
@@ -55,23 +52,11 @@ class FailureLog:
             message, file, fix = error.message, file or error.where, fix or error.fix
         else:
             message = str(error)
-        self.rows.append({"case": case, "file": str(file or ""), "error": message, "fix": fix or ""})
+        self.rows.append(dict(zip(COLUMNS, (case, str(file or ""), message, fix or ""))))
         self._write()
 
     def _write(self) -> None:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", newline="") as handle:
-                handle.write(buffer.getvalue())
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_table(self.rows, self.path)
 
 
 def iter_loaded(sources: Iterable[Any], log: FailureLog, loader: Callable[[Any], Any] | None = None

@@ -45,7 +45,8 @@ class Source:
         label: the label file or folder, if any.
         split: ``"training"``, ``"validation"``, ``"test"`` or None.
         series: for DICOM, the series summary.
-        problems: warnings found while finding it (they did not stop it being used).
+        problems: warnings that did not stop it being used (e.g. no patient geometry, gantry tilt);
+            :func:`load` adds those it finds while reading.
     """
 
     name: str
@@ -350,6 +351,7 @@ def load(source: Source, multichannel: bool = False) -> MetaTensor:
     """
     if source.kind == "dicom":
         array, affine, info = dicom.read_series(source.paths, where=_where(source))
+        source.problems.extend(p for p in info["problems"] if p not in source.problems)
         return _meta_tensor(array, affine, _where(source), info["modality"], source.name)
     arrays = []
     affine = None

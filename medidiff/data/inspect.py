@@ -15,8 +15,8 @@ import numpy as np
 
 from medidiff.data.batch import FailureLog, iter_loaded
 from medidiff.data.discover import discover, load
-from medidiff.data.nifti import save_nifti
 from medidiff.errors import DataError, MedidiffError
+from medidiff.io import write_nifti
 
 __all__ = ["COLUMNS", "convert_path", "format_inspection", "inspect_path"]
 
@@ -52,13 +52,14 @@ def inspect_path(path: str | Path, select: str | None = "all") -> list[dict]:
             "spacing": None,
             "orientation": "",
             "files": len(source.paths),
-            "problems": list(source.problems),
+            "problems": [],
         }
         try:
             image = load(source)
         except MedidiffError as err:
             row["problems"].append(str(err))
         else:
+            row["problems"] = list(source.problems)
             affine = image.affine.numpy()
             row["shape"] = tuple(int(n) for n in image.shape)
             row["spacing"] = tuple(round(float(v), 4) for v in image.meta["spacing"])
@@ -104,7 +105,7 @@ def convert_path(path: str | Path, out_dir: str | Path, select: str | None = "al
     """Writes each series or volume found at a path as ``<out_dir>/<name>.nii.gz`` with its geometry.
 
     Series that cannot be read are skipped and recorded in ``<out_dir>/failures.csv``. Inputs are
-    never overwritten; each file is written atomically.
+    never overwritten; each file is written atomically by :func:`medidiff.io.write_nifti`.
 
     Args:
         path: anything :func:`medidiff.data.discover.discover` understands.
@@ -119,16 +120,17 @@ def convert_path(path: str | Path, out_dir: str | Path, select: str | None = "al
     """
     out_dir = Path(out_dir)
     sources = discover(path, select=select)
-    inputs = {Path(p).resolve() for source in sources for p in source.paths}
+    inputs = [p for source in sources for p in source.paths]
     log = FailureLog(out_dir)
     written = []
     for source, image in iter_loaded(sources, log):
-        target = out_dir / f"{source.name}.nii.gz"
-        if target.resolve() in inputs:
-            log.record(source.name, "the output would overwrite the input", file=target,
-                       fix="choose another output folder.")
-            continue
-        written.append(save_nifti(np.asarray(image.array), image.affine.numpy(), target))
+        values = image.array
+        whole = bool(np.all(np.mod(values, 1) == 0) and values.min() >= -32768 and values.max() <= 32767)
+        try:  # whole numbers (CT in HU, most MR) are stored as int16, anything else as float32
+            written.append(write_nifti(image, out_dir / f"{source.name}.nii.gz", dtype=np.int16 if whole else None,
+                                       protected=inputs))
+        except MedidiffError as err:
+            log.record(source.name, err)
     if not written:
         raise DataError(f"no series could be converted ({len(log)} failed).", where=path,
                         fix=f"see {log.path} for each failure and its fix.")

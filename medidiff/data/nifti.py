@@ -1,15 +1,14 @@
-"""Reading and writing NIfTI volumes, with the checks that turn bad files into clear errors.
+"""Reading NIfTI volumes, with the checks that turn bad files into clear errors.
 
 Arrays follow the layout of :mod:`medidiff.data.dicom`: channel-first ``(C, X, Y, Z)`` with a 4x4
 voxel-to-RAS affine (the NIfTI convention; voxels are kept in the order they are stored, the affine
-says where they are). A 2D image ``(X, Y)`` becomes a single slice ``(1, X, Y, 1)``.
+says where they are). A 2D image ``(X, Y)`` becomes a single slice ``(1, X, Y, 1)``. Writing is
+:func:`medidiff.io.write_nifti`'s job.
 """
 
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from nibabel.filebasedimages import ImageFileError
 
 from medidiff.errors import DataError
 
-__all__ = ["NIFTI_SUFFIXES", "is_nifti", "nifti_geometry", "nifti_stem", "read_nifti", "save_nifti"]
+__all__ = ["NIFTI_SUFFIXES", "is_nifti", "nifti_geometry", "nifti_stem", "read_nifti"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _DAMAGED = (ImageFileError, OSError, EOFError, zlib.error, ValueError)
@@ -162,40 +161,3 @@ def read_nifti(path: str | Path, multichannel: bool = False) -> tuple[np.ndarray
         raise DataError(f"has {bad} NaN or infinite voxel(s).", where=path,
                         fix="replace them (e.g. numpy.nan_to_num) or mask them, then save the image again.")
     return np.ascontiguousarray(np.moveaxis(data, -1, 0)), affine
-
-
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
-    """Writes a ``(C, X, Y, Z)`` array as NIfTI, atomically (temporary file in the folder, then rename).
-
-    A single channel is written 3D, several channels 4D ``(X, Y, Z, C)``. Whole-number data that fits
-    is stored as int16 (e.g. CT in HU), anything else as float32. qform and sform are both set to the
-    affine, with code 1 (scanner coordinates).
-
-    Args:
-        array: the volume, channel-first.
-        affine: its 4x4 voxel-to-RAS affine.
-        path: the destination (``.nii.gz`` or ``.nii``); its folder is created.
-
-    Returns:
-        The written path.
-    """
-    path = Path(path)
-    data = np.asarray(array)
-    data = data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)
-    whole = data.size and np.all(np.mod(data, 1) == 0) and data.min() >= -32768 and data.max() <= 32767
-    data = data.astype(np.int16 if whole else np.float32)
-    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
-    # medidiff.io had no atomic-write helper when this was written; this is the private equivalent.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
