@@ -49,6 +49,7 @@ __all__ = [
     "read_series",
     "series_geometry",
     "series_name",
+    "summarize",
 ]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
