@@ -1,0 +1,181 @@
+"""Datasets: 2D slices of 3D volumes, random and grid patches of large volumes, and cached datasets.
+
+Thin wrappers over MONAI's datasets (``Dataset``, ``CacheDataset``, ``PersistentDataset``,
+``GridPatchDataset``) and ``RandSpatialCropSamplesd``; ``SliceDataset`` adds what MONAI lacks: the
+axial (or any-axis) slices of in-memory volumes, skipping slices with too little foreground.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset, GridPatchDataset, PatchIter, PersistentDataset
+from monai.transforms import Compose, RandSpatialCropSamplesd
+from monai.utils import convert_to_tensor
+
+from medidiff.errors import DataError
+
+#: Voxels above this share of a volume's robust range (from its minimum) count as foreground.
+FOREGROUND_SHARE = 0.05
+
+
+def _plain(x: Any) -> torch.Tensor:
+    return convert_to_tensor(x, track_meta=False, dtype=torch.float32)
+
+
+def foreground_of(volume: torch.Tensor, share: float = FOREGROUND_SHARE) -> torch.Tensor:
+    """A foreground mask ``(*spatial)``: voxels above ``min + share * (99.5th percentile - min)`` in any channel.
+
+    Args:
+        volume: ``(C, *spatial)``.
+        share: share of the robust range.
+
+    Returns:
+        A bool tensor of the spatial shape.
+    """
+    v = _plain(volume)
+    low = v.min()
+    high = torch.quantile(v.flatten()[:: max(1, v.numel() // 1_000_000)], 0.995)
+    return (v > low + share * (high - low)).any(dim=0)
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """2D slices along one axis of 3D volumes, as dicts ``{"image": (C, H, W), ["label"], "volume", "slice"}``.
+
+    Slices whose foreground covers less than ``min_foreground`` of the slice are skipped. Scale
+    intensities per volume before slicing (e.g. with ``medidiff.data.transforms.preset(...,
+    spatial_size=(X, Y, Z))``) so that all slices of a volume share one scale; ``transform`` then runs
+    on each slice's dict (2D MONAI dictionary transforms, e.g. augmentations).
+
+    Args:
+        volumes: ``(C, X, Y, Z)`` tensors, MetaTensors or arrays.
+        labels: matching label volumes (optional).
+        masks: matching foreground masks (optional; default: :func:`foreground_of` each volume).
+        axis: spatial axis to slice along (2 = axial for RAS volumes).
+        min_foreground: least foreground share of a kept slice.
+        transform: callable applied to each slice's dict (optional).
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[Any],
+        labels: Sequence[Any] | None = None,
+        masks: Sequence[Any] | None = None,
+        axis: int = 2,
+        min_foreground: float = 0.1,
+        transform: Callable[[dict], dict] | None = None,
+    ) -> None:
+        if labels is not None and len(labels) != len(volumes):
+            raise DataError(f"{len(labels)} label volumes for {len(volumes)} volumes")
+        if masks is not None and len(masks) != len(volumes):
+            raise DataError(f"{len(masks)} masks for {len(volumes)} volumes")
+        self.volumes = [_plain(v) for v in volumes]
+        self.labels = None if labels is None else [_plain(v) for v in labels]
+        self.axis = axis
+        self.transform = transform
+        self.index: list[tuple[int, int]] = []
+        for i, vol in enumerate(self.volumes):
+            if vol.ndim != 4:
+                raise DataError(f"volume {i} has shape {tuple(vol.shape)}, expected (C, X, Y, Z)",
+                                fix="add a channel axis: volume[None].")
+            fg = foreground_of(vol) if masks is None else _plain(masks[i]).reshape(vol.shape[1:]) > 0
+            share = fg.float().mean(dim=tuple(d for d in range(3) if d != axis))
+            self.index += [(i, int(k)) for k in torch.nonzero(share >= min_foreground).flatten()]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        i, k = self.index[item]
+        d: dict[str, Any] = {"image": self.volumes[i].select(self.axis + 1, k), "volume": i, "slice": k}
+        if self.labels is not None:
+            d["label"] = self.labels[i].select(self.axis + 1, k)
+        return self.transform(d) if self.transform is not None else d
+
+
+def cached_dataset(
+    data: Sequence[Any],
+    transform: Callable | None = None,
+    cache: str = "memory",
+    cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+) -> Dataset:
+    """A MONAI dataset caching the deterministic start of ``transform`` (up to its first random transform).
+
+    Args:
+        data: items (usually dicts of file paths).
+        transform: a MONAI transform (e.g. a ``preset``).
+        cache: ``"memory"`` (``CacheDataset``), ``"disk"`` (``PersistentDataset`` in ``cache_dir``) or
+            ``"none"`` (plain ``Dataset``).
+        cache_dir: folder for the disk cache.
+        num_workers: workers that fill the memory cache.
+
+    Returns:
+        The dataset.
+    """
+    if cache == "memory":
+        return CacheDataset(data, transform, num_workers=num_workers, progress=False)
+    if cache == "disk":
+        if cache_dir is None:
+            raise DataError("a disk cache needs a folder", fix="pass cache_dir=... (e.g. <out>/cache).")
+        return PersistentDataset(data, transform, cache_dir=cache_dir)
+    if cache == "none":
+        return Dataset(data, transform)
+    raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}")
+
+
+def patch_dataset(
+    data: Sequence[Any],
+    patch_size: Sequence[int],
+    num_samples: int = 4,
+    transform: Callable | None = None,
+    keys: Sequence[str] = ("image",),
+    cache: str = "none",
+    cache_dir: str | Path | None = None,
+) -> Dataset:
+    """Random patches of large volumes for training: ``transform`` then MONAI's ``RandSpatialCropSamplesd``.
+
+    Each item yields a list of ``num_samples`` dicts; use ``monai.data.list_data_collate`` in the
+    DataLoader to get a batch of ``batch_size * num_samples`` patches.
+
+    Args:
+        data: items (dicts).
+        patch_size: patch size (2 or 3 entries).
+        num_samples: patches per item.
+        transform: the preparing transform (applied, and cached if asked, before cropping).
+        keys: keys cropped together (image, label, foreground...).
+        cache: ``"none"``, ``"memory"`` or ``"disk"`` (see :func:`cached_dataset`).
+        cache_dir: folder for the disk cache.
+
+    Returns:
+        The dataset.
+    """
+    crop = RandSpatialCropSamplesd(list(keys), roi_size=list(patch_size), num_samples=num_samples,
+                                   random_size=False)
+    steps = ([transform] if transform is not None else []) + [crop]
+    return cached_dataset(data, Compose(steps), cache=cache, cache_dir=cache_dir)
+
+
+def grid_patch_dataset(
+    images: Sequence[Any],
+    patch_size: Sequence[int],
+) -> GridPatchDataset:
+    """Regular, non-overlapping patches tiling each ``(C, *spatial)`` image, for patch-wise evaluation.
+
+    Items are ``(patch, coords)`` with ``coords`` the patch's ``(C, *spatial)`` start/stop in the image
+    (MONAI's ``GridPatchDataset``); patches at the far edges are zero-padded to ``patch_size``.
+    Overlapping, blended whole-volume inference is MONAI's ``sliding_window_inference``.
+
+    Args:
+        images: ``(C, *spatial)`` arrays or tensors.
+        patch_size: spatial patch size.
+
+    Returns:
+        The dataset.
+    """
+    return GridPatchDataset(data=[np.asarray(_plain(x)) for x in images],
+                            patch_iter=PatchIter(patch_size=tuple(patch_size), mode="constant"))

@@ -1,0 +1,215 @@
+"""MONAI transform presets that prepare CT and MRI for the networks, and the map back to the input's units.
+
+``preset(modality, ...)`` returns a ``monai.transforms.Compose`` of MONAI's own dictionary transforms:
+load, channel first, orientation, spacing, intensity scaling to ``[-1, 1]`` (MRI by robust percentiles,
+CT by a HU window), a foreground mask, pad/crop to the model's size and, for training, small random
+augmentations. The one transform added here, ``ScaleToUnitd``, is MONAI's ``ScaleIntensityRange``
+that also records the range it used (under ``"<key>_scaling"``), so that ``to_input_units`` can map
+network outputs back to the input's units. Geometry is undone by ``medidiff.io.to_input_grid`` (or
+``Compose.inverse``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    AsDiscreted,
+    Compose,
+    CopyItemsd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    Rand2DElasticd,
+    Rand3DElasticd,
+    RandAffined,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRange,
+    Spacingd,
+)
+from monai.transforms.utils_pytorch_numpy_unification import percentile
+
+from medidiff.core.utils import bcast
+
+#: Suffix of the key under which ``ScaleToUnitd`` records its range: ``"image" -> "image_scaling"``.
+SCALING_SUFFIX = "_scaling"
+#: CT voxels above this many HU count as foreground (the body) by default.
+CT_BODY_HU = -500.0
+#: MRI voxels above this share of the robust range count as foreground by default.
+MRI_FOREGROUND_SHARE = 0.05
+
+
+class ScaleToUnitd(MapTransform):
+    """Linear map of intensities ``[a_min, a_max] -> [b_min, b_max]`` that records the range it used.
+
+    ``a_min, a_max`` are either a fixed window (e.g. HU) or the image's ``percentiles``, computed by
+    MONAI's ``percentile`` over all voxels and channels; the map itself is MONAI's ``ScaleIntensityRange``.
+    The range is stored as ``data[key + "_scaling"] = {"a_min", "a_max", "b_min", "b_max"}`` for
+    :func:`to_input_units`.
+
+    Args:
+        keys: image keys.
+        window: fixed ``(a_min, a_max)`` in input units, or ``None``.
+        percentiles: ``(lower, upper)`` percentiles in ``[0, 100]`` when ``window`` is ``None``.
+        b_min: output value of ``a_min``.
+        b_max: output value of ``a_max``.
+        clip: clip the output to ``[b_min, b_max]``.
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        window: Sequence[float] | None = None,
+        percentiles: Sequence[float] = (0.5, 99.5),
+        b_min: float = -1.0,
+        b_max: float = 1.0,
+        clip: bool = False,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if window is None and not 0 <= percentiles[0] < percentiles[1] <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {percentiles}")
+        self.window = None if window is None else (float(window[0]), float(window[1]))
+        self.percentiles = (float(percentiles[0]), float(percentiles[1]))
+        self.b_min, self.b_max, self.clip = float(b_min), float(b_max), clip
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if self.window is not None:
+                a_min, a_max = self.window
+            else:
+                a_min, a_max = (float(percentile(img, q)) for q in self.percentiles)
+            if a_max <= a_min:  # a constant image: keep it constant at b_min
+                a_max = a_min + 1.0
+            d[key] = ScaleIntensityRange(a_min, a_max, self.b_min, self.b_max, clip=self.clip)(img)
+            d[f"{key}{SCALING_SUFFIX}"] = {"a_min": a_min, "a_max": a_max, "b_min": self.b_min, "b_max": self.b_max}
+        return d
+
+
+def to_input_units(x: torch.Tensor, params: Mapping[str, Any], difference: bool = False) -> torch.Tensor:
+    """Map network-scale values back to the input's units (the inverse of ``ScaleToUnitd``).
+
+    Args:
+        x: values on the network's scale, ``(B, C, *spatial)`` or ``(C, *spatial)``.
+        params: the recorded range ``{"a_min", "a_max", "b_min", "b_max"}``: numbers for one image, or
+            ``(B,)`` tensors after a DataLoader collated a batch.
+        difference: ``x`` is a difference of two images (e.g. an anomaly map): scale only, no offset.
+
+    Returns:
+        ``x`` in input units (e.g. HU, or the scanner's MRI units). Values clipped by a CT window do not
+        come back.
+    """
+    def value(name: str) -> torch.Tensor:
+        v = torch.as_tensor(params[name], dtype=x.dtype, device=x.device)
+        return bcast(v, x) if v.ndim == 1 and x.ndim > 1 and v.shape[0] == x.shape[0] else v
+
+    scale = (value("a_max") - value("a_min")) / (value("b_max") - value("b_min"))
+    if difference:
+        return x * scale
+    return (x - value("b_min")) * scale + value("a_min")
+
+
+def preset(
+    modality: str = "mri",
+    *,
+    spatial_size: Sequence[int],
+    pixdim: Sequence[float] | None = None,
+    axcodes: str | None = "RAS",
+    hu_window: Sequence[float] = (-1000.0, 1000.0),
+    percentiles: Sequence[float] = (0.5, 99.5),
+    keys: Sequence[str] = ("image",),
+    label_key: str | None = None,
+    train: bool = False,
+    foreground: bool = True,
+    foreground_key: str = "foreground",
+    load: bool = True,
+    elastic: bool = False,
+    flip: bool = False,
+) -> Compose:
+    """A MONAI ``Compose`` preparing CT or MRI for a network on a fixed grid in ``[-1, 1]``.
+
+    Steps: ``LoadImaged`` (with channel first; skipped if ``load=False`` for data already read as
+    ``(C, *spatial)``) -> ``Orientationd(axcodes)`` -> ``Spacingd(pixdim)`` -> ``ScaleToUnitd`` (MRI:
+    ``percentiles`` -> ``[-1, 1]``, unclipped; CT: ``hu_window`` -> ``[-1, 1]``, clipped) -> foreground
+    mask under ``foreground_key`` (MRI: above 5 % of the robust range; CT: above -500 HU) ->
+    ``ResizeWithPadOrCropd(spatial_size)`` (images padded with -1, masks with 0) -> for training:
+    ``RandAffined`` (rotation up to 0.1 rad, scale 5 %, shift up to 4 voxels), optional ``RandFlipd``
+    on the first axis (left-right for RAS) and elastic deformation, ``RandScaleIntensityd`` and
+    ``RandShiftIntensityd`` (5 %) -> ``EnsureTyped``.
+
+    Args:
+        modality: ``"mri"`` or ``"ct"``.
+        spatial_size: the network's grid; its length (2 or 3) sets the spatial dimensions.
+        pixdim: voxel size in mm to resample to; ``None`` keeps the input's spacing.
+        axcodes: orientation (``"RAS"``; its first two letters for 2D); ``None`` keeps the input's.
+        hu_window: CT window ``(low, high)`` in HU mapped to ``[-1, 1]``.
+        percentiles: MRI percentiles mapped to ``[-1, 1]``.
+        keys: image keys.
+        label_key: a label/mask key resampled with nearest neighbours (optional).
+        train: add random augmentations.
+        foreground: add a foreground mask under ``foreground_key``.
+        foreground_key: its key.
+        load: start by loading file paths with ``LoadImaged``.
+        elastic: add a small random elastic deformation (training only).
+        flip: add random flips along the first spatial axis (training only).
+
+    Returns:
+        The ``Compose``. Each output dict also holds ``"<key>_scaling"`` for :func:`to_input_units`.
+    """
+    modality = modality.lower()
+    if modality not in ("mri", "ct"):
+        raise ValueError(f"modality must be 'mri' or 'ct', got {modality!r}")
+    ndim = len(spatial_size)
+    if ndim not in (2, 3):
+        raise ValueError(f"spatial_size must have 2 or 3 entries, got {spatial_size}")
+    keys = list(keys)
+    labels = [label_key] if label_key else []
+    masks = labels + ([foreground_key] if foreground else [])
+    spatial_keys = keys + masks
+    steps: list = []
+    if load:
+        steps.append(LoadImaged(keys + labels, ensure_channel_first=True, image_only=True))
+    if axcodes:
+        steps.append(Orientationd(keys + labels, axcodes=axcodes[:ndim], labels=None))
+    if pixdim is not None:
+        steps.append(Spacingd(keys + labels, pixdim=tuple(pixdim)[:ndim],
+                              mode=["bilinear"] * len(keys) + ["nearest"] * len(labels)))
+    if modality == "ct":
+        steps.append(ScaleToUnitd(keys, window=hu_window, clip=True))
+        low, high = float(hu_window[0]), float(hu_window[1])
+        threshold = -1.0 + 2.0 * (max(CT_BODY_HU, low) - low) / (high - low)
+    else:
+        steps.append(ScaleToUnitd(keys, percentiles=percentiles, clip=False))
+        threshold = -1.0 + 2.0 * MRI_FOREGROUND_SHARE
+    if foreground:
+        steps += [CopyItemsd(keys[0], names=foreground_key),
+                  AsDiscreted(foreground_key, threshold=threshold, dtype=torch.float32)]
+    steps.append(ResizeWithPadOrCropd(keys, spatial_size, mode="constant", value=-1.0))
+    if masks:
+        steps.append(ResizeWithPadOrCropd(masks, spatial_size, mode="constant", value=0.0))
+    if train:
+        interp = ["bilinear"] * len(keys) + ["nearest"] * len(masks)
+        steps.append(RandAffined(
+            spatial_keys, prob=0.8, rotate_range=(0.1,) if ndim == 2 else (0.1, 0.1, 0.1),
+            scale_range=(0.05,) * ndim, translate_range=(4,) * ndim, mode=interp, padding_mode="border",
+        ))
+        if flip:
+            steps.append(RandFlipd(spatial_keys, prob=0.5, spatial_axis=0))
+        if elastic:
+            elastic_cls = Rand2DElasticd if ndim == 2 else Rand3DElasticd
+            extra = {"spacing": (16, 16)} if ndim == 2 else {"sigma_range": (5, 7)}
+            steps.append(elastic_cls(spatial_keys, prob=0.3, magnitude_range=(1, 2), mode=interp,
+                                     padding_mode="border", **extra))
+        steps += [RandScaleIntensityd(keys, factors=0.05, prob=0.5), RandShiftIntensityd(keys, offsets=0.05, prob=0.5)]
+    steps.append(EnsureTyped(spatial_keys, dtype=torch.float32))
+    return Compose(steps)
