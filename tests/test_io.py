@@ -237,3 +237,20 @@ def test_overlay_png_sizes(tmp_path):
     with pytest.raises(DataError, match="shape"):
         io.overlay_png(vol, heatmap=heat[:, :10], path=tmp_path / "bad.png")
     assert sorted(f.name for f in tmp_path.iterdir()) == ["c_overlay.png", "slice.png"]
+
+
+def test_dicom_series_round_trips_through_the_reader(tmp_path):
+    dicom = pytest.importorskip("medidiff.data.dicom")
+    folder = sample.dicom_examples().get("ct_series")
+    if folder is None:
+        pytest.skip("pydicom's dicomdirtests series is missing")
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    volume, affine, _ = dicom.read_series(files)
+    ref = MetaTensor(torch.from_numpy(volume), affine=torch.from_numpy(affine))
+    heat = torch.linspace(0.0, 3.0, volume.size).reshape(volume.shape)  # a float map on the input grid
+    out = io.write_dicom_series(heat, ref, files, tmp_path / "heat", description="heatmap", protected=[folder])
+    back, back_affine, info = dicom.read_series(out)
+    np.testing.assert_allclose(back_affine, affine, atol=1e-4)
+    step = float(pydicom.dcmread(out[0]).RescaleSlope)
+    np.testing.assert_allclose(back, heat.numpy(), atol=step)
+    assert info["series"] is not None
