@@ -608,9 +608,7 @@ def overlay_png(
         ``path`` as a ``Path``.
     """
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     img = _drop_channel(image)
     if img.ndim not in (2, 3):
@@ -625,23 +623,23 @@ def overlay_png(
                             where=path)
 
     if img.ndim == 2:
-        take = [lambda a: a]
-        labels = [""]
+        take, labels = [lambda a: a], [""]
     else:
         ax_ = axis % 3
         key = heat if heat is not None else (sum(m.astype(float) for m in masks.values()) if masks else None)
-        idx = relevant_slices(key if key is not None else np.zeros(img.shape), n_slices, ax_)
-        if key is None:
+        if key is None:  # evenly spaced over the slices that hold anything
             nz = np.nonzero(np.abs(img).sum(axis=tuple(d for d in range(3) if d != ax_)))[0]
-            lo, hi = (nz[0], nz[-1]) if nz.size else (0, img.shape[ax_] - 1)
-            idx = sorted({int(round(i)) for i in np.linspace(lo, hi, min(n_slices, hi - lo + 1) + 2)[1:-1]})
+            lo, hi = (int(nz[0]), int(nz[-1])) if nz.size else (0, img.shape[ax_] - 1)
+            idx = [lo + i for i in relevant_slices(np.zeros(hi - lo + 1), n_slices, 0)]
+        else:
+            idx = relevant_slices(key, n_slices, ax_)
         take = [(lambda a, i=i: np.take(a, i, axis=ax_)) for i in idx]
         labels = [f"slice {i}" for i in idx]
 
     n = len(take)
     cols = min(ncols, n)
     rows = int(np.ceil(n / cols))
-    fig = plt.figure(figsize=(cols * panel_inches + 0.9, rows * panel_inches + 0.5), dpi=dpi)
+    fig = Figure(figsize=(cols * panel_inches + 0.9, rows * panel_inches + 0.5), dpi=dpi)
     grid = fig.add_gridspec(rows, cols, left=0.02, right=1 - 0.9 / (cols * panel_inches + 0.9),
                             bottom=0.02, top=1 - 0.45 / (rows * panel_inches + 0.5), wspace=0.04, hspace=0.12)
     finite = img[np.isfinite(img)]
@@ -653,7 +651,7 @@ def overlay_png(
         shown = shown[np.isfinite(shown) & (shown > low)]
         top = vmax if vmax is not None else (np.percentile(shown, 99.5) if shown.size else low + 1.0)
         norm = matplotlib.colors.Normalize(vmin=low, vmax=max(float(top), low + 1e-6))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (f, label) in enumerate(zip(take, labels)):
         ax = fig.add_subplot(grid[k // cols, k % cols])
         ax.imshow(f(img).T, cmap="gray", origin="lower", vmin=gray[0], vmax=gray[1], interpolation="nearest")
@@ -684,10 +682,7 @@ def overlay_png(
         bar.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    try:
-        with atomic_write(path, protected) as tmp:
-            fig.savefig(tmp, format="png", dpi=dpi)
-    finally:
-        plt.close(fig)
+    with atomic_write(path, protected) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
     return Path(path)
 

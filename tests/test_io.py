@@ -234,9 +234,11 @@ def test_overlay_png_sizes(tmp_path):
     assert png_size(p) == (int((2 * 2.0 + 0.9) * 50), int((2 * 2.0 + 0.5) * 50))
     p2 = io.overlay_png(vol[0, :, :, 40], heatmap=heat[0, :, :, 40], path=tmp_path / "slice.png", dpi=40)
     assert png_size(p2) == (int((2.5 + 0.9) * 40), int((2.5 + 0.5) * 40))
+    p3 = io.overlay_png(vol, path=tmp_path / "plain.png", n_slices=5, ncols=5, panel_inches=1.0, dpi=40)
+    assert png_size(p3) == (int((5 * 1.0 + 0.9) * 40), int((1.0 + 0.5) * 40))  # five slices, no colour bar
     with pytest.raises(DataError, match="shape"):
         io.overlay_png(vol, heatmap=heat[:, :10], path=tmp_path / "bad.png")
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["c_overlay.png", "slice.png"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["c_overlay.png", "plain.png", "slice.png"]
 
 
 def test_dicom_series_round_trips_through_the_reader(tmp_path):
