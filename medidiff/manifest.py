@@ -6,6 +6,7 @@ also feeds ``medidiff info``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import platform
 import sys
@@ -18,9 +19,9 @@ import torch
 
 import medidiff
 
-from .fsutil import sha256_bytes, sha256_file, write_json
+from .io import write_json
 
-__all__ = ["environment", "optional_packages", "now", "Manifest", "MANIFEST_NAME"]
+__all__ = ["environment", "optional_packages", "now", "sha256_file", "Manifest", "MANIFEST_NAME"]
 
 MANIFEST_NAME = "manifest.json"
 
@@ -31,6 +32,15 @@ OPTIONAL = ("pylibjpeg", "gdcm", "nilearn", "opensimplex")
 def now() -> str:
     """The current UTC time in ISO 8601."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of the file at ``path``, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def optional_packages() -> dict[str, bool]:
@@ -75,7 +85,7 @@ class Manifest:
             **environment(),
             "device": str(device),
             "seed": int(seed),
-            "recipe_sha256": sha256_bytes(recipe_text.encode("utf-8")),
+            "recipe_sha256": hashlib.sha256(recipe_text.encode("utf-8")).hexdigest(),
             "start_time": now(),
             "end_time": None,
             "inputs": {str(p): sha256_file(p) for p in inputs},
@@ -100,4 +110,4 @@ class Manifest:
         """Write ``manifest.json``; ``finished`` stamps the end time."""
         if finished:
             self.data["end_time"] = now()
-        return write_json(self.path, self.data)
+        return write_json(self.data, self.path)

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 
 from .core.processes import Process, make_process
 from .errors import MedidiffError, RecipeError
-from .fsutil import sha256_file, write_text
-from .manifest import Manifest
+from .io import write_text
+from .manifest import Manifest, sha256_file
 from .runtime import env_rank, resolve_device
 from .train import TrainingConfig
 from .train_data import DataConfig
@@ -401,7 +401,7 @@ def _execute(recipe: Recipe, out_dir: str | Path, fn: TaskFn) -> Any:
     if rank != 0:
         return fn(recipe, out_dir)
     text = recipe.to_yaml()
-    write_text(out_dir / RECIPE_NAME, text)
+    write_text(text, out_dir / RECIPE_NAME)
     handler = logging.FileHandler(out_dir / LOG_NAME, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("medidiff")

@@ -15,7 +15,6 @@ in the epoch. ``run_recipe`` is the ``train`` task: it builds data, network and 
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import io
 import logging
@@ -39,7 +38,7 @@ from .core.ema import EMA
 from .core.losses import diffusion_loss
 from .core.processes import Process
 from .errors import TrainingError
-from .fsutil import TMP_PREFIX, atomic_write, write_bytes
+from .io import atomic_write, write_table
 from .runtime import Dist, derived_seed, init_distributed, resolve_device, rng_state, seed_everything, set_rng_state
 from .weights import WEIGHTS_NAME, save_model
 
@@ -240,7 +239,7 @@ def _checkpoint_paths(out_dir: Path) -> list[tuple[int, Path]]:
     if folder.is_dir():
         for p in folder.iterdir():
             m = _CKPT_RE.match(p.name)
-            if m and not p.name.startswith(TMP_PREFIX):
+            if m:
                 found.append((int(m.group(1)), p))
     return sorted(found, reverse=True)
 
@@ -248,7 +247,8 @@ def _checkpoint_paths(out_dir: Path) -> list[tuple[int, Path]]:
 def find_checkpoint(out_dir: str | Path) -> tuple[Path, dict] | None:
     """The newest readable checkpoint in ``out_dir/checkpoints`` and its contents (``None`` if there is none).
 
-    Unreadable files (e.g. cut short by a crash outside ``atomic_write``) are skipped with a warning.
+    Unreadable files (e.g. cut short by a crash outside ``atomic_write``) are skipped with a warning;
+    the temporary files of interrupted writes never match the ``step_*.pt`` names.
     """
     for _, path in _checkpoint_paths(Path(out_dir)):
         try:
@@ -266,7 +266,8 @@ def _write_png(path: Path, image: torch.Tensor) -> None:
 
     buf = io.BytesIO()
     mpimg.imsave(buf, image.float().clamp(-1, 1).cpu().numpy(), cmap="gray", vmin=-1, vmax=1, format="png")
-    write_bytes(path, buf.getvalue())
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
 
 
 def _grid(x: torch.Tensor) -> torch.Tensor:
@@ -382,8 +383,8 @@ class _Engine:
         if not self.main:
             return
         path = self.out_dir / CHECKPOINT_DIR / f"step_{self.step:07d}.pt"
-        with atomic_write(path) as f:
-            torch.save(self._state(batches, rngs), f)
+        with atomic_write(path) as tmp:
+            torch.save(self._state(batches, rngs), tmp)
         self.last_checkpoint = path
         for _, old in _checkpoint_paths(self.out_dir)[self.cfg.keep_checkpoints:]:
             old.unlink(missing_ok=True)
@@ -406,12 +407,11 @@ class _Engine:
     def write_history(self) -> None:
         h = self.history
         vals = dict(zip(h["val_step"], zip(h["val_loss"], h["val_loss_ema"])))
-        with atomic_write(self.out_dir / "history.csv", "w") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "loss", "lr", "val_loss", "val_loss_ema"])
-            for s, loss, lr in zip(h["step"], h["loss"], h["lr"]):
-                v = vals.get(s, ("", ""))
-                w.writerow([s, f"{loss:.8g}", f"{lr:.6g}", *(x if x == "" or x is None else f"{x:.8g}" for x in v)])
+        rows = []
+        for s, loss, lr in zip(h["step"], h["loss"], h["lr"]):
+            val, val_ema = vals.get(s, (None, None))
+            rows.append({"step": s, "loss": loss, "lr": lr, "val_loss": val, "val_loss_ema": val_ema})
+        write_table(rows, self.out_dir / "history.csv")
 
     # ---- one step ----
     def _autocast(self):
@@ -531,6 +531,20 @@ class _Engine:
             self.writer.add_image("samples", ((grid + 1) / 2).clamp(0, 1)[None].float().cpu(), self.step)
         return path
 
+    def _sample_inputs(self) -> tuple[tuple[int, ...], torch.Tensor | None]:
+        """The image shape of the sample grid and its conditioning (from the first training items)."""
+        try:
+            from .core.samplers import ddim  # noqa: F401
+        except ImportError:
+            raise TrainingError("sample images need medidiff.core.samplers.ddim, which is missing",
+                                where="training.sample_every", fix="set training.sample_every: 0.") from None
+        first = self.train_set[0]
+        cond = None
+        if "cond" in first:
+            items = [self.train_set[i % len(self.train_set)] for i in range(self.cfg.sample_count)]
+            cond = torch.stack([item["cond"] for item in items]).to(self.device)
+        return tuple(first["image"].shape), cond
+
     # ---- the loop ----
     def run(self) -> TrainResult:
         cfg = self.cfg
@@ -547,18 +561,7 @@ class _Engine:
                 log.info("no checkpoint in %s: starting a new run", self.out_dir)
             seed_everything(derived_seed(self.seed, self.dist.rank))
         batches = _Batches(self.train_set, cfg.batch_size, self.seed, self.dist, self.num_workers, epoch, position)
-        first = self.train_set[0]
-        sample_shape = tuple(first["image"].shape)
-        sample_cond = None
-        if cfg.sample_every and "cond" in first:
-            sample_cond = torch.stack([self.train_set[i % len(self.train_set)]["cond"]
-                                       for i in range(cfg.sample_count)]).to(self.device)
-        if cfg.sample_every:
-            try:
-                from .core.samplers import ddim  # noqa: F401
-            except ImportError:
-                raise TrainingError("sample images need medidiff.core.samplers.ddim, which is missing",
-                                    where="training.sample_every", fix="set training.sample_every: 0.") from None
+        sample_shape, sample_cond = self._sample_inputs() if cfg.sample_every else ((), None)
         if self.main and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

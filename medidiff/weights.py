@@ -19,7 +19,7 @@ from torch import nn
 from .core.denoiser import Denoiser
 from .core.processes import Process, make_process
 from .errors import ModelError
-from .fsutil import write_bytes, write_json
+from .io import atomic_write, write_json
 
 __all__ = ["save_model", "load_denoiser", "load_meta", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT"]
 
@@ -70,8 +70,10 @@ def save_model(
         "scale_input": bool(scale_input),
         **(extra or {}),
     }
-    weights = write_bytes(directory / WEIGHTS_NAME, save(_state_tensors(net), metadata={"format": FORMAT}))
-    write_json(directory / CONFIG_NAME, meta)
+    weights = directory / WEIGHTS_NAME
+    with atomic_write(weights) as tmp:
+        tmp.write_bytes(save(_state_tensors(net), metadata={"format": FORMAT}))
+    write_json(meta, directory / CONFIG_NAME)
     return weights
 
 

@@ -1,0 +1,161 @@
+"""The ``medidiff`` command: ``info``, ``inspect``, ``convert``, ``train`` and ``run``.
+
+Errors of the ``MedidiffError`` family print as one message on stderr (with the traceback only under
+``--debug``) and exit with status 2. Recipe commands share ``--out``, ``--device``, ``--set``, ``--seed``
+and ``--resume``; these become recipe overrides, applied before validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import MedidiffError
+
+__all__ = ["main", "build_parser"]
+
+#: Exit status for user-facing errors (bad recipe, bad data, bad model file).
+EXIT_ERROR = 2
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def _recipe_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", type=Path, help="the recipe YAML file")
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/<recipe name>)")
+    parser.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set training.lr=1e-4 (repeatable; values are YAML)")
+    parser.add_argument("--seed", type=int, help="the run's seed")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    _common(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``medidiff`` command."""
+    parser = argparse.ArgumentParser(
+        prog="medidiff",
+        description="Diffusion models for CT and MRI: reconstruction, segmentation with uncertainty and "
+                    "anomaly detection, driven by YAML recipes.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("info", help="versions, devices and optional decoders")
+    _common(p)
+
+    p = sub.add_parser("inspect", help="list the series and volumes found at a path, with any problems")
+    p.add_argument("path", type=Path)
+    p.add_argument("--select", default="all", help="DICOM series selection rule (default: all)")
+    _common(p)
+
+    p = sub.add_parser("convert", help="write each series found at a path as NIfTI with its true geometry")
+    p.add_argument("path", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--select", default="all", help="DICOM series selection rule (default: all)")
+    _common(p)
+
+    p = sub.add_parser("train", help="train the model a recipe describes")
+    _recipe_options(p)
+
+    p = sub.add_parser("run", help="run a recipe end to end, whatever its task")
+    _recipe_options(p)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    extra = []
+    if args.device is not None:
+        extra.append(f"device={args.device}")
+    if args.seed is not None:
+        extra.append(f"seed={args.seed}")
+    if args.resume:
+        extra.append("training.resume=true")
+    return [*args.overrides, *extra]
+
+
+def _info() -> int:
+    import torch
+
+    from .manifest import environment, optional_packages
+
+    env = environment()
+    width = 16
+    for key in ("medidiff", "python", "torch", "monai", "platform"):
+        print(f"{key:<{width}}{env[key]}")
+    print(f"{'cuda':<{width}}{'available, CUDA ' + str(env['cuda_version']) if env['cuda_available'] else 'no'}")
+    for i, name in enumerate(env["gpus"]):
+        print(f"{'  cuda:' + str(i):<{width}}{name}")
+    print(f"{'cpu threads':<{width}}{torch.get_num_threads()}")
+    for name, present in optional_packages().items():
+        print(f"{name:<{width}}{'installed' if present else 'not installed'}")
+    return 0
+
+
+def _recipe_command(args: argparse.Namespace) -> int:
+    from . import recipes
+
+    recipe = recipes.load_recipe(args.recipe, _overrides(args))
+    out = args.out or Path("runs") / args.recipe.stem
+    result = (recipes.train if args.command == "train" else recipes.run)(recipe, out)
+    weights = getattr(result, "weights", None)
+    if weights is not None:
+        print(f"trained {result.step} steps; weights: {weights}")
+    print(f"results in {out}")
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "info":
+        return _info()
+    if args.command == "inspect":
+        from .data.inspect import format_inspection, inspect_path
+
+        print(format_inspection(inspect_path(args.path, select=args.select)))
+        return 0
+    if args.command == "convert":
+        from .data.inspect import convert_path
+
+        written = convert_path(args.path, args.out, select=args.select)
+        for path in written:
+            print(path)
+        print(f"{len(written)} file(s) written to {args.out}")
+        return 0
+    return _recipe_command(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medidiff`` command.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0, or 2 for a ``MedidiffError``.
+    """
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("medidiff").addHandler(handler)
+    try:
+        return _dispatch(args)
+    except MedidiffError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"medidiff: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("medidiff: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        logging.getLogger("medidiff").removeHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

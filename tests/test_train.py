@@ -1,0 +1,138 @@
+"""The training engine: learning-rate schedule, data order, loss going down in 2D and 3D, NaN stops, weights files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from train_helpers import TINY_MODEL, single_thread  # noqa: F401
+
+from medidiff.core.processes import make_process
+from medidiff.errors import ModelError, TrainingError
+from medidiff.nets import build_unet
+from medidiff.runtime import Dist
+from medidiff.train import TrainingConfig, _Batches, find_checkpoint, fit, lr_factor
+from medidiff.train_data import TensorDataset, split, synthetic_images
+from medidiff.weights import load_denoiser, save_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _net(dims: int = 2, **kw):
+    torch.manual_seed(0)
+    return build_unet(dims, **{**TINY_MODEL, **kw})
+
+
+def _config(**kw) -> TrainingConfig:
+    base = {"steps": 12, "batch_size": 4, "lr": 2e-3, "log_every": 4, "val_every": 0, "checkpoint_every": 0,
+            "tensorboard": False, "progress": False}
+    return TrainingConfig(**{**base, **kw})
+
+
+def test_lr_factor_warmup_then_cosine_or_constant():
+    kw = {"warmup": 4, "total": 12}
+    assert [lr_factor(s, schedule="cosine", **kw) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, schedule="cosine", **kw) == 1.0
+    assert lr_factor(8, schedule="cosine", **kw) == pytest.approx(0.5)  # halfway through the decay
+    assert lr_factor(12, schedule="cosine", **kw) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(12, schedule="cosine", min_ratio=0.1, **kw) == pytest.approx(0.1)
+    assert lr_factor(10, schedule="constant", **kw) == 1.0
+    assert lr_factor(0, warmup=0, total=10, schedule="cosine") == 1.0
+
+
+def test_data_order_depends_only_on_seed_and_epoch():
+    data = TensorDataset(torch.arange(10.0).reshape(10, 1, 1, 1))
+    stream = _Batches(data, 3, seed=5, dist_=Dist())
+    assert stream.per_epoch == 3  # 10 items: three full batches, the rest dropped
+    seen = [next(stream)["image"].flatten().tolist() for _ in range(7)]
+    resumed = _Batches(data, 3, seed=5, dist_=Dist(), epoch=1, position=1)  # after 4 batches
+    assert [next(resumed)["image"].flatten().tolist() for _ in range(3)] == seen[4:]
+    assert sorted(sum(seen[:3], [])) != sorted(sum(seen[3:6], [])) or seen[:3] != seen[3:6]  # reshuffled
+    other = _Batches(data, 3, seed=6, dist_=Dist())
+    assert [next(other)["image"].flatten().tolist() for _ in range(3)] != seen[:3]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_loss_goes_down_on_toy_data(tmp_path, dims):
+    size = [16, 16] if dims == 2 else [8, 8, 8]
+    train, val = split(TensorDataset(synthetic_images(40, size, seed=1)), 0.2, seed=1)
+    steps = 40 if dims == 2 else 30
+    result = fit(_net(dims), make_process("ddpm", n_steps=100), train, val_set=val, out_dir=tmp_path,
+                 config=_config(steps=steps, batch_size=8 if dims == 2 else 4, val_every=10, lr_warmup_steps=3),
+                 device="cpu", seed=0)
+    loss = result.history["loss"]
+    first, last = sum(loss[:5]) / 5, sum(loss[-5:]) / 5
+    assert last < 0.85 * first, (first, last)
+    val_loss = result.history["val_loss"]
+    assert len(val_loss) == steps // 10 and val_loss[-1] < val_loss[0]
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["net"]["spatial_dims"] == dims and meta["weights"] == "ema" and meta["step"] == steps
+
+
+class _NaNAfter(torch.utils.data.Dataset):
+    """Good images for the first ``good`` items fetched, then NaN ones."""
+
+    def __init__(self, images: torch.Tensor, good: int):
+        self.images, self.good, self.calls = images, good, 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        self.calls += 1
+        image = self.images[i]
+        return {"image": image if self.calls <= self.good else torch.full_like(image, math.nan)}
+
+
+def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path):
+    k, batch = 4, 4
+    data = _NaNAfter(synthetic_images(16, [16, 16], seed=2), good=k * batch)
+    with pytest.raises(TrainingError) as err:
+        fit(_net(), make_process("ddpm", n_steps=100), data, out_dir=tmp_path, device="cpu",
+            config=_config(steps=10, batch_size=batch, checkpoint_every=2))
+    text = str(err.value)
+    assert f"step {k + 1}" in text and "nan" in text.lower()
+    assert "lower training.lr" in text and "NaN" in text and "step_0000004.pt" in text
+    path, state = find_checkpoint(tmp_path)
+    assert path.name == "step_0000004.pt" and state["step"] == k
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    denoiser, meta = load_denoiser(tmp_path)  # the weights written with that checkpoint are whole
+    assert meta["step"] == k
+
+
+def test_refuses_a_folder_with_checkpoints_unless_resuming(tmp_path):
+    data = TensorDataset(synthetic_images(8, [16, 16], seed=0))
+    fit(_net(), make_process("ddpm", n_steps=50), data, out_dir=tmp_path, config=_config(steps=2), device="cpu")
+    with pytest.raises(TrainingError, match="--resume"):
+        fit(_net(), make_process("ddpm", n_steps=50), data, out_dir=tmp_path, config=_config(steps=2), device="cpu")
+
+
+def test_weights_round_trip_and_clear_errors(tmp_path):
+    net = _net()
+    process = make_process("vpsde", beta_max=15.0)
+    path = save_model(tmp_path / "w", net, process, "v", {"data_prep": {"slicing_axis": 2}})
+    denoiser, meta = load_denoiser(tmp_path / "w")
+    assert meta["data_prep"] == {"slicing_axis": 2} and meta["process"]["beta_max"] == 15.0
+    assert denoiser.prediction == "v" and not denoiser.training
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([0.3, 0.7])
+    from medidiff.core.denoiser import Denoiser
+
+    with torch.no_grad():
+        torch.testing.assert_close(denoiser(x, t), Denoiser(net.eval(), process, "v")(x, t), rtol=0, atol=0)
+    _, meta_file = load_denoiser(path)  # the .safetensors path works too
+    assert meta_file == meta
+
+    with pytest.raises(ModelError, match="model.json"):
+        load_denoiser(tmp_path / "missing")
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match="model.safetensors"):
+        load_denoiser(tmp_path / "w")
+    save_model(tmp_path / "w", net, process, "v")
+    config = json.loads((tmp_path / "w" / "model.json").read_text())
+    config["net"]["channels"] = [16, 32]
+    config["net"]["num_head_channels"] = 16
+    (tmp_path / "w" / "model.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="do not fit"):
+        load_denoiser(tmp_path / "w")
