@@ -6,7 +6,10 @@ optional "cond": (Cc, *spatial)}``. This module turns a recipe's ``data`` sectio
 - ``synthetic``: smooth random blobs (ellipsoids with soft edges) in 2D or 3D at ``data.size``, seeded;
   a stand-in that needs no files;
 - ``sample:brain``: the bundled MNI152 brain slices (``medidiff.data.sample``), scaled to ``[-1, 1]``;
-- a path: read by ``medidiff.data.discover.training_set`` (a module of the data package).
+- a path: anything ``medidiff.data.discover`` finds (DICOM series, NIfTI files, datalists), prepared
+  by ``medidiff.data.transforms.preset`` (orientation, spacing, intensity to ``[-1, 1]``, pad/crop) and
+  cut into slices along ``data.slice_axis`` for 2D (``medidiff.data.datasets.SliceDataset``). The
+  validation cases are the datalist's own, or a seeded share of the cases.
 
 Tasks add sources with ``register_source``; ``build_data`` returns a ``DataBundle`` that also carries
 the ``data_prep`` record saved beside the weights.
@@ -15,14 +18,13 @@ the ``data_prep`` record saved beside the weights.
 from __future__ import annotations
 
 import difflib
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 from torch.utils.data import Dataset, Subset
 
 from .errors import RecipeError
@@ -39,6 +41,10 @@ __all__ = [
 ]
 
 
+#: Percentiles mapped to -1 and 1 when MRI intensities are scaled.
+MRI_PERCENTILES = (0.5, 99.5)
+
+
 class DataConfig(BaseModel):
     """The ``data`` section of a recipe.
 
@@ -49,8 +55,14 @@ class DataConfig(BaseModel):
         channels: image channels of synthetic data.
         num_samples: number of synthetic images (training and validation together).
         val_fraction: share of the images held out for the validation loss.
-        slice_axis: axis the brain volume is sliced along (0 sagittal, 1 coronal, 2 axial).
+        slice_axis: axis volumes are sliced along for 2D (0 sagittal, 1 coronal, 2 axial).
         num_workers: data-loader worker processes.
+        modality: ``mri`` (scaled by robust percentiles) or ``ct`` (by ``hu_window``), for a path.
+        hu_window: CT window in HU mapped to ``[-1, 1]``.
+        spacing: voxel size in mm to resample to (``null`` keeps each input's), for a path.
+        orientation: orientation code to reorient to (``null`` keeps each input's), for a path.
+        select: which DICOM series to use when a folder holds several (see ``medidiff.data.discover``).
+        min_foreground: least foreground share of a kept 2D slice, for a path.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -63,11 +75,19 @@ class DataConfig(BaseModel):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     slice_axis: Literal[0, 1, 2] = 2
     num_workers: int = Field(0, ge=0)
+    modality: Literal["mri", "ct"] = "mri"
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    spacing: list[PositiveFloat] | None = None
+    orientation: str | None = "RAS"
+    select: str = "all"
+    min_foreground: float = Field(0.1, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _size_matches_dims(self) -> DataConfig:
         if len(self.size) != self.spatial_dims:
             raise ValueError(f"size {self.size} has {len(self.size)} entries for spatial_dims={self.spatial_dims}")
+        if self.spacing is not None and len(self.spacing) != 3:
+            raise ValueError(f"spacing {self.spacing} must give the voxel size of all 3 axes of a volume")
         return self
 
 
@@ -172,10 +192,6 @@ def _synthetic(cfg: DataConfig, seed: int) -> DataBundle:
     return DataBundle(train, val, cfg.channels, data_prep=prep)
 
 
-#: Percentiles mapped to -1 and 1 when MRI intensities are scaled.
-MRI_PERCENTILES = (0.5, 99.5)
-
-
 def _brain(cfg: DataConfig, seed: int) -> DataBundle:
     if cfg.spatial_dims != 2:
         raise RecipeError("sample:brain gives 2D slices of one volume", where="data.spatial_dims",
@@ -200,6 +216,17 @@ def _brain(cfg: DataConfig, seed: int) -> DataBundle:
     return DataBundle(train, val, 1, data_prep=prep, inputs=[folder / sample.BRAIN_FILES["t1"]])
 
 
+def _split_cases(sources: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Training and validation cases: the datalist's own split when it has one, else a seeded split by case."""
+    usable = [s for s in sources if s.split != "test"]
+    if any(s.split == "validation" for s in usable):
+        return [s for s in usable if s.split != "validation"], [s for s in usable if s.split == "validation"]
+    if len(usable) < 2 or val_fraction <= 0:
+        return usable, []
+    train, val = split(usable, val_fraction, seed)
+    return list(train), list(val)
+
+
 def _path(cfg: DataConfig, seed: int) -> DataBundle:
     path = Path(cfg.source).expanduser()
     if not path.exists():
@@ -207,19 +234,51 @@ def _path(cfg: DataConfig, seed: int) -> DataBundle:
         hint = f" Did you mean '{known[0]}'?" if known else ""
         raise RecipeError(f"data source {cfg.source!r} is neither a known source nor an existing path.{hint}",
                           where="data.source", fix=f"use one of {sorted(SOURCES)} or a folder of DICOM/NIfTI files.")
-    try:
-        discover = importlib.import_module("medidiff.data.discover")
-        reader = discover.training_set
-    except (ImportError, AttributeError):
-        raise RecipeError("reading training images from a path needs medidiff.data.discover.training_set, "
-                          "which this installation lacks", where="data.source",
-                          fix="use data.source: synthetic or sample:brain, or update medidiff.") from None
-    dataset, data_prep, files = reader(path, data=cfg, seed=seed)
-    train, val = split(dataset, cfg.val_fraction, seed)
-    first = dataset[0]
-    cond = first.get("cond")
-    return DataBundle(train, val, int(first["image"].shape[0]), 0 if cond is None else int(cond.shape[0]),
-                      data_prep=dict(data_prep), inputs=[Path(f) for f in files])
+    from .data.datasets import SliceDataset
+    from .data.discover import discover, load
+    from .data.transforms import preset
+
+    sources = discover(path, select=cfg.select)
+    if cfg.spatial_dims == 2:  # scale whole volumes, crop in plane, keep every slice along the axis
+        grid = list(cfg.size)
+        grid.insert(cfg.slice_axis, -1)
+    else:
+        grid = list(cfg.size)
+    prepare = preset(cfg.modality, spatial_size=grid, pixdim=cfg.spacing, axcodes=cfg.orientation,
+                     hu_window=cfg.hu_window, percentiles=MRI_PERCENTILES, load=False)
+
+    def dataset(cases: list) -> Dataset | None:
+        if not cases:
+            return None
+        items = [prepare({"image": load(case)}) for case in cases]
+        images = [item["image"].as_tensor() if hasattr(item["image"], "as_tensor") else item["image"] for item in items]
+        if cfg.spatial_dims == 3:
+            return TensorDataset(torch.stack(images).float())
+        masks = [item["foreground"] for item in items]
+        return SliceDataset(images, masks=masks, axis=cfg.slice_axis, min_foreground=cfg.min_foreground)
+
+    train_cases, val_cases = _split_cases(sources, cfg.val_fraction, seed)
+    train, val = dataset(train_cases), dataset(val_cases)
+    if val is None and cfg.val_fraction > 0:  # a single case: hold out some of its slices
+        train, val = split(train, cfg.val_fraction, seed)
+    if train is None or len(train) == 0:
+        raise RecipeError("no training images found", where=path,
+                          fix="check the folder (medidiff inspect PATH) and data.min_foreground.")
+    channels = int(train[0]["image"].shape[0])
+    prep = {
+        "source": "path",
+        "cases": len(train_cases) + len(val_cases),
+        "modality": cfg.modality,
+        "orientation": cfg.orientation,
+        "spacing_mm": cfg.spacing,
+        "size": list(cfg.size),
+        "slicing_axis": cfg.slice_axis if cfg.spatial_dims == 2 else None,
+        "intensity": ({"method": "hu_window", "window": list(cfg.hu_window)} if cfg.modality == "ct"
+                      else {"method": "percentile", "percentiles": list(MRI_PERCENTILES), "per": "volume"})
+        | {"range": [-1.0, 1.0]},
+    }
+    inputs = [Path(p) for case in train_cases + val_cases for p in case.paths if Path(p).is_file()]
+    return DataBundle(train, val, channels, data_prep=prep, inputs=inputs)
 
 
 #: Named data sources; anything else is taken as a path.

@@ -159,3 +159,22 @@ def test_brain_sample_source():
     assert bundle.inputs and bundle.inputs[0].is_file()
     with pytest.raises(RecipeError, match="spatial_dims"):
         build_data(DataConfig(source="sample:brain", spatial_dims=3, size=[8, 8, 8]), seed=0)
+
+
+def test_path_source_reads_volumes_as_slices_or_volumes(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    import numpy as np
+
+    for i in range(4):
+        volume = synthetic_images(1, [12, 14, 6], seed=i)[0, 0].numpy() * 100 + 200  # MRI-like units
+        nib.save(nib.Nifti1Image(volume.astype(np.float32), np.diag([1.5, 1.5, 3.0, 1.0])),
+                 tmp_path / f"case{i}.nii.gz")
+    two = build_data(DataConfig(source=str(tmp_path), size=[16, 16], val_fraction=0.25, min_foreground=0), seed=0)
+    assert two.channels == 1 and two.data_prep["cases"] == 4 and len(two.inputs) == 4
+    assert len(two.train) == 3 * 6 and len(two.val) == 6  # split by case: no slice of a case on both sides
+    assert {int(two.train[i]["volume"]) for i in range(18)} == {0, 1, 2}
+    image = two.train[0]["image"]
+    assert image.shape == (1, 16, 16) and image.min() >= -1.5 and image.max() <= 1.5
+    assert float(image.min()) == -1.0  # padded about the 12 x 14 plane
+    three = build_data(DataConfig(source=str(tmp_path), spatial_dims=3, size=[8, 8, 8], val_fraction=0.25), seed=0)
+    assert len(three.train) == 3 and len(three.val) == 1 and three.train[0]["image"].shape == (1, 8, 8, 8)
