@@ -290,13 +290,13 @@ class _Engine:
         self.process, self.seed, self.device = process, seed, device
         self.train_set, self.val_set = train_set, val_set
         self.data_prep, self.extra_meta = dict(data_prep or {}), dict(extra_meta or {})
-        self.dist = init_distributed(device)
-        self.main = self.dist.is_main
-        self.net = net.to(device)
         cuda = device.type == "cuda"
         precision = config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32")
         if precision == "fp16" and not cuda:
             raise TrainingError("precision fp16 needs CUDA", where="training.precision", fix="use auto or fp32.")
+        self.dist = init_distributed(device)
+        self.main = self.dist.is_main
+        self.net = net.to(device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         if cuda and config.channels_last:

@@ -136,3 +136,23 @@ def test_weights_round_trip_and_clear_errors(tmp_path):
     (tmp_path / "w" / "model.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="do not fit"):
         load_denoiser(tmp_path / "w")
+
+
+def test_recipe_options_reach_the_loss(tmp_path):
+    """v-prediction, Min-SNR weighting, accumulation and simplex noise (where medidiff.core.noise has it)."""
+    from medidiff.core import noise
+
+    data = TensorDataset(synthetic_images(8, [16, 16], seed=0))
+    config = _config(steps=2, grad_accum_steps=2, loss_weighting="min_snr", noise="simplex", noise_options={})
+
+    def run():
+        return fit(_net(), make_process("vpsde"), data, out_dir=tmp_path, config=config, prediction="v", device="cpu")
+
+    if not hasattr(noise, "noise_like"):
+        with pytest.raises(TrainingError, match="training.noise"):
+            run()
+        return
+    result = run()
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert result.step == 2 and all(math.isfinite(v) for v in result.history["loss"])
+    assert meta["prediction"] == "v" and meta["noise"]["kind"] == "simplex" and meta["loss_weighting"] == "min_snr"
