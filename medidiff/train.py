@@ -259,10 +259,7 @@ def find_checkpoint(out_dir: str | Path) -> tuple[Path, dict] | None:
 
 
 def _write_png(path: Path, image: torch.Tensor) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import image as mpimg
+    from matplotlib import image as mpimg  # no pyplot: the caller's backend is left alone
 
     buf = io.BytesIO()
     mpimg.imsave(buf, image.float().clamp(-1, 1).cpu().numpy(), cmap="gray", vmin=-1, vmax=1, format="png")
