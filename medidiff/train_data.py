@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 from torch.utils.data import Dataset, Subset
 
+from .data.augment import Augmented
 from .errors import RecipeError
 
 __all__ = [
@@ -43,6 +44,17 @@ __all__ = [
 
 #: Percentiles mapped to -1 and 1 when MRI intensities are scaled.
 MRI_PERCENTILES = (0.5, 99.5)
+
+
+class AugmentConfig(BaseModel):
+    """Random training augmentation (``medidiff.data.augment``): affine warps and intensity gamma."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rotate_deg: float = Field(8.0, ge=0.0)
+    scale: float = Field(0.08, ge=0.0, lt=1.0)
+    translate: float = Field(0.04, ge=0.0, lt=1.0)
+    gamma: float = Field(0.15, ge=0.0)
 
 
 class DataConfig(BaseModel):
@@ -63,6 +75,9 @@ class DataConfig(BaseModel):
         orientation: orientation code to reorient to (``null`` keeps each input's), for a path.
         select: which DICOM series to use when a folder holds several (see ``medidiff.data.discover``).
         min_foreground: least foreground share of a kept 2D slice, for a path.
+        holdout: ``[start, stop)`` ranges of slice indices left out of training (``sample:brain``), e.g.
+            the slab the demo cases are cut from.
+        augment: random training augmentation (``null`` for none).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -81,6 +96,8 @@ class DataConfig(BaseModel):
     orientation: str | None = "RAS"
     select: str = "all"
     min_foreground: float = Field(0.1, ge=0.0, le=1.0)
+    holdout: list[tuple[int, int]] = Field(default_factory=list)
+    augment: AugmentConfig | None = None
 
     @model_validator(mode="after")
     def _size_matches_dims(self) -> DataConfig:
@@ -197,11 +214,16 @@ def _brain(cfg: DataConfig, seed: int) -> DataBundle:
         raise RecipeError("sample:brain gives 2D slices of one volume", where="data.spatial_dims",
                           fix="set data.spatial_dims: 2 (and a 2-entry data.size).")
     from .data import sample
+    from .data.transforms import foreground_range, scale_to_unit
 
-    images, _ = sample.brain_slices(axis=cfg.slice_axis, size=cfg.size)
-    lo, hi = (float(torch.quantile(images.flatten(), q / 100)) for q in MRI_PERCENTILES)
-    images = ((images - lo) / max(hi - lo, 1e-8)).clamp(0, 1) * 2 - 1
+    held = {i for start, stop in cfg.holdout for i in range(start, stop)}
+    indices = [i for i in sample.brain_slice_indices(cfg.slice_axis) if i not in held]
+    scaling = foreground_range(sample.brain_volume(), sample.brain_mask(), MRI_PERCENTILES)
+    images, _ = sample.brain_slices(axis=cfg.slice_axis, size=cfg.size, indices=indices)
+    images = scale_to_unit(images, scaling)
     train, val = split(TensorDataset(images), cfg.val_fraction, seed)
+    if cfg.augment is not None:
+        train = Augmented(train, **cfg.augment.model_dump())
     folder = sample.data_dir()
     prep = {
         "source": "sample:brain",
@@ -210,8 +232,10 @@ def _brain(cfg: DataConfig, seed: int) -> DataBundle:
         "spacing_mm": [2.0, 2.0],
         "slicing_axis": cfg.slice_axis,
         "size": list(cfg.size),
-        "intensity": {"method": "percentile", "percentiles": list(MRI_PERCENTILES), "low": lo, "high": hi,
-                      "range": [-1.0, 1.0]},
+        "intensity": {"method": "percentile", "percentiles": list(MRI_PERCENTILES), "of": "foreground",
+                      "low": scaling["a_min"], "high": scaling["a_max"], "range": [-1.0, 1.0]},
+        "holdout": [list(r) for r in cfg.holdout],
+        "slices": indices,
     }
     return DataBundle(train, val, 1, data_prep=prep, inputs=[folder / sample.BRAIN_FILES["t1"]])
 

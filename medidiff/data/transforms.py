@@ -213,3 +213,32 @@ def preset(
         steps += [RandScaleIntensityd(keys, factors=0.05, prob=0.5), RandShiftIntensityd(keys, offsets=0.05, prob=0.5)]
     steps.append(EnsureTyped(spatial_keys, dtype=torch.float32))
     return Compose(steps)
+
+
+def foreground_range(volume: torch.Tensor, mask: torch.Tensor | None = None,
+                     percentiles: tuple[float, float] = (0.5, 99.5)) -> dict[str, float]:
+    """The intensity range that maps a volume to ``[-1, 1]``: robust percentiles of its foreground voxels.
+
+    Training and detection both call this, so a model sees every input scaled the same way.
+
+    Args:
+        volume: the image, any shape.
+        mask: foreground voxels (e.g. the brain); ``None`` uses the voxels above the volume's minimum.
+        percentiles: lower and upper percentiles mapped to -1 and 1.
+
+    Returns:
+        ``{"a_min", "a_max", "b_min": -1.0, "b_max": 1.0}``, the record ``to_input_units`` inverts.
+    """
+    v = torch.as_tensor(volume).float().flatten()
+    m = v > v.min() if mask is None else torch.as_tensor(mask).bool().flatten()
+    fg = v[m] if bool(m.any()) else v
+    if fg.numel() > 4_000_000:  # quantile has an input size limit; a strided subset gives the same range
+        fg = fg[:: fg.numel() // 4_000_000 + 1]
+    lo, hi = (float(torch.quantile(fg, p / 100)) for p in percentiles)
+    return {"a_min": lo, "a_max": max(hi, lo + 1e-6), "b_min": -1.0, "b_max": 1.0}
+
+
+def scale_to_unit(x: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+    """Map intensities to the network scale with a recorded range (the inverse of ``to_input_units``), clipped."""
+    a0, a1, b0, b1 = (float(params[k]) for k in ("a_min", "a_max", "b_min", "b_max"))
+    return ((x - a0) / (a1 - a0) * (b1 - b0) + b0).clamp(b0, b1)
