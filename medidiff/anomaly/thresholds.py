@@ -1,0 +1,112 @@
+"""Thresholds for anomaly maps: calibrated on healthy cases at a chosen voxel false-positive rate.
+
+Method: the threshold is the ``1 - fpr`` quantile of the map values of held-out healthy cases inside
+their foreground masks (the operating point of Baur et al. 2021, MedIA 69:101952, sec. 3.4, set by
+a false-positive rate instead of by the test labels). A best-Dice threshold chosen on the test labels
+(``medidiff.metrics.dice_best``) is an oracle: it is reported as ``dice_best (oracle threshold)`` for
+comparison, never used to flag voxels.
+
+The calibration is saved as ``thresholds.json`` beside the outputs (and in the run's
+``detection.json``); ``load_threshold`` reads it back for later runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medidiff.errors import DataError, RecipeError
+from medidiff.io import write_json
+
+__all__ = ["THRESHOLDS_FILE", "ORACLE_LABEL", "calibrate", "calibrate_many", "save_threshold", "load_threshold",
+           "false_positive_rate"]
+
+THRESHOLDS_FILE = "thresholds.json"
+#: How the best-Dice figure is labelled wherever it is reported.
+ORACLE_LABEL = "dice_best (oracle threshold)"
+
+
+def _healthy_values(maps: Iterable[Any], masks: Iterable[Any] | None) -> np.ndarray:
+    from .maps import _numpy
+
+    maps = list(maps)
+    masks = [None] * len(maps) if masks is None else list(masks)
+    if len(masks) != len(maps):
+        raise ValueError(f"{len(masks)} masks for {len(maps)} maps")
+    values = []
+    for m, fg in zip(maps, masks):
+        v = _numpy(m).astype(np.float64).ravel()
+        values.append(v if fg is None else v[_numpy(fg).astype(bool).ravel()])
+    values = np.concatenate(values) if values else np.zeros(0)
+    if values.size == 0:
+        raise DataError("no healthy voxels to calibrate the threshold on",
+                        fix="give calibration cases whose foreground masks are not empty.")
+    return values
+
+
+def calibrate(maps: Iterable[Any], masks: Iterable[Any] | None = None, *, fpr: float = 0.05) -> float:
+    """The threshold flagging a share ``fpr`` of the healthy voxels.
+
+    Args:
+        maps: anomaly maps of healthy cases (any shapes).
+        masks: their foreground masks (``None``: every voxel counts).
+        fpr: the target voxel false-positive rate in ``(0, 1)`` (e.g. 0.01, 0.05, 0.10).
+
+    Returns:
+        ``threshold`` such that ``map > threshold`` holds for a share ``fpr`` of the healthy voxels
+        (up to ties).
+    """
+    return calibrate_many(maps, masks, fprs=(fpr,))[0]
+
+
+def calibrate_many(maps: Iterable[Any], masks: Iterable[Any] | None = None, *,
+                   fprs: Iterable[float] = (0.01, 0.05, 0.10)) -> list[float]:
+    """Thresholds at several false-positive rates from one pass over the healthy maps (see :func:`calibrate`)."""
+    fprs = [float(f) for f in fprs]
+    if any(not 0 < f < 1 for f in fprs):
+        raise RecipeError(f"false-positive rates must lie in (0, 1), got {fprs}", where="anomaly.fpr",
+                          fix="use e.g. 0.01, 0.05 or 0.1.")
+    values = _healthy_values(maps, masks)
+    return [float(np.quantile(values, 1.0 - f, method="higher")) for f in fprs]
+
+
+def false_positive_rate(maps: Iterable[Any], masks: Iterable[Any] | None, threshold: float) -> float:
+    """The share of healthy voxels with ``map > threshold``."""
+    values = _healthy_values(maps, masks)
+    return float((values > threshold).mean())
+
+
+def save_threshold(path: str | Path, threshold: float, *, fpr: float, extra: dict[str, Any] | None = None) -> Path:
+    """Write a calibrated threshold as JSON (``threshold``, ``fpr``, ``units`` and any ``extra`` entries).
+
+    Args:
+        path: the JSON file (usually ``<out>/thresholds.json``).
+        threshold: the threshold, on the model's intensity scale.
+        fpr: the false-positive rate it was calibrated for.
+        extra: more entries (calibration cases, voxel counts, thresholds at other rates...).
+
+    Returns:
+        The path written.
+    """
+    record = {"threshold": float(threshold), "fpr": float(fpr),
+              "units": "anomaly map on the model's [-1, 1] intensity scale", **(extra or {})}
+    return write_json(record, path)
+
+
+def load_threshold(path: str | Path) -> float:
+    """The ``threshold`` of a JSON file written by :func:`save_threshold`.
+
+    Raises:
+        DataError: the file is missing or has no numeric ``threshold``.
+    """
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))["threshold"]
+        return float(value)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"cannot read a threshold from it ({e})", where=path,
+                        fix=f"point at a {THRESHOLDS_FILE} written by medidiff detect, or give a number.") from None
