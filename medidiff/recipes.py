@@ -168,7 +168,77 @@ class TaskSection(BaseModel):
 
 
 class AnomalySection(TaskSection):
-    """The ``anomaly`` section, defined by the anomaly-detection task."""
+    """The ``anomaly`` section: anomaly detection by healthy reconstruction (``medidiff.anomaly``).
+
+    Relative paths are read from the working folder, else from the medidiff checkout (for the demo).
+
+    Attributes:
+        model: weights (``.safetensors`` with its ``.json``, or a folder with ``model.safetensors``).
+        inputs: the scans: a NIfTI file or folder, DICOM, or a JSON datalist of ``image``/``label``/``mask``.
+        calibration: healthy scans (same forms) on which the threshold is calibrated.
+        threshold: a fixed threshold (a number or a ``thresholds.json``); overrides ``calibration``.
+        fpr: voxel false-positive rate the threshold is calibrated for.
+        mask: a brain/foreground mask for a single input (a datalist gives one per case).
+        labels: a ground-truth lesion mask for a single input (a datalist gives one per case).
+        method: ``partial`` (AnoDDPM), ``invert`` (DDIM inversion) or ``patch`` (pDDPM).
+        t_levels: noise levels ``t_L`` in ``(0, 1]`` reconstructed from and averaged.
+        sampler: reverse sampler (``ddim``, ``dpm_solver_2m``, ``ddpm``...).
+        steps: sampler steps from each level (``null``: the whole DDPM chain, as AnoDDPM).
+        noise: forward noise, ``gaussian`` or ``simplex``.
+        noise_options: options of the noise (simplex ``octaves``, ``frequency``...).
+        n_samples: reconstructions per level from other noise seeds, reduced by ``reduce``.
+        reduce: ``median`` or ``mean``; spread: ``std`` or ``mad`` between the samples.
+        patch_size, patch_margin: tiles and their noised context (``patch``).
+        residual: ``abs`` or ``squared``.
+        median_size: median filter window (0 or 1: none); smooth_sigma: Gaussian smoothing in voxels.
+        erode: voxels eroded from the foreground mask's rim.
+        top_k: share of the highest voxels averaged into the case score.
+        intensity: scale inputs by their ``own`` foreground percentiles or by the ``model``'s training range.
+        min_foreground: least foreground share of a slice for it to be processed (others are skipped).
+        batch_size: slices (times samples and tiles) per network call.
+        overlay_slices: slices shown in each case's overlay PNG.
+        select: DICOM series selection rule.
+        progress: show progress bars.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "data/weights/demo_brain_2d.safetensors"
+    inputs: str | None = None
+    calibration: str | None = None
+    threshold: float | str | None = None
+    fpr: float = Field(0.05, gt=0.0, lt=1.0)
+    mask: str | None = None
+    labels: str | None = None
+    method: Literal["partial", "invert", "patch"] = "partial"
+    t_levels: list[float] = Field(default_factory=lambda: [0.25, 0.5], min_length=1)
+    sampler: str = "ddim"
+    steps: PositiveInt | None = 10
+    noise: Literal["gaussian", "simplex"] = "gaussian"
+    noise_options: dict[str, Any] = Field(default_factory=dict)
+    n_samples: PositiveInt = 1
+    reduce: Literal["median", "mean"] = "median"
+    spread: Literal["std", "mad"] = "std"
+    patch_size: list[PositiveInt] | None = None
+    patch_margin: int = Field(8, ge=0)
+    residual: Literal["abs", "squared"] = "abs"
+    median_size: int = Field(5, ge=0)
+    smooth_sigma: float = Field(0.0, ge=0.0)
+    erode: int = Field(2, ge=0)
+    top_k: float = Field(0.01, gt=0.0, le=1.0)
+    intensity: Literal["own", "model"] = "own"
+    min_foreground: float = Field(0.01, ge=0.0, le=1.0)
+    batch_size: PositiveInt = 16
+    overlay_slices: PositiveInt = 6
+    select: str = "all"
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _levels(self) -> AnomalySection:
+        bad = [t for t in self.t_levels if not 0 < t <= 1]
+        if bad:
+            raise ValueError(f"t_levels must lie in (0, 1], not {bad}")
+        return self
 
 
 class ReconSection(TaskSection):

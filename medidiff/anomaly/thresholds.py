@@ -71,7 +71,7 @@ def calibrate_many(maps: Iterable[Any], masks: Iterable[Any] | None = None, *,
         raise RecipeError(f"false-positive rates must lie in (0, 1), got {fprs}", where="anomaly.fpr",
                           fix="use e.g. 0.01, 0.05 or 0.1.")
     values = _healthy_values(maps, masks)
-    return [float(np.quantile(values, 1.0 - f, method="higher")) for f in fprs]
+    return [float(np.quantile(values, 1.0 - f, method="lower")) for f in fprs]
 
 
 def false_positive_rate(maps: Iterable[Any], masks: Iterable[Any] | None, threshold: float) -> float:
