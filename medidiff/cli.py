@@ -1,4 +1,4 @@
-"""The ``medidiff`` command: ``info``, ``inspect``, ``convert``, ``train`` and ``run``.
+"""The ``medidiff`` command: ``info``, ``inspect``, ``convert``, ``train``, ``run`` and ``detect``.
 
 Errors of the ``MedidiffError`` family print as one message on stderr (with the traceback only under
 ``--debug``) and exit with status 2. Recipe commands share ``--out``, ``--device``, ``--set``, ``--seed``
@@ -65,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a recipe end to end, whatever its task")
     _recipe_options(p)
+
+    p = sub.add_parser("detect", help="anomaly heatmaps for the scans at a path (healthy reconstruction)")
+    p.add_argument("--model", required=True, help="weights: a .safetensors file (its .json beside it) or a folder")
+    p.add_argument("--input", required=True, help="a NIfTI file or folder, DICOM, or a JSON datalist")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--labels", help="lesion mask of a single scan (enables metrics.json)")
+    p.add_argument("--mask", help="brain/foreground mask of a single scan")
+    p.add_argument("--calibration", help="healthy scans to calibrate the threshold on")
+    p.add_argument("--threshold", help="a fixed threshold: a number or a thresholds.json")
+    p.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, help="noise seed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a detection option, e.g. --set t_levels=[0.25,0.5] (keys of the recipe's anomaly "
+                        "section; repeatable; values are YAML)")
+    _common(p)
     return parser
 
 
@@ -106,7 +121,28 @@ def _recipe_command(args: argparse.Namespace) -> int:
     weights = getattr(result, "weights", None)
     if weights is not None:
         print(f"trained {result.step} steps; weights: {weights}")
+    summary = result.get("summary") if isinstance(result, dict) else None
+    if summary:
+        print(summary)
     print(f"results in {out}")
+    return 0
+
+
+def _detect_command(args: argparse.Namespace) -> int:
+    from . import recipes
+
+    section = {"model": args.model, "inputs": args.input}
+    for key in ("labels", "mask", "calibration", "threshold"):
+        if getattr(args, key) is not None:
+            section[key] = getattr(args, key)
+    overrides = [item if item.split("=", 1)[0].split(".")[0] in ("anomaly", "seed", "device") else f"anomaly.{item}"
+                 for item in args.overrides]
+    overrides += _overrides(argparse.Namespace(overrides=[], device=args.device, seed=args.seed, resume=False))
+    recipe = recipes.parse_recipe({"task": "anomaly", "anomaly": section}, source="medidiff detect",
+                                  overrides=overrides)
+    result = recipes.run(recipe, args.out)
+    print(result["summary"])
+    print(f"results in {args.out}")
     return 0
 
 
@@ -126,6 +162,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(path)
         print(f"{len(written)} file(s) written to {args.out}")
         return 0
+    if args.command == "detect":
+        return _detect_command(args)
     return _recipe_command(args)
 
 

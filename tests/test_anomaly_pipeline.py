@@ -1,0 +1,116 @@
+"""Anomaly detection end to end on a tiny model: outputs on the input grid, failures recorded, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medidiff.anomaly import detect
+from medidiff.cli import main
+from medidiff.core.processes import make_process
+from medidiff.nets import build_unet
+from medidiff.weights import save_model
+
+FAST = {"t_levels": [0.3], "steps": 2, "progress": False, "median_size": 3, "erode": 0}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(0)
+    net = build_unet(spatial_dims=2, in_channels=1, channels=(8, 16), attention_levels=(False, False),
+                     norm_num_groups=8, num_head_channels=8)
+    prep = {"orientation": "RAS", "spacing_mm": [2.0, 2.0], "slicing_axis": 2, "size": [16, 16],
+            "intensity": {"method": "percentile", "percentiles": [0.5, 99.5], "low": 0.0, "high": 100.0}}
+    folder = tmp_path_factory.mktemp("model")
+    save_model(folder, net, make_process("ddpm", n_steps=50), "eps", {"data_prep": prep, "noise": {"kind": "gaussian"}})
+    return folder
+
+
+def _volume(shape, spacing=(2.0, 2.0, 2.0), flip=False, seed=0):
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    brain = (grid[:2] ** 2).sum(0) < 0.7
+    image = np.where(brain, 60 + 20 * rng.random(shape), 0).astype(np.float32)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [-10.0, 4.0, 7.0]
+    if flip:  # stored left-to-right: the pipeline must reorient and come back
+        affine[0, 0] *= -1
+    return image, brain.astype(np.uint8), affine
+
+
+def _write(path, array, affine):
+    nib.save(nib.Nifti1Image(array, affine), path)
+    return path
+
+
+def test_datalist_with_labels_masks_and_calibration(tmp_path, tiny_model):
+    image, brain, affine = _volume((16, 16, 4))
+    label = np.zeros_like(brain)
+    label[6:10, 6:10, 1:3] = 1
+    lesioned = np.where(label > 0, image * 1.6, image)
+    for name, arr in (("a.nii.gz", lesioned), ("a_label.nii.gz", label), ("a_mask.nii.gz", brain),
+                      ("calib.nii.gz", image)):
+        _write(tmp_path / name, arr, affine)
+    (tmp_path / "list.json").write_text(json.dumps(
+        {"test": [{"image": "a.nii.gz", "label": "a_label.nii.gz", "mask": "a_mask.nii.gz"}]}))
+    out = tmp_path / "out"
+    result = detect(tiny_model, tmp_path / "list.json", out, calibration=tmp_path / "calib.nii.gz", fpr=0.1, **FAST)
+    for kind in ("heatmap", "healthy", "anomaly_mask"):
+        img = nib.load(out / f"a_{kind}.nii.gz")
+        assert img.shape == (16, 16, 4)
+        np.testing.assert_allclose(img.affine, affine, atol=1e-5)
+    assert nib.load(out / "a_anomaly_mask.nii.gz").get_data_dtype() == np.uint8
+    assert (out / "a_overlay.png").stat().st_size > 1000
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"auroc", "auprc", "dice", "dice_best", "per_case"} <= set(metrics)
+    assert 0.0 <= metrics["auroc"] <= 1.0 and metrics["dice_best_label"] == "dice_best (oracle threshold)"
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert list(rows[0]) == ["case", "score", "max", "n_voxels_flagged", "time_s", "nfe"]
+    assert int(rows[0]["nfe"]) == 2 * 4  # 2 steps on each of the 4 slices
+    record = json.loads((out / "thresholds.json").read_text())
+    assert record["fpr"] == 0.1 and abs(record["measured_fpr"] - 0.1) < 0.02
+    assert json.loads((out / "detection.json").read_text())["threshold"] == record["threshold"]
+    assert "voxel AUROC" in result["summary"] and (out / "report.md").is_file()
+    heat = nib.load(out / "a_heatmap.nii.gz").get_fdata()
+    assert heat[brain == 0].max() == 0.0  # nothing outside the brain mask
+
+
+def test_other_grid_and_a_corrupt_file(tmp_path, tiny_model):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    image, _, affine = _volume((21, 13, 5), spacing=(1.5, 2.5, 3.0), flip=True)
+    _write(scans / "odd.nii.gz", image, affine)
+    (scans / "broken.nii.gz").write_bytes(b"\x1f\x8b this is not a NIfTI file")
+    out = tmp_path / "out"
+    result = detect(tiny_model, scans, out, threshold=0.2, **FAST)
+    heat = nib.load(out / "odd_heatmap.nii.gz")
+    assert heat.shape == (21, 13, 5)
+    np.testing.assert_allclose(heat.affine, affine, atol=1e-5)
+    assert np.isfinite(heat.get_fdata()).all() and heat.get_fdata().max() > 0
+    healthy = nib.load(out / "odd_healthy.nii.gz").get_fdata()
+    assert healthy.shape == (21, 13, 5) and abs(np.median(healthy[image > 0]) - np.median(image[image > 0])) < 40
+    failures = list(csv.DictReader((out / "failures.csv").open()))
+    assert [row["case"] for row in failures] == ["broken"]
+    assert result["failures"] == 1 and [r["case"] for r in result["scores"]] == ["odd"]
+    assert not (out / "metrics.json").exists()  # no labels: no metrics
+
+
+def test_cli_detect(tmp_path, tiny_model, capsys):
+    image, brain, affine = _volume((16, 16, 3))
+    _write(tmp_path / "scan.nii.gz", image, affine)
+    _write(tmp_path / "brain.nii.gz", brain, affine)
+    out = tmp_path / "out"
+    code = main(["detect", "--model", str(tiny_model), "--input", str(tmp_path / "scan.nii.gz"), "--out", str(out),
+                 "--mask", str(tmp_path / "brain.nii.gz"), "--threshold", "0.3", "--device", "cpu",
+                 "--set", "t_levels=[0.3]", "--set", "steps=2", "--set", "progress=false"])
+    assert code == 0
+    assert "1 case(s) analysed" in capsys.readouterr().out
+    for name in ("scan_heatmap.nii.gz", "scan_anomaly_mask.nii.gz", "scores.csv", "manifest.json", "recipe.yaml"):
+        assert (out / name).is_file()
+    assert main(["detect", "--model", str(tiny_model), "--input", str(tmp_path / "missing.nii.gz"),
+                 "--out", str(out)]) == 2
