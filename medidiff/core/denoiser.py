@@ -109,6 +109,9 @@ class Denoiser(nn.Module):
         """The raw network output for ``x_t`` at times ``t`` (what the training losses regress)."""
         t = batch_time(t, x_t)
         alpha, sigma = self._coefficients(x_t, t)
+        return self._net_output(x_t, t, alpha, sigma, cond)
+
+    def _net_output(self, x_t, t, alpha, sigma, cond) -> torch.Tensor:
         x_in = x_t / torch.sqrt(alpha**2 + sigma**2) if self.scale_input else x_t
         cond = self.cond if cond is None else cond
         if cond is not None:
@@ -121,6 +124,6 @@ class Denoiser(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         """``x0_hat``: the model's estimate of the clean image given ``x_t`` at times ``t`` (shape ``(B,)``)."""
         t = batch_time(t, x_t)
-        out = self.net_output(x_t, t, cond)
-        alpha, sigma = self._coefficients(x_t, t)
+        alpha, sigma = self._coefficients(x_t, t)  # once per call, shared by the input scaling and x0_hat
+        out = self._net_output(x_t, t, alpha, sigma, cond)
         return x0_from_output(self.prediction, out, x_t, alpha, sigma)

@@ -17,6 +17,7 @@ Samplers run without autograd; a hook that needs gradients enables them itself.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -45,9 +46,9 @@ Hook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # -- shared pieces ---------------------------------------------------------------------------------
-def _denoise(denoiser, x: torch.Tensor, t: torch.Tensor, hook: Hook | None) -> torch.Tensor:
-    """Evaluate the denoiser at scalar time ``t`` (broadcast to the batch) and apply the hook."""
-    tb = t.to(x.dtype).expand(x.shape[0])
+def _denoise(denoiser, x: torch.Tensor, t: torch.Tensor | float, hook: Hook | None) -> torch.Tensor:
+    """Evaluate the denoiser at scalar time ``t`` (broadcast to the batch, on ``x``'s device) and apply the hook."""
+    tb = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
     x0 = denoiser(x, tb)
     if hook is not None:
         x0 = hook(x0, x, tb)
@@ -86,16 +87,26 @@ def _em_step(process: Process, x, x0, t, s, generator) -> torch.Tensor:
     return x - (drift - g**2 * score) * dt + g * torch.sqrt(dt) * gaussian_like(x, generator)
 
 
-def _ddim_update(process: Process, x, x0, t, s, eta: float, generator) -> torch.Tensor:
-    """Generalised DDIM update (Song, Meng & Ermon 2021, eq. 12) for any ``(alpha, sigma)`` process."""
-    a_t, s_t = _coef(process, t, x)
-    a_s, s_s = _coef(process, s, x)
+def _marginals(process: Process, times: torch.Tensor) -> tuple[list[float], list[float]]:
+    """``(alpha, sigma)`` at each of ``times`` as Python floats (float64 maths, computed once per grid)."""
+    alpha, sigma = process.marginal(torch.as_tensor(times, dtype=torch.float64))
+    return alpha.tolist(), sigma.tolist()
+
+
+def _ddim_step(x, x0, a_t: float, s_t: float, a_s: float, s_s: float, eta: float, generator) -> torch.Tensor:
+    """Generalised DDIM update (Song, Meng & Ermon 2021, eq. 12) from ``(a_t, s_t)`` to ``(a_s, s_s)``."""
     eps = (x - a_t * x0) / s_t
     if eta == 0:
         return a_s * x0 + s_s * eps
     # the eta = 1 variance is that of the posterior q(x_s | x_t, x0)
-    var = (eta * s_s) ** 2 * (1 - (a_t * s_s / (a_s * s_t)) ** 2).clamp(min=0)
-    return a_s * x0 + torch.sqrt(s_s**2 - var) * eps + torch.sqrt(var) * gaussian_like(x, generator)
+    var = (eta * s_s) ** 2 * max(0.0, 1 - (a_t * s_s / (a_s * s_t)) ** 2)
+    return a_s * x0 + math.sqrt(s_s**2 - var) * eps + math.sqrt(var) * gaussian_like(x, generator)
+
+
+def _ddim_update(process: Process, x, x0, t, s, eta: float, generator) -> torch.Tensor:
+    """Generalised DDIM update (Song, Meng & Ermon 2021, eq. 12) for any ``(alpha, sigma)`` process."""
+    (a_t, a_s), (s_t, s_s) = _marginals(process, torch.stack([torch.as_tensor(t), torch.as_tensor(s)]))
+    return _ddim_step(x, x0, a_t, s_t, a_s, s_s, eta, generator)
 
 
 # -- samplers --------------------------------------------------------------------------------------
@@ -108,10 +119,16 @@ def ddim(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, 
         eta: scale of the fresh noise (0 deterministic, 1 the DDPM posterior variance).
         grid: time grid kind (``uniform``, ``quadratic``, ``logsnr``).
     """
-    for i, t, s in _steps(process, steps, t_start, grid, progress, "ddim"):
-        x0 = _denoise(denoiser, x, t, hook)
-        x = x0 if s == 0 else _ddim_update(process, x, x0, t, s, eta, generator)
-        _report(callback, i, t, x, x0)
+    times = process.time_grid(steps, t_start=t_start, kind=grid)
+    alphas, sigmas = _marginals(process, times)  # once per grid: no per-step schedule maths or host syncs
+    ts = times.tolist()
+    for i in tqdm(range(steps), desc="ddim", disable=not progress, leave=False):
+        x0 = _denoise(denoiser, x, ts[i], hook)
+        if ts[i + 1] == 0:
+            x = x0
+        else:
+            x = _ddim_step(x, x0, alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1], eta, generator)
+        _report(callback, i, ts[i], x, x0)
     return x
 
 
