@@ -8,8 +8,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+
+# Tests use tiny tensors: one intra-op thread avoids OpenMP oversubscription, which slows small ops
+# by 10-100x when the machine is shared.
+torch.set_num_threads(1)
 
 
 def _data_write_series(folder: Path, n: int = 5, *, base: str = "CT_small.dcm", rows: int = 6, columns: int = 8,
