@@ -1,0 +1,224 @@
+"""Anomaly-detection settings side by side on the bundled demo cases; writes ``benchmarks/results/anomaly.md``.
+
+    python benchmarks/bench_anomaly.py [--model data/weights/demo_brain_2d.safetensors] [--only a,b]
+
+Every setting reconstructs the same slices of the demo cases (``data/demo/cases.json``: slab z=34..41 of
+the MNI152 brain with inserted lesions, plus the healthy slab) and of the calibration slab
+(``calibration.json``), with the same map (|residual|, 5x5 median filter, brain mask eroded by 2
+voxels). Reported: pooled voxel AUROC and AUPRC inside the brain, Dice at the threshold calibrated at a
+5 % voxel false-positive rate on the calibration slab, ``dice_best (oracle threshold)``, network
+evaluations (NFE) per slice and seconds per slice. Two no-model baselines stand beside the model: the
+mean of the two neighbouring slices of the scan itself, and that of the healthy template (which the
+demo cases were cut from: an oracle that only a single-template demo allows). Settings are the
+AnoDDPM reference (``ddpm`` from t_L = 0.25, 250 NFE), few-step DDIM and DPM-Solver++(2M), one vs two
+noise levels, one vs several noise seeds, Gaussian vs simplex noise, DDIM inversion and patch-wise
+noising.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from medidiff.anomaly import maps, thresholds  # noqa: E402
+from medidiff.anomaly.healthy import healthy_nfe, patch_tiles, reconstruct_healthy  # noqa: E402
+from medidiff.anomaly.pipeline import _datalist_masks, _load_on_grid, prepare_case  # noqa: E402
+from medidiff.data import sample  # noqa: E402
+from medidiff.data.discover import discover, load  # noqa: E402
+from medidiff.data.transforms import scale_to_unit  # noqa: E402
+from medidiff.metrics import detection_metrics  # noqa: E402
+from medidiff.weights import load_denoiser  # noqa: E402
+
+FPR = 0.05
+MAP = {"kind": "abs", "median_size": 5, "sigma": 0.0, "erode_iterations": 2}
+SETTINGS = {
+    "ddim10_t25": ("DDIM-10 from t_L 0.25", {"sampler": "ddim", "steps": 10, "t_levels": [0.25]}),
+    "ddim10_t50": ("DDIM-10 from t_L 0.5", {"sampler": "ddim", "steps": 10, "t_levels": [0.5]}),
+    "ddim10_t25_50": ("DDIM-10, mean of t_L 0.25 and 0.5", {"sampler": "ddim", "steps": 10, "t_levels": [0.25, 0.5]}),
+    "dpm10_t25_50": ("DPM-Solver++(2M)-10, mean of t_L 0.25 and 0.5",
+                     {"sampler": "dpm_solver_2m", "steps": 10, "t_levels": [0.25, 0.5]}),
+    "ddim5_t25_50_x2": ("DDIM-5, t_L 0.25 and 0.5, median of 2 seeds",
+                        {"sampler": "ddim", "steps": 5, "t_levels": [0.25, 0.5], "n_samples": 2}),
+    "ddim5_t50_x5": ("DDIM-5 from t_L 0.5, median of 5 seeds",
+                     {"sampler": "ddim", "steps": 5, "t_levels": [0.5], "n_samples": 5}),
+    "ddim10_t25_simplex": ("DDIM-10 from t_L 0.25, simplex noise (model trained on Gaussian)",
+                           {"sampler": "ddim", "steps": 10, "t_levels": [0.25], "noise": "simplex"}),
+    "invert10_t25": ("DDIM inversion to t_L 0.25 and back, 10+10 steps",
+                     {"method": "invert", "steps": 10, "t_levels": [0.25]}),
+    "patch5_t50": ("patch-wise (4 tiles, 8 px context), DDIM-5 from t_L 0.5",
+                   {"method": "patch", "sampler": "ddim", "steps": 5, "t_levels": [0.5], "patch_size": [40, 48]}),
+    "ddpm250_t25": ("DDPM from t_L 0.25 (AnoDDPM)", {"sampler": "ddpm", "steps": None, "t_levels": [0.25]}),
+}
+BASELINES = {
+    "neighbours_scan": "no model: mean of the two neighbouring slices of the scan",
+    "neighbours_template": "no model: mean of the two neighbouring slices of the healthy template (oracle)",
+}
+
+
+def load_cases(listing: Path, prep: dict) -> list[dict]:
+    """The prepared slices of each case of a datalist: network-scale stack, brain mask, labels, template stack."""
+    masks = _datalist_masks(listing)
+    template = sample.brain_volume().as_tensor()[0]
+    cases = []
+    for source in discover(listing):
+        image = load(source)
+        mask = _load_on_grid(masks[Path(source.paths[0]).resolve()], image, "mask")
+        label = _load_on_grid(Path(source.label), image, "label")[0] if source.label else torch.zeros(image.shape[1:])
+        case = prepare_case(image, prep, mask=mask)
+        if tuple(case.prepared.shape[1:]) != tuple(image.shape[1:]):
+            raise SystemExit("the benchmark expects the demo cases on the model's grid")
+        z0 = _slab_start(image)
+        x = case.prepared.as_tensor().float().movedim(3, 0)  # (Z, 1, X, Y)
+        fg = case.prepared_fg.as_tensor().movedim(3, 0)
+        z = torch.arange(image.shape[3])
+        near = torch.stack([template[..., z0 + k - 1:z0 + k + 2:2].mean(-1) for k in z.tolist()])
+        cases.append({"name": source.name, "x": x, "fg": fg, "labels": label.movedim(2, 0)[:, None],
+                      "template": scale_to_unit(near, case.scaling)[:, None]})
+    return cases
+
+
+def _slab_start(image) -> int:
+    """The template slice index of a demo slab's first slice (from the two affines)."""
+    inverse = torch.linalg.inv(torch.as_tensor(sample.brain_volume().affine, dtype=torch.float64))
+    origin = torch.as_tensor(image.affine, dtype=torch.float64)[:, 3]
+    return int(round(float((inverse @ origin)[2])))
+
+
+def neighbours(x: torch.Tensor) -> torch.Tensor:
+    """Mean of the slices before and after each slice (the one neighbour at the ends)."""
+    padded = torch.cat([x[1:2], x, x[-2:-1]])
+    return (padded[:-2] + padded[2:]) / 2
+
+
+def evaluate(maps_by_case: dict, cases: list[dict], calib_maps: list, calib: list[dict]) -> dict:
+    threshold = thresholds.calibrate(calib_maps, [c["fg"] for c in calib], fpr=FPR)
+    evaluated = {c["name"]: {"scores": maps_by_case[c["name"]], "labels": c["labels"], "mask": c["fg"]} for c in cases}
+    return detection_metrics(evaluated, threshold=threshold)
+
+
+def run_setting(denoiser, options: dict, cases: list[dict], calib: list[dict], seed: int, batch_size: int
+                ) -> tuple[dict, dict]:
+    def heal(group):
+        stack = torch.cat([c["x"] for c in group])
+        keep = torch.cat([c["fg"] for c in group]).flatten(1).mean(1) >= 0.01
+        healthy = stack.clone()
+        start = time.perf_counter()
+        healthy[keep], _ = reconstruct_healthy(denoiser, stack[keep], seed=seed, batch_size=batch_size,
+                                                **options)
+        elapsed = time.perf_counter() - start
+        out, first = {}, 0
+        for c in group:
+            n = c["x"].shape[0]
+            out[c["name"]] = maps.anomaly_map(c["x"], healthy[first:first + n], mask=c["fg"], **MAP)
+            first += n
+        return out, elapsed, int(keep.sum())
+
+    test_maps, seconds, n_slices = heal(cases)
+    calib_maps, _, _ = heal(calib)
+    metrics = evaluate(test_maps, cases, list(calib_maps.values()), calib)
+    tiles = len(patch_tiles((80, 96), options.get("patch_size", [40, 48]))) if options.get("method") == "patch" else 1
+    nfe = healthy_nfe(method=options.get("method", "partial"), t_levels=options["t_levels"],
+                      sampler=options.get("sampler", "ddim"), steps=options["steps"],
+                      n_samples=options.get("n_samples", 1), n_patches=tiles, process=denoiser.process)
+    return metrics, {"nfe": nfe, "s_per_slice": seconds / max(n_slices, 1)}
+
+
+def run_baseline(name: str, cases: list[dict], calib: list[dict]) -> tuple[dict, dict]:
+    def heal(c):
+        return neighbours(c["x"]) if name == "neighbours_scan" else c["template"]
+
+    test_maps = {c["name"]: maps.anomaly_map(c["x"], heal(c), mask=c["fg"], **MAP) for c in cases}
+    calib_maps = [maps.anomaly_map(c["x"], heal(c), mask=c["fg"], **MAP) for c in calib]
+    return evaluate(test_maps, cases, calib_maps, calib), {"nfe": 0, "s_per_slice": 0.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "data" / "weights" / "demo_brain_2d.safetensors")
+    parser.add_argument("--cases", type=Path, default=ROOT / "data" / "demo" / "cases.json")
+    parser.add_argument("--calibration", type=Path, default=ROOT / "data" / "demo" / "calibration.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "anomaly.md")
+    parser.add_argument("--only", help="comma-separated setting keys (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per network call")
+    args = parser.parse_args(argv)
+
+    denoiser, meta = load_denoiser(args.model)
+    prep = meta["data_prep"]
+    cases, calib = load_cases(args.cases, prep), load_cases(args.calibration, prep)
+    keys = args.only.split(",") if args.only else [*BASELINES, *SETTINGS]
+    rows = []
+    for key in keys:
+        if key in BASELINES:
+            label, (metrics, cost) = BASELINES[key], run_baseline(key, cases, calib)
+        else:
+            label, options = SETTINGS[key]
+            metrics, cost = run_setting(denoiser, options, cases, calib, args.seed, args.batch_size)
+        row = {"key": key, "setting": label, **{k: metrics[k] for k in ("auroc", "auprc", "dice", "dice_best")}, **cost}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_report(args, meta, rows)  # after every row: a long run leaves its partial table behind
+    return 0
+
+
+def write_report(args: argparse.Namespace, meta: dict, rows: list[dict]) -> None:
+    """Write the markdown table of the rows so far."""
+
+    reference = next((r for r in rows if r["key"] == "ddpm250_t25"), None)
+    lines = [
+        "# Anomaly detection on the demo cases",
+        "",
+        f"Model: `{args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model}` "
+        f"(training step {meta.get('step')}, {meta.get('noise', {}).get('kind', 'gaussian')} noise, "
+        f"{meta['net']['channels']} channels). Cases: `data/demo/cases.json` (3 scans with 9 inserted lesions "
+        "and 1 healthy scan, 8 axial slices each, held out of training); threshold calibrated at a "
+        f"{FPR:.0%} voxel false-positive rate on `data/demo/calibration.json`. Map: |residual|, 5x5 median "
+        "filter, brain mask eroded by 2 voxels; metrics pooled over the brain voxels of all 4 scans. "
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, shared "
+        "with other jobs (seconds are indicative). Seed "
+        f"{args.seed}.",
+        "",
+        "| setting | voxel AUROC | AUPRC | Dice (FPR 5 % threshold) | dice_best (oracle threshold) | NFE / slice "
+        "| s / slice |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['auroc']:.3f} | {r['auprc']:.3f} | {r['dice']:.3f} | "
+                     f"{r['dice_best']:.3f} | {r['nfe']} | {r['s_per_slice']:.2f} |")
+    model_rows = [r for r in rows if r["key"] in SETTINGS and r["nfe"] <= 25 and "simplex" not in r["key"]]
+    if model_rows:
+        best = max(model_rows, key=lambda r: r["auroc"])
+        lines += ["", f"Best setting within 25 NFE per slice: **{best['setting']}** (AUROC {best['auroc']:.3f})."]
+        if reference is not None:
+            gap = reference["auroc"] - best["auroc"]
+            lines.append(f"AnoDDPM's 250-NFE setting: AUROC {reference['auroc']:.3f}; difference {gap:+.3f} "
+                         f"({'within' if gap <= 0.01 else 'outside'} the 0.01 target).")
+    lines += [
+        "",
+        "Notes:",
+        "- The model was trained on Gaussian noise; simplex noise at detection time is a mismatch (AnoDDPM "
+        "trains on simplex noise), reported for completeness. The reverse steps after the first use the "
+        "sampler's own (Gaussian) noise.",
+        "- DDIM inversion is deterministic; an exact inversion would give the input back, so what it finds "
+        "is the model's prior at t_L.",
+        "- The template-neighbour baseline knows the healthy brain the cases were cut from; it is an "
+        "upper bound that only this single-template demo allows, not a method.",
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    from medidiff.io import write_text
+
+    write_text("\n".join(lines), args.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
