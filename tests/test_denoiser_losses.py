@@ -1,0 +1,134 @@
+"""Parametrisations, the denoiser adapter, the DSM losses and their weightings, EMA, the U-Net builder."""
+
+import pytest
+import torch
+from torch import nn
+
+from medidiff.core.denoiser import PARAMETRISATIONS, Denoiser, eps_from_x0, score_from_x0, target_for
+from medidiff.core.ema import EMA
+from medidiff.core.losses import diffusion_loss, snr_weight
+from medidiff.core.processes import DDPM, VESDE, VPSDE, SubVPSDE
+from medidiff.core.utils import bcast
+from medidiff.nets import build_unet
+
+PROCESSES = [DDPM(100), VPSDE(), SubVPSDE(), VESDE(0.01, 30.0)]
+
+
+class Oracle(nn.Module):
+    """A 'network' that outputs the exact target of its parametrisation for known (x0, eps)."""
+
+    def __init__(self, process, prediction, x0, eps, scale_input=True):
+        super().__init__()
+        self.process, self.prediction, self.x0, self.eps = process, prediction, x0, eps
+        self.scale_input = scale_input
+        self.seen = None
+
+    def forward(self, x, t_net):
+        self.seen = x
+        t = self._t
+        a, s = (bcast(v, self.x0) for v in self.process.marginal(t))
+        return target_for(self.prediction, self.x0, self.eps, a, s)
+
+
+@pytest.mark.parametrize("process", PROCESSES, ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize("prediction", PARAMETRISATIONS)
+def test_exact_target_gives_exact_x0_and_zero_loss(process, prediction):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 2, 8, 8, generator=g, dtype=torch.float64)
+    eps = torch.randn(3, 2, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)
+    net = Oracle(process, prediction, x0, eps)
+    net._t = t
+    den = Denoiser(net, process, prediction)
+    x_t = process.noised(x0, t, eps)
+    torch.testing.assert_close(den(x_t, t), x0)
+    a, s = (bcast(v, x0) for v in process.marginal(t))
+    torch.testing.assert_close(eps_from_x0(x_t, x0, a, s), eps)
+    torch.testing.assert_close(score_from_x0(x_t, x0, a, s), -eps / s)
+    for weighting in ("uniform", "min_snr"):
+        loss = diffusion_loss(den, x0, t=t, noise=eps, weighting=weighting)
+        assert loss.item() == pytest.approx(0.0, abs=1e-20)
+
+
+def test_input_scaling_and_conditioning_channels():
+    process = VESDE(0.01, 30.0)
+    x0 = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    eps = torch.ones_like(x0)
+    t = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    net = Oracle(process, "eps", x0, eps)
+    net._t = t
+    cond = torch.full((1, 3, 4, 4), 7.0, dtype=torch.float64)
+    den = Denoiser(net, process, "eps").with_cond(cond)
+    den(process.noised(x0, t, eps), t)
+    assert net.seen.shape == (2, 4, 4, 4)
+    # x_t = 30 * eps: the input is divided by sqrt(alpha^2 + sigma^2) = sqrt(1 + 900)
+    torch.testing.assert_close(net.seen[:, :1], torch.full((2, 1, 4, 4), 30 / 901**0.5, dtype=torch.float64))
+    torch.testing.assert_close(net.seen[:, 1:], cond.expand(2, -1, -1, -1))
+
+
+def test_min_snr_weights():
+    alpha = torch.tensor([0.99, 0.5, 0.1])
+    sigma = (1 - alpha**2).sqrt()
+    snr = alpha**2 / sigma**2
+    clipped = snr.clamp(max=5.0)
+    torch.testing.assert_close(snr_weight("eps", alpha, sigma, "min_snr", 5.0), clipped / snr)
+    torch.testing.assert_close(snr_weight("x0", alpha, sigma, "min_snr", 5.0), clipped)
+    torch.testing.assert_close(snr_weight("v", alpha, sigma, "min_snr", 5.0), clipped / (snr + 1))
+    torch.testing.assert_close(snr_weight("eps", alpha, sigma, "uniform"), torch.ones(3))
+    with pytest.raises(ValueError, match="unknown weighting"):
+        snr_weight("eps", alpha, sigma, "snr")
+
+
+def test_loss_of_a_zero_network_is_the_target_energy():
+    """A network that outputs 0 has eps-loss E[eps^2] = 1 and VE score-matching loss E[eps^2] = 1."""
+
+    class Zero(nn.Module):
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+
+    x0 = torch.zeros(256, 1, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    for process, prediction in ((DDPM(100), "eps"), (VESDE(0.01, 30.0), "score")):
+        loss = diffusion_loss(Denoiser(Zero(), process, prediction), x0, generator=g)
+        assert loss.item() == pytest.approx(1.0, rel=0.02)
+
+
+def test_simplex_noise_in_the_loss():
+    process = DDPM(100)
+    den = Denoiser(build_unet(2, channels=(8, 16), attention_levels=(False, False), norm_num_groups=8,
+                              num_head_channels=8), process)
+    loss = diffusion_loss(den, torch.zeros(2, 1, 16, 16), noise="simplex", generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+
+
+def test_ema_update_and_warmup():
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, decay=0.9, warmup=False)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.shadow.weight, torch.full((1, 2), 0.9 * 1 + 0.1 * 3))
+    warm = EMA(model, decay=0.999, warmup=True)
+    assert warm.current_decay() == pytest.approx(0.1)
+    with ema.swapped(model):
+        torch.testing.assert_close(model.weight, torch.full((1, 2), 1.2))
+    torch.testing.assert_close(model.weight, torch.full((1, 2), 3.0))
+    state = ema.state_dict()
+    other = EMA(model, decay=0.5)
+    other.load_state_dict(state)
+    assert other.decay == 0.9 and other.num_updates == 1
+
+
+def test_unet_builder_2d_3d_and_errors():
+    net2 = build_unet(2, in_channels=2, cond_channels=1, channels=(8, 16), attention_levels=(False, True),
+                      norm_num_groups=8, num_head_channels=8)
+    assert net2(torch.zeros(1, 3, 16, 16), torch.tensor([5.0])).shape == (1, 2, 16, 16)
+    assert build_unet(**net2.config).config == net2.config
+    net3 = build_unet(3, channels=(8, 8), attention_levels=(False, False), norm_num_groups=8, num_head_channels=8)
+    assert net3(torch.zeros(1, 1, 8, 8, 8), torch.tensor([0.5])).shape == (1, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        build_unet(2, channels=(12, 16), norm_num_groups=8, attention_levels=(False, False))
+    with pytest.raises(ValueError, match="attention_levels"):
+        build_unet(2, channels=(8, 16), attention_levels=(False,), norm_num_groups=8)
