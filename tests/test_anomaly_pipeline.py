@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -11,11 +12,13 @@ import pytest
 import torch
 
 from medidiff.anomaly import detect
+from medidiff.anomaly.thresholds import save_threshold
 from medidiff.cli import main
 from medidiff.core.processes import make_process
 from medidiff.nets import build_unet
 from medidiff.weights import save_model
 
+ROOT = Path(__file__).resolve().parents[1]
 FAST = {"t_levels": [0.3], "steps": 2, "progress": False, "median_size": 3, "erode": 0}
 
 
@@ -105,12 +108,22 @@ def test_cli_detect(tmp_path, tiny_model, capsys):
     _write(tmp_path / "scan.nii.gz", image, affine)
     _write(tmp_path / "brain.nii.gz", brain, affine)
     out = tmp_path / "out"
+    saved = save_threshold(tmp_path / "thresholds.json", 0.3, fpr=0.05)
     code = main(["detect", "--model", str(tiny_model), "--input", str(tmp_path / "scan.nii.gz"), "--out", str(out),
-                 "--mask", str(tmp_path / "brain.nii.gz"), "--threshold", "0.3", "--device", "cpu",
+                 "--mask", str(tmp_path / "brain.nii.gz"), "--threshold", str(saved), "--device", "cpu",
                  "--set", "t_levels=[0.3]", "--set", "steps=2", "--set", "progress=false"])
     assert code == 0
     assert "1 case(s) analysed" in capsys.readouterr().out
+    assert json.loads((out / "detection.json").read_text())["threshold"] == 0.3
     for name in ("scan_heatmap.nii.gz", "scan_anomaly_mask.nii.gz", "scores.csv", "manifest.json", "recipe.yaml"):
         assert (out / name).is_file()
     assert main(["detect", "--model", str(tiny_model), "--input", str(tmp_path / "missing.nii.gz"),
                  "--out", str(out)]) == 2
+
+
+def test_demo_recipe_is_valid():
+    from medidiff.recipes import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml")
+    assert recipe.task == "anomaly" and recipe.anomaly.model == "data/weights/demo_brain_2d.safetensors"
+    assert (ROOT / recipe.anomaly.inputs).is_file() and (ROOT / recipe.anomaly.calibration).is_file()

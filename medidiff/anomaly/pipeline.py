@@ -284,10 +284,11 @@ def _units_factor(scaling: dict, residual: str) -> float:
 def _threshold(denoiser, threshold, calibration, fpr, select, prep, dims, axis, opts, out_dir, failures
                ) -> tuple[float | None, dict[str, Any]]:
     if threshold is not None:
-        if isinstance(threshold, (int, float)) or str(threshold).replace(".", "", 1).isdigit():
+        try:
             value = float(threshold)
             return value, {"threshold": value, "source": "given"}
-        path = resolve_path(threshold, "threshold file")
+        except ValueError:
+            path = resolve_path(threshold, "threshold file")
         value = thresholds.load_threshold(path)
         return value, {"threshold": value, "source": str(path)}
     if calibration is None:
