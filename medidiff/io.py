@@ -128,6 +128,12 @@ def check_not_input(path: PathLike, protected: Iterable[PathLike] = ()) -> Path:
     return target
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_write(path: PathLike, protected: Iterable[PathLike] = ()) -> Iterator[Path]:
     """Write a file atomically: yield a temporary path in the same folder, then move it onto ``path``.
@@ -156,6 +162,8 @@ def atomic_write(path: PathLike, protected: Iterable[PathLike] = ()) -> Iterator
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.exists():  # mkstemp makes owner-only files; results get the usual permissions
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     finally:
         if tmp.exists():

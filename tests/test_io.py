@@ -256,3 +256,17 @@ def test_dicom_series_round_trips_through_the_reader(tmp_path):
     step = float(pydicom.dcmread(out[0]).RescaleSlope)
     np.testing.assert_allclose(back, heat.numpy(), atol=step)
     assert info["series"] is not None
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from medidiff.io import write_text
+
+    old = os.umask(0o022)
+    try:
+        path = write_text("x", tmp_path / "result.txt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
