@@ -202,6 +202,8 @@ def annealed_langevin(denoiser, x, process, steps, *, t_start=1.0, hook=None, ca
     At each of the ``steps`` noise levels ``sigma_i``, ``n_inner`` moves
     ``x + (a_i / 2) score + sqrt(a_i) z`` with ``a_i = step_lr * sigma_i^2``, then ``x0_hat`` at the last
     level (Jolicoeur-Martineau et al. 2021). Network evaluations: ``steps * n_inner + 1``.
+    Made for variance-exploding processes (also fine for VP/DDPM); under sub-VP the last noise levels are
+    too small for the moves to mix and the sample mean lags (use ``predictor_corrector`` there).
 
     Args:
         n_inner: Langevin moves per noise level.
