@@ -18,7 +18,7 @@ Samplers run without autograd; a hook that needs gradients enables them itself.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -46,7 +46,7 @@ Hook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # -- shared pieces ---------------------------------------------------------------------------------
-def _denoise(denoiser, x: torch.Tensor, t: torch.Tensor | float, hook: Hook | None) -> torch.Tensor:
+def _denoise(denoiser, x: torch.Tensor, t: float, hook: Hook | None) -> torch.Tensor:
     """Evaluate the denoiser at scalar time ``t`` (broadcast to the batch, on ``x``'s device) and apply the hook."""
     tb = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
     x0 = denoiser(x, tb)
@@ -55,42 +55,15 @@ def _denoise(denoiser, x: torch.Tensor, t: torch.Tensor | float, hook: Hook | No
     return x0
 
 
-def _coef(process: Process, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    alpha, sigma = process.marginal(t.to(torch.float64))
-    return alpha.to(x.dtype), sigma.to(x.dtype)
-
-
-def _steps(process: Process, steps: int, t_start: float, grid: str, progress: bool, name: str
-           ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield ``(i, t, s)`` for each step from time ``t`` to the next time ``s`` (``s == 0`` last)."""
-    times = process.time_grid(steps, t_start=t_start, kind=grid)
-    for i in tqdm(range(steps), desc=name, disable=not progress, leave=False):
-        yield i, times[i], times[i + 1]
-
-
-def _report(callback, i, t, x, x0) -> None:
-    if callback is not None:
-        callback({"i": i, "t": float(t), "x": x, "x0_hat": x0})
-
-
-def _score(process: Process, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    alpha, sigma = _coef(process, t, x)
-    return (alpha * x0 - x) / sigma**2
-
-
-def _em_step(process: Process, x, x0, t, s, generator) -> torch.Tensor:
-    """One Euler-Maruyama step of the reverse-time SDE (Song et al. 2021, eq. 6) from ``t`` down to ``s``."""
-    dt = (t - s).to(x.dtype)
-    drift, diffusion = process.sde(x, t.to(x.dtype).expand(x.shape[0]))
-    g = bcast(diffusion, x)
-    score = _score(process, x, x0, t)
-    return x - (drift - g**2 * score) * dt + g * torch.sqrt(dt) * gaussian_like(x, generator)
-
-
-def _marginals(process: Process, times: torch.Tensor) -> tuple[list[float], list[float]]:
+def _marginals(process: Process, times) -> tuple[list[float], list[float]]:
     """``(alpha, sigma)`` at each of ``times`` as Python floats (float64 maths, computed once per grid)."""
     alpha, sigma = process.marginal(torch.as_tensor(times, dtype=torch.float64))
     return alpha.tolist(), sigma.tolist()
+
+
+def _score(x: torch.Tensor, x0: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+    """Score of the noisy marginal implied by ``x0_hat`` (Tweedie's formula)."""
+    return (alpha * x0 - x) / sigma**2
 
 
 def _ddim_step(x, x0, a_t: float, s_t: float, a_s: float, s_s: float, eta: float, generator) -> torch.Tensor:
@@ -103,10 +76,57 @@ def _ddim_step(x, x0, a_t: float, s_t: float, a_s: float, s_s: float, eta: float
     return a_s * x0 + math.sqrt(s_s**2 - var) * eps + math.sqrt(var) * gaussian_like(x, generator)
 
 
-def _ddim_update(process: Process, x, x0, t, s, eta: float, generator) -> torch.Tensor:
-    """Generalised DDIM update (Song, Meng & Ermon 2021, eq. 12) for any ``(alpha, sigma)`` process."""
-    (a_t, a_s), (s_t, s_s) = _marginals(process, torch.stack([torch.as_tensor(t), torch.as_tensor(s)]))
-    return _ddim_step(x, x0, a_t, s_t, a_s, s_s, eta, generator)
+class _Grid:
+    """A sampling grid: times ``t[0] > ... > t[steps] = 0`` with their ``(alpha, sigma)`` as floats."""
+
+    def __init__(self, process: Process, steps: int, t_start: float, kind: str):
+        self.process = process
+        self.t = process.time_grid(steps, t_start=t_start, kind=kind).tolist()
+        self.alpha, self.sigma = _marginals(process, self.t)
+        self.steps = steps
+
+
+def _integrate(name: str, denoiser, x, grid: _Grid, *, hook, callback, progress,
+               update: Callable, before: Callable | None = None) -> torch.Tensor:
+    """The loop every step-by-step sampler shares.
+
+    At step ``i`` (time ``t_i``): optionally ``x = before(i, x)`` (corrector moves), evaluate
+    ``x0_hat``, then move to ``t_{i+1}`` with ``x = update(i, x, x0_hat)``, or return ``x0_hat`` when
+    ``t_{i+1} = 0``.
+    """
+    x0 = x
+    for i in tqdm(range(grid.steps), desc=name, disable=not progress, leave=False):
+        if before is not None:
+            x = before(i, x)
+        x0 = _denoise(denoiser, x, grid.t[i], hook)
+        x = x0 if grid.t[i + 1] == 0 else update(i, x, x0)
+        if callback is not None:
+            callback({"i": i, "t": grid.t[i], "x": x, "x0_hat": x0})
+    return x
+
+
+def _em_update(grid: _Grid, generator) -> Callable:
+    """Euler-Maruyama steps of the reverse-time SDE (Song et al. 2021, eq. 6) along ``grid``."""
+
+    def update(i, x, x0):
+        t, dt = grid.t[i], grid.t[i] - grid.t[i + 1]
+        drift, diffusion = grid.process.sde(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
+        g = bcast(diffusion, x)
+        score = _score(x, x0, grid.alpha[i], grid.sigma[i])
+        return x - (drift - g**2 * score) * dt + g * math.sqrt(dt) * gaussian_like(x, generator)
+
+    return update
+
+
+def _langevin(denoiser, x, t: float, alpha: float, sigma: float, hook, generator, step_size) -> torch.Tensor:
+    """One Langevin move ``x + eps * score + sqrt(2 eps) z`` at time ``t``.
+
+    ``step_size`` is a number or a function ``(score, z) -> (B,)`` of per-sample steps.
+    """
+    score = _score(x, _denoise(denoiser, x, t, hook), alpha, sigma)
+    z = gaussian_like(x, generator)
+    eps = bcast(step_size(score, z), x) if callable(step_size) else step_size
+    return x + eps * score + (2 * eps) ** 0.5 * z
 
 
 # -- samplers --------------------------------------------------------------------------------------
@@ -119,17 +139,12 @@ def ddim(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, 
         eta: scale of the fresh noise (0 deterministic, 1 the DDPM posterior variance).
         grid: time grid kind (``uniform``, ``quadratic``, ``logsnr``).
     """
-    times = process.time_grid(steps, t_start=t_start, kind=grid)
-    alphas, sigmas = _marginals(process, times)  # once per grid: no per-step schedule maths or host syncs
-    ts = times.tolist()
-    for i in tqdm(range(steps), desc="ddim", disable=not progress, leave=False):
-        x0 = _denoise(denoiser, x, ts[i], hook)
-        if ts[i + 1] == 0:
-            x = x0
-        else:
-            x = _ddim_step(x, x0, alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1], eta, generator)
-        _report(callback, i, ts[i], x, x0)
-    return x
+    g = _Grid(process, steps, t_start, grid)
+
+    def update(i, x, x0):
+        return _ddim_step(x, x0, g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1], eta, generator)
+
+    return _integrate("ddim", denoiser, x, g, hook=hook, callback=callback, progress=progress, update=update)
 
 
 def ddpm(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
@@ -147,23 +162,9 @@ def ddpm(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, 
 def euler_maruyama(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
                    grid: str = "uniform", progress: bool = False) -> torch.Tensor:
     """Euler-Maruyama on the reverse-time SDE (Song et al. 2021, eq. 6); the last step returns ``x0_hat``."""
-    for i, t, s in _steps(process, steps, t_start, grid, progress, "euler_maruyama"):
-        x0 = _denoise(denoiser, x, t, hook)
-        x = x0 if s == 0 else _em_step(process, x, x0, t, s, generator)
-        _report(callback, i, t, x, x0)
-    return x
-
-
-def _langevin(process, denoiser, x, t, hook, generator, step_size) -> torch.Tensor:
-    """One Langevin move ``x + eps * score + sqrt(2 eps) z``.
-
-    ``step_size`` is a scalar tensor or a function ``(score, z) -> (B,)`` of per-sample steps.
-    """
-    x0 = _denoise(denoiser, x, t, hook)
-    score = _score(process, x, x0, t)
-    z = gaussian_like(x, generator)
-    eps = bcast(step_size(score, z) if callable(step_size) else step_size, x)
-    return x + eps * score + torch.sqrt(2 * eps) * z
+    g = _Grid(process, steps, t_start, grid)
+    return _integrate("euler_maruyama", denoiser, x, g, hook=hook, callback=callback, progress=progress,
+                      update=_em_update(g, generator))
 
 
 @torch.no_grad()
@@ -179,18 +180,19 @@ def predictor_corrector(denoiser, x, process, steps, *, t_start=1.0, hook=None, 
         snr: the corrector's signal-to-noise ratio.
         n_corrector: Langevin steps per noise level.
     """
+    g = _Grid(process, steps, t_start, grid)
 
     def step_size(score, z):
         ratio = z.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp(min=1e-12)
         return 2 * (snr * ratio) ** 2
 
-    for i, t, s in _steps(process, steps, t_start, grid, progress, "predictor_corrector"):
+    def correct(i, x):
         for _ in range(n_corrector):
-            x = _langevin(process, denoiser, x, t, hook, generator, step_size)
-        x0 = _denoise(denoiser, x, t, hook)
-        x = x0 if s == 0 else _em_step(process, x, x0, t, s, generator)
-        _report(callback, i, t, x, x0)
-    return x
+            x = _langevin(denoiser, x, g.t[i], g.alpha[i], g.sigma[i], hook, generator, step_size)
+        return x
+
+    return _integrate("predictor_corrector", denoiser, x, g, hook=hook, callback=callback, progress=progress,
+                      update=_em_update(g, generator), before=correct)
 
 
 @torch.no_grad()
@@ -209,51 +211,45 @@ def annealed_langevin(denoiser, x, process, steps, *, t_start=1.0, hook=None, ca
         n_inner: Langevin moves per noise level.
         step_lr: step size as a fraction of each level's noise variance.
     """
-    times = process.time_grid(steps, t_start=t_start, kind=grid)
+    g = _Grid(process, steps, t_start, grid)
     for i in tqdm(range(steps), desc="annealed_langevin", disable=not progress, leave=False):
-        t = times[i]
-        _, sigma = _coef(process, t, x)
-        level = 0.5 * step_lr * sigma**2
+        level = 0.5 * step_lr * g.sigma[i] ** 2
         for _ in range(n_inner):
-            x = _langevin(process, denoiser, x, t, hook, generator, level)
-        _report(callback, i, t, x, None)
-    return _denoise(denoiser, x, times[steps - 1], hook)
+            x = _langevin(denoiser, x, g.t[i], g.alpha[i], g.sigma[i], hook, generator, level)
+        if callback is not None:
+            callback({"i": i, "t": g.t[i], "x": x, "x0_hat": None})
+    return _denoise(denoiser, x, g.t[steps - 1], hook)
 
 
-def _pf_ode(denoiser, x, process, steps, *, t_start, hook, callback, grid, progress, second_order: bool
-            ) -> torch.Tensor:
+def _pf_ode(name: str, denoiser, x, process, steps, *, t_start, hook, callback, grid, progress,
+            second_order: bool) -> torch.Tensor:
     """Probability-flow ODE in Karras et al.'s (2022, eq. 4) scaled variables ``x/alpha`` and ``sigma/alpha``.
 
     ``d(x/alpha) / d(sigma/alpha) = (x/alpha - x0_hat) / (sigma/alpha)`` holds for every process, so one
     integrator serves DDPM, VP, sub-VP and VE alike.
     """
-    name = "heun" if second_order else "euler"
-    for i, t, s in _steps(process, steps, t_start, grid, progress, name):
-        x0 = _denoise(denoiser, x, t, hook)
-        if s == 0:
-            x = x0
-        else:
-            a_t, s_t = _coef(process, t, x)
-            a_s, s_s = _coef(process, s, x)
-            h_t, h_s = s_t / a_t, s_s / a_s
-            xh = x / a_t
-            d = (xh - x0) / h_t
-            xh_next = xh + (h_s - h_t) * d
-            if second_order:
-                x0_next = _denoise(denoiser, a_s * xh_next, s, hook)
-                d_next = (xh_next - x0_next) / h_s
-                xh_next = xh + (h_s - h_t) * (d + d_next) / 2
-            x = a_s * xh_next
-        _report(callback, i, t, x, x0)
-    return x
+    g = _Grid(process, steps, t_start, grid)
+
+    def update(i, x, x0):
+        a_t, a_s = g.alpha[i], g.alpha[i + 1]
+        h_t, h_s = g.sigma[i] / a_t, g.sigma[i + 1] / a_s
+        xh = x / a_t
+        d = (xh - x0) / h_t
+        xh_next = xh + (h_s - h_t) * d
+        if second_order:
+            d_next = (xh_next - _denoise(denoiser, a_s * xh_next, g.t[i + 1], hook)) / h_s
+            xh_next = xh + (h_s - h_t) * (d + d_next) / 2
+        return a_s * xh_next
+
+    with torch.no_grad():
+        return _integrate(name, denoiser, x, g, hook=hook, callback=callback, progress=progress, update=update)
 
 
 def euler(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
           grid: str = "uniform", progress: bool = False) -> torch.Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, eq. 4); deterministic."""
-    with torch.no_grad():
-        return _pf_ode(denoiser, x, process, steps, t_start=t_start, hook=hook, callback=callback, grid=grid,
-                       progress=progress, second_order=False)
+    return _pf_ode("euler", denoiser, x, process, steps, t_start=t_start, hook=hook, callback=callback, grid=grid,
+                   progress=progress, second_order=False)
 
 
 def heun(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
@@ -262,9 +258,8 @@ def heun(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, 
 
     Network evaluations: ``2 * steps - 1`` (the step to ``t = 0`` is first order).
     """
-    with torch.no_grad():
-        return _pf_ode(denoiser, x, process, steps, t_start=t_start, hook=hook, callback=callback, grid=grid,
-                       progress=progress, second_order=True)
+    return _pf_ode("heun", denoiser, x, process, steps, t_start=t_start, hook=hook, callback=callback, grid=grid,
+                   progress=progress, second_order=True)
 
 
 @torch.no_grad()
@@ -275,23 +270,22 @@ def dpm_solver_2m(denoiser, x, process, steps, *, t_start=1.0, hook=None, callba
     Uses ``lambda = log(alpha / sigma)``; the first step is first order and the step to ``t = 0`` returns
     ``x0_hat``. One network evaluation per step.
     """
-    x0_prev, h_prev = None, None
-    for i, t, s in _steps(process, steps, t_start, grid, progress, "dpm_solver_2m"):
-        x0 = _denoise(denoiser, x, t, hook)
-        if s == 0:
-            x = x0
-        else:
-            a_t, s_t = _coef(process, t, x)
-            a_s, s_s = _coef(process, s, x)
-            h = torch.log(a_s / s_s) - torch.log(a_t / s_t)
-            d = x0
-            if x0_prev is not None:
-                r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (s_s / s_t) * x - a_s * torch.expm1(-h) * d
-            x0_prev, h_prev = x0, h
-        _report(callback, i, t, x, x0)
-    return x
+    g = _Grid(process, steps, t_start, grid)
+    lam = [math.log(a / s) for a, s in zip(g.alpha[:-1], g.sigma[:-1])]
+    previous: list = []  # (x0_hat, h) of the last step
+
+    def update(i, x, x0):
+        h = lam[i + 1] - lam[i] if g.t[i + 1] > 0 else math.inf
+        d = x0
+        if previous:
+            x0_prev, h_prev = previous.pop()
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        previous.append((x0, h))
+        return (g.sigma[i + 1] / g.sigma[i]) * x - g.alpha[i + 1] * math.expm1(-h) * d
+
+    return _integrate("dpm_solver_2m", denoiser, x, g, hook=hook, callback=callback, progress=progress,
+                      update=update)
 
 
 @torch.no_grad()
@@ -300,8 +294,9 @@ def ddim_invert(denoiser, x0, process, steps, *, t_end=1.0, hook=None, callback=
     """Deterministic DDIM inversion (Song, Meng & Ermon 2021, sec. 4.3; Dhariwal & Nichol 2021): image -> ``x_t``.
 
     Runs the ``eta = 0`` DDIM update forward in time along the reverse of the grid that
-    ``ddim(..., steps, t_start=t_end)`` uses, so that sampling from the result retraces the path.
-    The first step treats the image as the state at the smallest grid time.
+    ``ddim(..., steps, t_start=t_end)`` uses, so that sampling from the result retraces the path. The
+    first step, from the image at ``t = 0``, uses the noise the model sees in the image at the smallest
+    grid time: ``x = alpha x0 + sigma eps_hat``.
 
     Args:
         x0: clean images.
@@ -310,14 +305,16 @@ def ddim_invert(denoiser, x0, process, steps, *, t_end=1.0, hook=None, callback=
     Returns:
         the latent ``x_{t_end}``.
     """
-    times = process.time_grid(steps, t_start=t_end, kind=grid).flip(0)  # 0, t_last, ..., t_end
+    g = _Grid(process, steps, t_end, grid)
     x = x0
-    for i in tqdm(range(steps), desc="ddim_invert", disable=not progress, leave=False):
-        u, v = times[i], times[i + 1]
-        tau = u if u > 0 else v
-        x0_hat = _denoise(denoiser, x, tau, hook)
-        x = _ddim_update(process, x, x0_hat, tau, v, 0.0, generator)
-        _report(callback, i, v, x, x0_hat)
+    for k in tqdm(range(steps), desc="ddim_invert", disable=not progress, leave=False):
+        i = steps - 1 - k  # the time to step to, from the smallest evaluation time up to t_end
+        j = min(i + 1, steps - 1)  # the time of the current state (the image is evaluated at the smallest)
+        x0_hat = _denoise(denoiser, x, g.t[j], hook)
+        eps = (x - g.alpha[j] * x0_hat) / g.sigma[j]
+        x = g.alpha[i] * (x if k == 0 else x0_hat) + g.sigma[i] * eps
+        if callback is not None:
+            callback({"i": k, "t": g.t[i], "x": x, "x0_hat": x0_hat})
     return x
 
 
