@@ -54,6 +54,10 @@ SETTINGS = {
                            {"sampler": "ddim", "steps": 10, "t_levels": [0.25], "noise": "simplex"}),
     "invert10_t25": ("DDIM inversion to t_L 0.25 and back, 10+10 steps",
                      {"method": "invert", "steps": 10, "t_levels": [0.25]}),
+    "ddim3_t50_x8": ("DDIM-3 from t_L 0.5, median of 8 seeds",
+                     {"sampler": "ddim", "steps": 3, "t_levels": [0.5], "n_samples": 8}),
+    "ddim5_t40_x5": ("DDIM-5 from t_L 0.4, median of 5 seeds",
+                     {"sampler": "ddim", "steps": 5, "t_levels": [0.4], "n_samples": 5}),
     "patch5_t50": ("patch-wise (4 tiles, 8 px context), DDIM-5 from t_L 0.5",
                    {"method": "patch", "sampler": "ddim", "steps": 5, "t_levels": [0.5], "patch_size": [40, 48]}),
     "ddpm250_t25": ("DDPM from t_L 0.25 (AnoDDPM)", {"sampler": "ddpm", "steps": None, "t_levels": [0.25]}),
@@ -151,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32, help="images per network call")
     parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: PyTorch's default)")
+    parser.add_argument("--append", action="store_true",
+                        help="add the rows to those of the last run (kept in a .json beside --out) with the same model")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -159,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     prep = meta["data_prep"]
     cases, calib = load_cases(args.cases, prep), load_cases(args.calibration, prep)
     keys = args.only.split(",") if args.only else [*BASELINES, *SETTINGS]
-    rows = []
+    rows_file = args.out.with_suffix(".json")
+    rows = json.loads(rows_file.read_text())["rows"] if args.append and rows_file.is_file() else []
     for key in keys:
         if key in BASELINES:
             label, (metrics, cost) = BASELINES[key], run_baseline(key, cases, calib)
@@ -170,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         write_report(args, meta, rows)  # after every row: a long run leaves its partial table behind
+        from medidiff.io import write_json
+
+        write_json({"model": str(args.model), "step": meta.get("step"), "rows": rows}, rows_file)
     return 0
 
 
