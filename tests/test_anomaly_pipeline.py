@@ -19,7 +19,7 @@ from medidiff.nets import build_unet
 from medidiff.weights import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = {"t_levels": [0.3], "steps": 2, "progress": False, "median_size": 3, "erode": 0}
+FAST = {"t_levels": [0.3], "steps": 2, "n_samples": 1, "progress": False, "median_size": 3, "erode": 0}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_cli_detect(tmp_path, tiny_model, capsys):
     saved = save_threshold(tmp_path / "thresholds.json", 0.3, fpr=0.05)
     code = main(["detect", "--model", str(tiny_model), "--input", str(tmp_path / "scan.nii.gz"), "--out", str(out),
                  "--mask", str(tmp_path / "brain.nii.gz"), "--threshold", str(saved), "--device", "cpu",
-                 "--set", "t_levels=[0.3]", "--set", "steps=2", "--set", "progress=false"])
+                 "--set", "t_levels=[0.3]", "--set", "steps=2", "--set", "n_samples=1", "--set", "progress=false"])
     assert code == 0
     assert "1 case(s) analysed" in capsys.readouterr().out
     assert json.loads((out / "detection.json").read_text())["threshold"] == 0.3

@@ -77,13 +77,13 @@ def test_overrides_are_yaml_typed_and_applied_before_validation():
     recipe = recipes.parse_recipe(tiny_recipe(), overrides=[
         "training.lr=1e-4", "data.size=[32, 32]", "model.attention_levels=[false, true]", "seed=7",
         "process.name=vesde", "process.n_steps=null", "process.sigma_max=20", "training.ema_decay=null",
-        "anomaly.t_start=0.25",
+        "anomaly.t_levels=[0.25]",
     ])
     assert recipe.training.lr == pytest.approx(1e-4) and isinstance(recipe.training.lr, float)
     assert recipe.data.size == [32, 32] and recipe.model.attention_levels == [False, True] and recipe.seed == 7
     assert recipe.training.ema_decay is None
     assert recipe.process.build().config() == {"name": "vesde", "sigma_min": 0.01, "sigma_max": 20.0, "t_min": 1e-5}
-    assert recipe.anomaly.model_dump() == {"t_start": 0.25}  # task sections belong to their tasks
+    assert recipe.anomaly.t_levels == [0.25]  # task sections are defined by their tasks
     for bad in ["training.lr", "=3", "training..lr=1", "seed.x=1"]:
         with pytest.raises(RecipeError, match="--set"):
             recipes.parse_recipe(tiny_recipe(), overrides=[bad])
