@@ -31,6 +31,8 @@ import torch
 
 from medidiff.errors import DataError
 
+from .arrays import to_numpy
+
 PathLike = str | os.PathLike
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -243,17 +245,9 @@ def write_table(rows: Sequence[Mapping[str, Any]], path: PathLike, protected: It
 # ------------------------------------------------------------------------------------------- volumes
 
 
-def _to_numpy(data: Any) -> np.ndarray:
-    if isinstance(data, torch.Tensor):
-        data = data.detach().cpu()
-        data = data.as_tensor() if hasattr(data, "as_tensor") else data
-        return data.numpy()
-    return np.asarray(data)
-
-
 def _affine_of(obj: Any) -> np.ndarray:
     affine = getattr(obj, "affine", obj)
-    affine = _to_numpy(affine).astype(np.float64)
+    affine = to_numpy(affine).astype(np.float64)
     if affine.shape != (4, 4):
         raise DataError(f"expected a 4 x 4 affine, got shape {affine.shape}")
     return affine
@@ -303,7 +297,7 @@ def write_nifti(
                             fix="pass affine=... or a MetaTensor, or use write_like(data, reference, path).")
         affine = data.affine
     affine = _affine_of(affine)
-    array = _to_numpy(data)
+    array = to_numpy(data)
     if array.ndim == 4:  # (C, X, Y, Z)
         array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
     elif array.ndim not in (2, 3):
@@ -388,7 +382,7 @@ def to_input_grid(
     src_affine = torch.as_tensor(_affine_of(prepared_meta))
     dst_affine = torch.as_tensor(_affine_of(reference_meta))
     ndim = src_affine.shape[0] - 1
-    values = torch.as_tensor(_to_numpy(result), dtype=torch.float32)
+    values = torch.as_tensor(to_numpy(result), dtype=torch.float32)
     if values.ndim == ndim:
         values = values[None]
     if tuple(values.shape[-ndim:]) != _spatial_shape(prepared_meta, ndim):
@@ -466,7 +460,7 @@ def write_dicom_series(
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-    array = _to_numpy(data).astype(np.float64)
+    array = to_numpy(data).astype(np.float64)
     if array.ndim == 4:
         array = array[0]
     if array.ndim != 3:
@@ -541,7 +535,7 @@ def write_dicom_series(
 
 def _drop_channel(x: ArrayLike) -> np.ndarray:
     """As float64 NumPy, without a leading channel axis of length 1 (``(1, H, W)``, ``(1, X, Y, Z)``)."""
-    a = _to_numpy(x).astype(np.float64)
+    a = to_numpy(x).astype(np.float64)
     return a[0] if a.ndim in (3, 4) and a.shape[0] == 1 else a
 
 
@@ -556,7 +550,7 @@ def relevant_slices(volume: ArrayLike, n: int, axis: int = -1) -> list[int]:
     Returns:
         Sorted slice indices. If the volume is all zero, ``n`` evenly spaced slices.
     """
-    v = np.nan_to_num(_to_numpy(volume).astype(np.float64), nan=0.0)
+    v = np.nan_to_num(to_numpy(volume).astype(np.float64), nan=0.0)
     axis = axis % v.ndim
     mass = np.clip(v, 0, None).sum(axis=tuple(d for d in range(v.ndim) if d != axis))
     n = min(n, mass.size)

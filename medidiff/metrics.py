@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
+
+from .arrays import to_numpy
 
 __all__ = [
     "voxel_auroc",
@@ -31,16 +32,8 @@ __all__ = [
 ]
 
 
-def _array(a: Any) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu()
-        a = a.as_tensor() if hasattr(a, "as_tensor") else a
-        a = a.numpy()
-    return np.asarray(a)
-
-
 def _flat(a: Any) -> np.ndarray:
-    return _array(a).ravel()
+    return to_numpy(a).ravel()
 
 
 def _pairs(scores: Any, labels: Any, mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -186,7 +179,7 @@ def detection_metrics(cases: Mapping[str, Mapping[str, Any]], threshold: float |
 
 
 def _pair_images(image: Any, reference: Any) -> tuple[np.ndarray, np.ndarray]:
-    a, b = _array(image).astype(np.float64), _array(reference).astype(np.float64)
+    a, b = to_numpy(image).astype(np.float64), to_numpy(reference).astype(np.float64)
     if a.shape != b.shape:
         raise ValueError(f"image shape {a.shape} differs from the reference's {b.shape}")
     return a, b

@@ -15,20 +15,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from scipy import ndimage
+
+from ..arrays import to_numpy
 
 __all__ = ["residual", "erode", "median_filter", "smooth", "anomaly_map", "case_score", "RESIDUALS"]
 
 RESIDUALS = ("abs", "squared")
-
-
-def _numpy(a: Any) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu()
-        a = a.as_tensor() if hasattr(a, "as_tensor") else a
-        return a.numpy()
-    return np.asarray(a)
 
 
 def _per_axis(value: float | Sequence[float], ndim: int, spatial_dims: int, lead: float) -> tuple:
@@ -55,7 +48,7 @@ def residual(x: Any, healthy: Any, *, kind: str = "abs", channel_axis: int | Non
     """
     if kind not in RESIDUALS:
         raise ValueError(f"unknown residual {kind!r}; choose one of {RESIDUALS}")
-    diff = _numpy(x).astype(np.float32) - _numpy(healthy).astype(np.float32)
+    diff = to_numpy(x).astype(np.float32) - to_numpy(healthy).astype(np.float32)
     r = np.abs(diff) if kind == "abs" else diff**2
     return r if channel_axis is None else r.sum(axis=channel_axis, keepdims=True)
 
@@ -71,7 +64,7 @@ def erode(mask: Any, iterations: int = 1, *, spatial_dims: int = 2) -> np.ndarra
     Returns:
         A bool array of the same shape.
     """
-    m = _numpy(mask).astype(bool)
+    m = to_numpy(mask).astype(bool)
     if iterations <= 0:
         return m
     lead = m.ndim - spatial_dims
@@ -92,7 +85,7 @@ def median_filter(a: Any, size: int | Sequence[int] = 5, *, spatial_dims: int = 
     Returns:
         A float32 array of the same shape.
     """
-    a = _numpy(a).astype(np.float32)
+    a = to_numpy(a).astype(np.float32)
     if np.isscalar(size) and size <= 1:
         return a
     return ndimage.median_filter(a, size=_per_axis(size, a.ndim, spatial_dims, 1), mode="reflect")
@@ -109,7 +102,7 @@ def smooth(a: Any, sigma: float | Sequence[float] = 1.0, *, spatial_dims: int = 
     Returns:
         A float32 array of the same shape.
     """
-    a = _numpy(a).astype(np.float32)
+    a = to_numpy(a).astype(np.float32)
     if np.isscalar(sigma) and sigma <= 0:
         return a
     return ndimage.gaussian_filter(a, sigma=_per_axis(sigma, a.ndim, spatial_dims, 0), mode="reflect")
@@ -139,7 +132,7 @@ def anomaly_map(x: Any, healthy: Any, *, mask: Any = None, kind: str = "abs", me
     r = residual(x, healthy, kind=kind)
     r = smooth(median_filter(r, median_size, spatial_dims=spatial_dims), sigma, spatial_dims=spatial_dims)
     if mask is not None:
-        m = _numpy(mask).astype(bool)
+        m = to_numpy(mask).astype(bool)
         m = m.reshape(r.shape) if m.size == r.size else m
         r = np.where(erode(m, erode_iterations, spatial_dims=spatial_dims), r, 0.0).astype(np.float32)
     return r
@@ -158,9 +151,9 @@ def case_score(a: Any, mask: Any = None, *, top_k: float = 0.01) -> float:
     """
     if not 0 < top_k <= 1:
         raise ValueError(f"top_k must lie in (0, 1], got {top_k}")
-    v = _numpy(a).astype(np.float64).ravel()
+    v = to_numpy(a).astype(np.float64).ravel()
     if mask is not None:
-        v = v[_numpy(mask).astype(bool).ravel()]
+        v = v[to_numpy(mask).astype(bool).ravel()]
     if v.size == 0:
         return 0.0
     k = max(1, int(round(top_k * v.size)))

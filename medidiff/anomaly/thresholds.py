@@ -22,6 +22,8 @@ import numpy as np
 from medidiff.errors import DataError, RecipeError
 from medidiff.io import write_json
 
+from ..arrays import to_numpy
+
 __all__ = ["THRESHOLDS_FILE", "ORACLE_LABEL", "calibrate", "calibrate_many", "save_threshold", "load_threshold",
            "false_positive_rate"]
 
@@ -31,7 +33,6 @@ ORACLE_LABEL = "dice_best (oracle threshold)"
 
 
 def _healthy_values(maps: Iterable[Any], masks: Iterable[Any] | None) -> np.ndarray:
-    from .maps import _numpy
 
     maps = list(maps)
     masks = [None] * len(maps) if masks is None else list(masks)
@@ -39,8 +40,8 @@ def _healthy_values(maps: Iterable[Any], masks: Iterable[Any] | None) -> np.ndar
         raise ValueError(f"{len(masks)} masks for {len(maps)} maps")
     values = []
     for m, fg in zip(maps, masks):
-        v = _numpy(m).astype(np.float64).ravel()
-        values.append(v if fg is None else v[_numpy(fg).astype(bool).ravel()])
+        v = to_numpy(m).astype(np.float64).ravel()
+        values.append(v if fg is None else v[to_numpy(fg).astype(bool).ravel()])
     values = np.concatenate(values) if values else np.zeros(0)
     if values.size == 0:
         raise DataError("no healthy voxels to calibrate the threshold on",

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from . import noise as _noise
 from .denoiser import Denoiser, target_for
-from .noise import Generator
+from .noise import Generator, noise_like
 from .utils import bcast
 
 __all__ = ["snr_weight", "diffusion_loss", "WEIGHTINGS"]
@@ -79,7 +78,7 @@ def diffusion_loss(
     process = denoiser.process
     if t is None:
         t = process.sample_time(x0.shape[0], generator=generator, device=x0.device)
-    eps = noise if isinstance(noise, torch.Tensor) else _noise.noise_like(x0, noise, generator, **(noise_kw or {}))
+    eps = noise if isinstance(noise, torch.Tensor) else noise_like(x0, noise, generator, **(noise_kw or {}))
     alpha, sigma = process.marginal(t.to(x0.dtype))
     x_t = bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps
     out = denoiser.net_output(x_t, t, cond)

@@ -20,6 +20,8 @@ from scipy import ndimage
 
 from medidiff.errors import DataError
 
+from ..arrays import to_numpy
+
 Range = float | tuple[float, float]
 
 
@@ -28,13 +30,6 @@ def _as_range(value: Range, name: str) -> tuple[float, float]:
     if not 0 <= lo <= hi:
         raise ValueError(f"{name} must be a non-negative number or a (min, max) range, got {value!r}")
     return lo, hi
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        return (x.as_tensor() if hasattr(x, "as_tensor") else x).numpy()
-    return np.asarray(x)
 
 
 def _like(array: np.ndarray, template: Any) -> Any:
@@ -68,7 +63,7 @@ def smooth_field(shape: Sequence[int], sigma_vox: Sequence[float], rng: np.rando
 def _spacing_of(image: Any, ndim: int, spacing: Sequence[float] | float | None) -> np.ndarray:
     if spacing is None:
         pixdim = getattr(image, "pixdim", None)
-        spacing = _to_numpy(pixdim)[:ndim] if pixdim is not None and len(pixdim) >= ndim else 1.0
+        spacing = to_numpy(pixdim)[:ndim] if pixdim is not None and len(pixdim) >= ndim else 1.0
     spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (ndim,)).copy()
     if (spacing <= 0).any():
         raise ValueError(f"spacing must be positive, got {spacing}")
@@ -144,7 +139,7 @@ def insert_lesions(
     contrast_range = _as_range(contrast, "contrast")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
-    data = _to_numpy(image)
+    data = to_numpy(image)
     dtype = data.dtype
     work = data.astype(np.float64)
     if work.ndim not in (3, 4):
@@ -156,7 +151,7 @@ def insert_lesions(
     if mask is None:
         allowed = np.ones(spatial, dtype=bool)
     else:
-        allowed = _to_numpy(mask).astype(bool)
+        allowed = to_numpy(mask).astype(bool)
         allowed = allowed.reshape(allowed.shape[-ndim:]) if allowed.ndim == ndim + 1 else allowed
         if allowed.shape != spatial:
             raise DataError(f"mask shape {allowed.shape} differs from the image's spatial shape {spatial}")
