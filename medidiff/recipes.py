@@ -196,7 +196,8 @@ class AnomalySection(TaskSection):
         median_size: median filter window (0 or 1: none); smooth_sigma: Gaussian smoothing in voxels.
         erode: voxels eroded from the foreground mask's rim.
         top_k: share of the highest voxels averaged into the case score.
-        intensity: scale inputs by their ``own`` foreground percentiles or by the ``model``'s training range.
+        intensity: ``match`` the scans' middle foreground quantiles to the training data's (default), scale
+            by their ``own`` foreground percentiles, or by the ``model``'s training range (same scanner only).
         min_foreground: least foreground share of a slice for it to be processed (others are skipped).
         batch_size: slices (times samples and tiles) per network call.
         overlay_slices: slices shown in each case's overlay PNG.
@@ -229,7 +230,7 @@ class AnomalySection(TaskSection):
     smooth_sigma: float = Field(0.0, ge=0.0)
     erode: int = Field(2, ge=0)
     top_k: float = Field(0.01, gt=0.0, le=1.0)
-    intensity: Literal["own", "model"] = "own"
+    intensity: Literal["match", "own", "model"] = "match"
     min_foreground: float = Field(0.01, ge=0.0, le=1.0)
     batch_size: PositiveInt = 16
     overlay_slices: PositiveInt = 6

@@ -214,13 +214,17 @@ def _brain(cfg: DataConfig, seed: int) -> DataBundle:
         raise RecipeError("sample:brain gives 2D slices of one volume", where="data.spatial_dims",
                           fix="set data.spatial_dims: 2 (and a 2-entry data.size).")
     from .data import sample
-    from .data.transforms import foreground_range, scale_to_unit
+    from .data.transforms import MATCH_LEVELS, foreground_quantiles, foreground_range, scale_to_unit
 
     held = {i for start, stop in cfg.holdout for i in range(start, stop)}
     indices = [i for i in sample.brain_slice_indices(cfg.slice_axis) if i not in held]
     scaling = foreground_range(sample.brain_volume(), sample.brain_mask(), MRI_PERCENTILES)
     images, _ = sample.brain_slices(axis=cfg.slice_axis, size=cfg.size, indices=indices)
     images = scale_to_unit(images, scaling)
+    chosen = torch.tensor(indices)
+    reference = foreground_quantiles(
+        [scale_to_unit(sample.brain_volume().as_tensor()[0].float(), scaling).index_select(cfg.slice_axis, chosen)],
+        [sample.brain_mask().as_tensor()[0].index_select(cfg.slice_axis, chosen) > 0])
     train, val = split(TensorDataset(images), cfg.val_fraction, seed)
     if cfg.augment is not None:
         train = Augmented(train, **cfg.augment.model_dump())
@@ -233,7 +237,8 @@ def _brain(cfg: DataConfig, seed: int) -> DataBundle:
         "slicing_axis": cfg.slice_axis,
         "size": list(cfg.size),
         "intensity": {"method": "percentile", "percentiles": list(MRI_PERCENTILES), "of": "foreground",
-                      "low": scaling["a_min"], "high": scaling["a_max"], "range": [-1.0, 1.0]},
+                      "low": scaling["a_min"], "high": scaling["a_max"], "range": [-1.0, 1.0],
+                      "reference": reference, "reference_levels": list(MATCH_LEVELS)},
         "holdout": [list(r) for r in cfg.holdout],
         "slices": indices,
     }
@@ -260,7 +265,7 @@ def _path(cfg: DataConfig, seed: int) -> DataBundle:
                           where="data.source", fix=f"use one of {sorted(SOURCES)} or a folder of DICOM/NIfTI files.")
     from .data.datasets import SliceDataset
     from .data.discover import discover, load
-    from .data.transforms import preset
+    from .data.transforms import MATCH_LEVELS, foreground_quantiles, preset
 
     sources = discover(path, select=cfg.select)
     if cfg.spatial_dims == 2:  # scale whole volumes, crop in plane, keep every slice along the axis
@@ -271,18 +276,23 @@ def _path(cfg: DataConfig, seed: int) -> DataBundle:
     prepare = preset(cfg.modality, spatial_size=grid, pixdim=cfg.spacing, axcodes=cfg.orientation,
                      hu_window=cfg.hu_window, percentiles=MRI_PERCENTILES, load=False)
 
-    def dataset(cases: list) -> Dataset | None:
+    reference: list[float] = []
+
+    def dataset(cases: list, *, train: bool = False) -> Dataset | None:
         if not cases:
             return None
         items = [prepare({"image": load(case)}) for case in cases]
         images = [item["image"].as_tensor() if hasattr(item["image"], "as_tensor") else item["image"] for item in items]
+        masks = [item["foreground"] for item in items]
+        if train and cfg.modality != "ct":  # what detection matches new scans' intensities to
+            fg = [torch.as_tensor(m).reshape(im.shape[1:]) > 0.5 for m, im in zip(masks, images)]
+            reference.extend(foreground_quantiles([im.float().mean(0) for im in images], fg))
         if cfg.spatial_dims == 3:
             return TensorDataset(torch.stack(images).float())
-        masks = [item["foreground"] for item in items]
         return SliceDataset(images, masks=masks, axis=cfg.slice_axis, min_foreground=cfg.min_foreground)
 
     train_cases, val_cases = _split_cases(sources, cfg.val_fraction, seed)
-    train, val = dataset(train_cases), dataset(val_cases)
+    train, val = dataset(train_cases, train=True), dataset(val_cases)
     if val is None and cfg.val_fraction > 0:  # a single case: hold out some of its slices
         train, val = split(train, cfg.val_fraction, seed)
     if train is None or len(train) == 0:
@@ -299,7 +309,8 @@ def _path(cfg: DataConfig, seed: int) -> DataBundle:
         "slicing_axis": cfg.slice_axis if cfg.spatial_dims == 2 else None,
         "intensity": ({"method": "hu_window", "window": list(cfg.hu_window)} if cfg.modality == "ct"
                       else {"method": "percentile", "percentiles": list(MRI_PERCENTILES), "per": "volume"})
-        | {"range": [-1.0, 1.0]},
+        | {"range": [-1.0, 1.0]}
+        | ({"reference": reference, "reference_levels": list(MATCH_LEVELS)} if reference else {}),
     }
     inputs = [Path(p) for case in train_cases + val_cases for p in case.paths if Path(p).is_file()]
     return DataBundle(train, val, channels, data_prep=prep, inputs=inputs)

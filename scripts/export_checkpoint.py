@@ -9,7 +9,6 @@ model loads with ``medidiff.weights.load_denoiser`` like one written at the end 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -63,18 +62,15 @@ def _channels(run: Path) -> dict:
 
 
 def _data_prep(run: Path) -> dict:
-    """The data record of the run (written by the engine beside its checkpoints)."""
-    for name in (CONFIG_NAME, "data_prep.json"):
-        path = run / name
-        if path.exists():
-            meta = json.loads(path.read_text())
-            return meta.get("data_prep", meta)
-    from medidiff.recipes import load_recipe as _load
+    """The data record of the run, rebuilt from its recipe (data preparation is deterministic).
+
+    Rebuilding rather than copying the engine's record gives what the current code records (such as the
+    reference quantiles that detection matches new scans to) for runs started before it did.
+    """
     from medidiff.train_data import build_data
 
-    recipe = _load(run / "recipe.yaml")
+    recipe = load_recipe(run / "recipe.yaml")
     return build_data(recipe.data, recipe.seed).data_prep
-
 
 if __name__ == "__main__":
     main()

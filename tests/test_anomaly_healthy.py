@@ -117,6 +117,18 @@ def test_median_of_seeds_and_spread_follow_the_seed_scheme():
     torch.testing.assert_close(mad, (noised - med).abs().quantile(0.5, dim=0), atol=1e-5, rtol=0)
 
 
+def test_the_model_sees_its_range_only():
+    """Voxels beyond [-1, 1] (a lesion brighter than healthy tissue) are clipped before noising."""
+    process = DDPM(n_steps=100)
+    x = torch.linspace(-3, 3, 2 * 64).reshape(2, 1, 8, 8)
+    options = {"t_levels": [0.3], "steps": 1, "n_samples": 2, "seed": 3}
+    rec, _ = reconstruct_healthy(Identity(process), x, **options)
+    clipped, _ = reconstruct_healthy(Identity(process), x.clamp(-1, 1), **options)
+    torch.testing.assert_close(rec, clipped)
+    a, s = process.marginal(torch.tensor([0.3]))
+    assert float(rec.abs().max()) < float(a) + 5 * float(s)
+
+
 def test_simplex_noise_and_bad_settings():
     process = DDPM(n_steps=100)
     x = torch.zeros(1, 1, 16, 16)

@@ -127,3 +127,74 @@ def test_demo_recipe_is_valid():
     recipe = load_recipe(ROOT / "recipes" / "demo.yaml")
     assert recipe.task == "anomaly" and recipe.anomaly.model == "data/weights/demo_brain_2d.safetensors"
     assert (ROOT / recipe.anomaly.inputs).is_file() and (ROOT / recipe.anomaly.calibration).is_file()
+
+
+def test_intensity_scaling_modes():
+    from medidiff.anomaly.pipeline import intensity_scaling
+    from medidiff.errors import RecipeError
+
+    volume = torch.linspace(0.0, 100.0, 1001)
+    fg = torch.ones_like(volume, dtype=torch.bool)
+    recorded = {"method": "percentile", "percentiles": [0.5, 99.5], "low": 10.0, "high": 50.0}
+    own = intensity_scaling(volume, fg, recorded, "match")  # no reference recorded: falls back to own
+    assert own["a_min"] == pytest.approx(0.5) and own["a_max"] == pytest.approx(99.5)
+    assert intensity_scaling(volume, fg, recorded, "model")["a_max"] == 50.0
+    levels = [0.25, 0.5, 0.75]
+    matched = intensity_scaling(volume, fg, recorded | {"reference": [-0.5, 0.0, 0.5], "reference_levels": levels})
+    assert matched["a_min"] == pytest.approx(0.0) and matched["a_max"] == pytest.approx(100.0)
+    ct = intensity_scaling(volume, fg, {"method": "hu_window", "window": [-160, 240]}, "match")
+    assert (ct["a_min"], ct["a_max"]) == (-160.0, 240.0)
+    with pytest.raises(RecipeError, match="intensity"):
+        intensity_scaling(volume, fg, recorded, "zscore")
+
+
+@pytest.mark.parametrize("method,beyond", [("percentile", True), ("hu_window", False)])
+def test_values_beyond_the_range_reach_the_residual_only_for_mri(method, beyond):
+    from monai.data import MetaTensor
+
+    from medidiff.anomaly.pipeline import prepare_case
+
+    image, brain, affine = _volume((16, 16, 4))
+    image[7, 7, 1] = 300.0  # far brighter than anything healthy, too small to set the 99.5th percentile
+    intensity = ({"method": "percentile", "percentiles": [0.5, 99.5]} if method == "percentile"
+                 else {"method": "hu_window", "window": [0.0, 100.0]})
+    prep = {"orientation": "RAS", "spacing_mm": [2.0, 2.0], "slicing_axis": 2, "size": [16, 16],
+            "intensity": intensity}
+    case = prepare_case(MetaTensor(torch.from_numpy(image)[None], affine=torch.from_numpy(affine)), prep,
+                        mask=torch.from_numpy(brain)[None].float(), intensity="own")
+    x = case.prepared.as_tensor()
+    assert (float(x.max()) > 1.5) == beyond
+    assert (float(x.min()) < -1.0) == beyond  # the background lies below the brain's range too
+
+
+def test_match_scales_a_lesioned_slab_of_the_training_brain_like_the_training_data():
+    """The demo's situation: a slab where large bright lesions fill the top percentiles."""
+    from medidiff.anomaly.pipeline import intensity_scaling
+    from medidiff.data import sample
+    from medidiff.data.lesions import insert_lesions
+    from medidiff.recipes import load_recipe
+    from medidiff.train_data import build_data
+
+    recipe = load_recipe(ROOT / "recipes" / "demo_train.yaml")
+    recorded = build_data(recipe.data, recipe.seed).data_prep["intensity"]
+    brain = sample.brain_mask().as_tensor()[0] > 0
+    near = brain.clone()
+    near[..., :30], near[..., 46:] = False, False  # lesions of radius 6-7 mm (3 slices) that cross the slab
+    lesioned, _ = insert_lesions(sample.brain_volume(), mask=near, n=4, radius_mm=(6.0, 7.0), contrast=0.6,
+                                 polarity="hyper", seed=0)
+    lesioned, mask = lesioned[..., 34:42], brain[None, ..., 34:42]
+    truth = (recorded["low"], recorded["high"])  # the slab is cut from the training brain itself
+    healthy = sample.brain_volume().as_tensor()[0][..., 34:42]
+
+    def error(s, reference):
+        return max(abs(s["a_min"] - reference[0]), abs(s["a_max"] - reference[1])) / (truth[1] - truth[0])
+
+    def scaled(image, mode):
+        return intensity_scaling(image, mask[0], recorded, mode)
+
+    match, own = scaled(lesioned.as_tensor()[0], "match"), scaled(lesioned.as_tensor()[0], "own")
+    match_healthy = scaled(healthy, "match")
+    # the lesions barely move the matched map; the slab's tissue mix (not the whole brain's) moves it < 5 %
+    assert error(match, (match_healthy["a_min"], match_healthy["a_max"])) < 0.01
+    assert error(match, truth) < 0.05
+    assert error(own, truth) > 0.2  # the 99.5th percentile lies inside the lesions

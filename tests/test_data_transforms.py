@@ -10,7 +10,16 @@ from monai.data import DataLoader, MetaTensor, list_data_collate
 from medidiff import io
 from medidiff.data import sample
 from medidiff.data.datasets import SliceDataset, cached_dataset, grid_patch_dataset, patch_dataset
-from medidiff.data.transforms import ScaleToUnitd, preset, to_input_units
+from medidiff.data.transforms import (
+    MATCH_LEVELS,
+    ScaleToUnitd,
+    foreground_quantiles,
+    foreground_range,
+    matched_range,
+    preset,
+    scale_to_unit,
+    to_input_units,
+)
 from medidiff.errors import DataError
 
 
@@ -68,6 +77,39 @@ def test_batched_inverse_uses_each_images_range():
 def test_constant_image_does_not_divide_by_zero():
     out = ScaleToUnitd("image")({"image": torch.full((1, 4, 4), 7.0)})
     assert torch.isfinite(out["image"]).all() and float(out["image"].max()) == -1.0
+
+
+def test_matched_range_recovers_a_linear_map_and_shrugs_off_lesions():
+    g = torch.Generator().manual_seed(0)
+    tissue = torch.cat([torch.full((3000,), -0.6), torch.full((5000,), 0.2), torch.full((6000,), 0.8)])
+    train = (tissue + 0.05 * torch.randn(tissue.shape, generator=g)).clamp(-1, 1)  # network scale
+    reference = foreground_quantiles([train])
+    assert len(reference) == len(MATCH_LEVELS) and reference == sorted(reference)
+    scan = 400.0 * train + 900.0  # the same anatomy in other units
+    fit = matched_range(scan, None, reference)
+    np.testing.assert_allclose(scale_to_unit(scan, fit, clip=False).numpy(), train.numpy(), atol=1e-3)
+    # 3 % of the voxels become a lesion twice as bright as anything healthy: quantile matching moves the
+    # healthy tissue by < 0.03, while the 99.5th percentile (now inside the lesion) dims it by > 0.1
+    lesion = torch.randperm(scan.numel(), generator=g)[:420]
+    healthy = torch.ones_like(scan, dtype=torch.bool)
+    healthy[lesion] = False
+    lesioned = scan.clone()
+    lesioned[lesion] = 2.0 * float(scan.max())
+    matched = scale_to_unit(lesioned, matched_range(lesioned, None, reference), clip=False)
+    by_percentile = scale_to_unit(lesioned, foreground_range(lesioned, torch.ones_like(healthy)))
+    assert float((matched - train)[healthy].abs().max()) < 0.03
+    assert float((by_percentile - train)[healthy].abs().max()) > 0.1
+    with pytest.raises(ValueError, match="flat"):
+        matched_range(torch.full((50,), 3.0), torch.ones(50, dtype=torch.bool), reference)
+    with pytest.raises(ValueError, match="levels"):
+        matched_range(scan, None, reference[:-1])
+
+
+def test_scale_to_unit_clips_only_when_asked():
+    params = {"a_min": 0.0, "a_max": 10.0, "b_min": -1.0, "b_max": 1.0}
+    x = torch.tensor([-5.0, 0.0, 5.0, 15.0])
+    assert scale_to_unit(x, params).tolist() == [-1.0, -1.0, 0.0, 1.0]
+    assert scale_to_unit(x, params, clip=False).tolist() == [-2.0, -1.0, 0.0, 2.0]
 
 
 # ------------------------------------------------------------------------------------------- geometry

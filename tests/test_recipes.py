@@ -157,6 +157,10 @@ def test_brain_sample_source():
     assert images.min() == -1 and images.max() == 1
     assert bundle.data_prep["orientation"] == "RAS" and bundle.data_prep["slicing_axis"] == 2
     assert bundle.inputs and bundle.inputs[0].is_file()
+    # the reference quantiles that detection matches new scans to: those of the training brain voxels
+    intensity = bundle.data_prep["intensity"]
+    median = intensity["reference"][intensity["reference_levels"].index(0.5)]
+    assert abs(median - float(images[images > -1].median())) < 0.03
     with pytest.raises(RecipeError, match="spatial_dims"):
         build_data(DataConfig(source="sample:brain", spatial_dims=3, size=[8, 8, 8]), seed=0)
 
@@ -176,5 +180,7 @@ def test_path_source_reads_volumes_as_slices_or_volumes(tmp_path):
     image = two.train[0]["image"]
     assert image.shape == (1, 16, 16) and image.min() >= -1.5 and image.max() <= 1.5
     assert float(image.min()) == -1.0  # padded about the 12 x 14 plane
+    reference = two.data_prep["intensity"]["reference"]
+    assert len(reference) == len(two.data_prep["intensity"]["reference_levels"]) and reference == sorted(reference)
     three = build_data(DataConfig(source=str(tmp_path), spatial_dims=3, size=[8, 8, 8], val_fraction=0.25), seed=0)
     assert len(three.train) == 3 and len(three.val) == 1 and three.train[0]["image"].shape == (1, 8, 8, 8)

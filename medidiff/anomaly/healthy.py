@@ -184,7 +184,8 @@ def reconstruct_healthy(
 
     Args:
         denoiser: ``denoiser(x_t, t) -> x0_hat`` (a ``medidiff.core.denoiser.Denoiser``) on the images' scale.
-        x: images ``(B, C, *spatial)`` (2 or 3 spatial dims) on the model's scale (``[-1, 1]``).
+        x: images ``(B, C, *spatial)`` (2 or 3 spatial dims) on the model's scale (``[-1, 1]``; values
+            beyond it are clipped before noising).
         method: ``partial``, ``invert`` or ``patch`` (see the module docstring).
         t_levels: start times ``t_L`` in ``(0, 1]``; reconstructions from each are averaged.
         sampler: a name of ``medidiff.core.samplers.SAMPLERS`` (``ddpm``, ``ddim``, ``dpm_solver_2m``...);
@@ -211,6 +212,7 @@ def reconstruct_healthy(
         RecipeError: an unknown method, reduction, sampler or noise, or levels outside ``(0, 1]``.
     """
     _check(method, reduce, spread, t_levels, n_samples, batch_size, x.ndim)
+    x = x.clamp(-1.0, 1.0)  # the model's range; the residual is taken against the unclipped scan
     process = process if process is not None else denoiser.process
     try:
         sample_fn = samplers.get_sampler("ddim" if method == "invert" else sampler)

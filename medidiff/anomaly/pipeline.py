@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from medidiff import io
 from medidiff.data.batch import FailureLog
 from medidiff.data.discover import SPLITS, Source, discover, load
-from medidiff.data.transforms import foreground_range, scale_to_unit, to_input_units
+from medidiff.data.transforms import MATCH_LEVELS, foreground_range, matched_range, scale_to_unit, to_input_units
 from medidiff.errors import DataError, MedidiffError, ModelError, RecipeError
 from medidiff.metrics import detection_metrics
 
@@ -48,6 +48,9 @@ from .healthy import healthy_nfe, patch_tiles, reconstruct_healthy
 __all__ = ["detect", "run_recipe", "prepare_case", "PreparedCase", "resolve_path"]
 
 log = logging.getLogger("medidiff.anomaly")
+
+#: How scans are scaled to the network's intensities (``intensity_scaling``).
+INTENSITY_MODES = ("match", "own", "model")
 
 #: Share of voxels at the minimum above which the background is taken as exactly the minimum (skull-stripped).
 _FLAT_BACKGROUND = 0.05
@@ -137,7 +140,45 @@ class PreparedCase:
         self.prepared, self.prepared_fg = prepared, prepared_fg
 
 
-def prepare_case(image: Any, prep: dict[str, Any], *, mask: torch.Tensor | None = None, intensity: str = "own",
+def intensity_scaling(volume: torch.Tensor, foreground: torch.Tensor, recorded: dict[str, Any],
+                      intensity: str = "match") -> dict[str, float]:
+    """The map of a scan's intensities to the network scale.
+
+    Args:
+        volume: the scan (channels averaged), in its own units.
+        foreground: its foreground mask.
+        recorded: the model's ``data_prep.intensity``.
+        intensity: ``match`` fits the scan's middle foreground quantiles to the training data's
+            (``matched_range``: robust to lesions that fill a scan's brightest or darkest percentile);
+            ``own`` uses the scan's own foreground percentiles, as training did per volume; ``model``
+            reuses the training data's range in absolute units (same scanner and protocol only). A CT
+            model's HU window is always used as recorded; ``match`` falls back to ``own`` for a model
+            saved without reference quantiles.
+
+    Returns:
+        The ``scale_to_unit`` / ``to_input_units`` record.
+    """
+    if intensity not in INTENSITY_MODES:
+        raise RecipeError(f"unknown intensity scaling {intensity!r}", where="anomaly.intensity",
+                          fix=f"use one of {INTENSITY_MODES}.")
+    if recorded.get("method") == "hu_window":
+        low, high = (float(v) for v in recorded["window"])
+        return {"a_min": low, "a_max": high, "b_min": -1.0, "b_max": 1.0}
+    if intensity == "model" and "low" in recorded:
+        return {"a_min": float(recorded["low"]), "a_max": float(recorded["high"]), "b_min": -1.0, "b_max": 1.0}
+    if intensity == "match" and recorded.get("reference"):
+        try:
+            return matched_range(volume, foreground, recorded["reference"],
+                                 recorded.get("reference_levels", MATCH_LEVELS))
+        except ValueError as e:
+            raise DataError(f"cannot match the scan's intensities to the model's: {e}",
+                            fix="check the scan and its foreground mask.") from None
+    if intensity == "match":
+        log.info("the model records no reference quantiles: scaling by the scan's own percentiles")
+    return foreground_range(volume, foreground, tuple(recorded.get("percentiles", (0.5, 99.5))))
+
+
+def prepare_case(image: Any, prep: dict[str, Any], *, mask: torch.Tensor | None = None, intensity: str = "match",
                  spatial_dims: int = 2) -> PreparedCase:
     """Prepare a scan as the model's training data was (``data_prep`` of ``model.json``).
 
@@ -150,7 +191,7 @@ def prepare_case(image: Any, prep: dict[str, Any], *, mask: torch.Tensor | None 
         image: ``(C, X, Y, Z)`` MetaTensor with its affine.
         prep: the model's ``data_prep``.
         mask: the foreground (e.g. brain) on the image grid; ``None`` finds it (see ``_foreground``).
-        intensity: ``own`` (the scan's foreground percentiles) or ``model`` (the training range).
+        intensity: ``match``, ``own`` or ``model`` (see ``intensity_scaling``).
         spatial_dims: the model's spatial dimensions.
 
     Returns:
@@ -164,16 +205,14 @@ def prepare_case(image: Any, prep: dict[str, Any], *, mask: torch.Tensor | None 
     values = _plain(image)
     if not bool(torch.isfinite(values).all()):
         raise DataError("the scan holds NaN or infinite values", fix="repair or re-export the scan.")
-    intensity_prep = prep.get("intensity", {})
-    if intensity == "model" and "low" in intensity_prep:
-        scaling = {"a_min": float(intensity_prep["low"]), "a_max": float(intensity_prep["high"]),
-                   "b_min": -1.0, "b_max": 1.0}
-    else:
-        pct = tuple(intensity_prep.get("percentiles", (0.5, 99.5)))
-        scaling = foreground_range(values.float().mean(0), fg[0], pct)
+    scaling = intensity_scaling(values.float().mean(0), fg[0], prep.get("intensity", {}), intensity)
     from monai.data import MetaTensor
 
-    data = {"image": MetaTensor(scale_to_unit(values.float(), scaling), affine=image.affine.clone()),
+    # A statistical range (percentiles, matched quantiles) is not clipped: the model sees [-1, 1]
+    # (``reconstruct_healthy`` clips), the residual sees how far a lesion lies beyond healthy tissue. A CT
+    # window is a choice of what matters, so values outside it are clipped.
+    clip = prep.get("intensity", {}).get("method") == "hu_window"
+    data = {"image": MetaTensor(scale_to_unit(values.float(), scaling, clip=clip), affine=image.affine.clone()),
             "fg": MetaTensor(fg.float(), affine=image.affine.clone())}
     data = Orientationd(["image", "fg"], axcodes="RAS", labels=None)(data)
     axis = prep.get("slicing_axis", 2) if spatial_dims == 2 else None
@@ -368,7 +407,7 @@ def detect(
     smooth_sigma: float = 0.0,
     erode: int = 2,
     top_k: float = 0.01,
-    intensity: str = "own",
+    intensity: str = "match",
     min_foreground: float = 0.01,
     batch_size: int = 16,
     overlay_slices: int = 6,
@@ -392,7 +431,7 @@ def detect(
             patch_margin: healthy reconstruction (``medidiff.anomaly.healthy.reconstruct_healthy``).
         residual, median_size, smooth_sigma, erode: the map (``medidiff.anomaly.maps.anomaly_map``).
         top_k: share of voxels averaged into the case score.
-        intensity: ``own`` foreground percentiles of each scan, or the ``model``'s training range.
+        intensity: ``match``, ``own`` or ``model`` (see ``intensity_scaling``).
         min_foreground: least foreground share of a slice for it to be processed.
         batch_size: images per network call.
         overlay_slices: slices in each overlay PNG.

@@ -215,6 +215,21 @@ def preset(
     return Compose(steps)
 
 
+#: Foreground quantile levels at which a new scan's intensities are matched to the training data's
+#: (``matched_range``): the middle of the distribution, so lesions in its tails barely move the fit.
+MATCH_LEVELS = tuple(round(0.05 * k, 2) for k in range(1, 19))  # 0.05 ... 0.90
+
+
+def _foreground_values(volume: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The foreground voxels of a volume (all voxels above its minimum without a mask), at most 4 M of them."""
+    v = torch.as_tensor(volume).float().flatten()
+    m = v > v.min() if mask is None else torch.as_tensor(mask).bool().flatten()
+    fg = v[m] if bool(m.any()) else v
+    if fg.numel() > 4_000_000:  # quantile has an input size limit; a strided subset gives the same range
+        fg = fg[:: fg.numel() // 4_000_000 + 1]
+    return fg
+
+
 def foreground_range(volume: torch.Tensor, mask: torch.Tensor | None = None,
                      percentiles: tuple[float, float] = (0.5, 99.5)) -> dict[str, float]:
     """The intensity range that maps a volume to ``[-1, 1]``: robust percentiles of its foreground voxels.
@@ -229,16 +244,65 @@ def foreground_range(volume: torch.Tensor, mask: torch.Tensor | None = None,
     Returns:
         ``{"a_min", "a_max", "b_min": -1.0, "b_max": 1.0}``, the record ``to_input_units`` inverts.
     """
-    v = torch.as_tensor(volume).float().flatten()
-    m = v > v.min() if mask is None else torch.as_tensor(mask).bool().flatten()
-    fg = v[m] if bool(m.any()) else v
-    if fg.numel() > 4_000_000:  # quantile has an input size limit; a strided subset gives the same range
-        fg = fg[:: fg.numel() // 4_000_000 + 1]
+    fg = _foreground_values(volume, mask)
     lo, hi = (float(torch.quantile(fg, p / 100)) for p in percentiles)
     return {"a_min": lo, "a_max": max(hi, lo + 1e-6), "b_min": -1.0, "b_max": 1.0}
 
 
-def scale_to_unit(x: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
-    """Map intensities to the network scale with a recorded range (the inverse of ``to_input_units``), clipped."""
+def foreground_quantiles(volumes: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None,
+                         levels: Sequence[float] = MATCH_LEVELS) -> list[float]:
+    """Quantiles of the foreground voxels pooled over volumes (the training data's, on the network scale).
+
+    Saved with a model (``data_prep.intensity.reference``) for ``matched_range``.
+    """
+    masks = list(masks) if masks is not None else [None] * len(volumes)
+    fg = torch.cat([_foreground_values(v, m) for v, m in zip(volumes, masks)])
+    fg = fg[:: fg.numel() // 4_000_000 + 1]
+    return [round(float(q), 6) for q in torch.quantile(fg, torch.tensor(list(levels), dtype=fg.dtype))]
+
+
+def matched_range(volume: torch.Tensor, mask: torch.Tensor | None, reference: Sequence[float],
+                  levels: Sequence[float] = MATCH_LEVELS) -> dict[str, float]:
+    """The linear intensity map under which a scan's foreground quantiles best match the training data's.
+
+    Percentile scaling (``foreground_range``) lets bright or dark lesions that fill the scan's top or
+    bottom percentile set its range, which dims or brightens all healthy tissue. This fits
+    ``y = a x + b`` by least squares from the scan's foreground quantiles at ``levels`` to
+    ``reference`` (the training foreground's quantiles at the same levels, on the network scale), so a
+    few percent of lesion voxels barely move it. The contrast between tissues is kept (the map is linear).
+
+    Args:
+        volume: the scan, any shape (intensities in its own units).
+        mask: its foreground (``None``: voxels above the minimum).
+        reference: the training data's foreground quantiles (``foreground_quantiles``).
+        levels: the quantile levels of ``reference``.
+
+    Returns:
+        The ``{"a_min", "a_max", "b_min": -1.0, "b_max": 1.0}`` record of the map.
+
+    Raises:
+        ValueError: lengths differ, or the scan's foreground is flat (one value over the levels).
+    """
+    if len(reference) != len(levels):
+        raise ValueError(f"{len(reference)} reference quantiles for {len(levels)} levels")
+    fg = _foreground_values(volume, mask).double()
+    q = torch.quantile(fg, torch.tensor(list(levels), dtype=fg.dtype))
+    ref = torch.tensor([float(r) for r in reference], dtype=fg.dtype)
+    qc = q - q.mean()
+    denominator = float((qc * qc).sum())
+    slope = float((qc * (ref - ref.mean())).sum()) / denominator if denominator > 0 else 0.0
+    if not slope > 0:
+        raise ValueError("the scan's foreground is flat: its quantiles do not differ")
+    offset = float(ref.mean()) - slope * float(q.mean())
+    return {"a_min": (-1.0 - offset) / slope, "a_max": (1.0 - offset) / slope, "b_min": -1.0, "b_max": 1.0}
+
+
+def scale_to_unit(x: torch.Tensor, params: Mapping[str, Any], *, clip: bool = True) -> torch.Tensor:
+    """Map intensities to the network scale with a recorded range (the inverse of ``to_input_units``).
+
+    ``clip`` limits the result to ``[b_min, b_max]``; without it, voxels beyond the range (a lesion
+    brighter than any healthy tissue) keep their distance from it.
+    """
     a0, a1, b0, b1 = (float(params[k]) for k in ("a_min", "a_max", "b_min", "b_max"))
-    return ((x - a0) / (a1 - a0) * (b1 - b0) + b0).clamp(b0, b1)
+    y = (x - a0) / (a1 - a0) * (b1 - b0) + b0
+    return y.clamp(b0, b1) if clip else y
