@@ -198,3 +198,27 @@ def test_match_scales_a_lesioned_slab_of_the_training_brain_like_the_training_da
     assert error(match, (match_healthy["a_min"], match_healthy["a_max"])) < 0.01
     assert error(match, truth) < 0.05
     assert error(own, truth) > 0.2  # the 99.5th percentile lies inside the lesions
+
+
+def test_an_off_centre_brain_is_centred_on_the_grid_and_mapped_back():
+    from monai.data import MetaTensor
+
+    from medidiff import io
+    from medidiff.anomaly.pipeline import prepare_case
+
+    shape = (40, 40, 3)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape[:2]], indexing="ij"))
+    disc = ((grid[0] - 9) ** 2 + (grid[1] - 29) ** 2 < 25)[..., None].repeat(3, axis=2)  # far from the centre
+    disc[..., 0] = False  # an empty slice is kept, not cropped away
+    image = np.where(disc, 80.0, 0.0).astype(np.float32)
+    affine = torch.from_numpy(np.diag([2.0, 2.0, 2.0, 1.0]))
+    prep = {"orientation": "RAS", "spacing_mm": [2.0, 2.0], "slicing_axis": 2, "size": [16, 16],
+            "intensity": {"method": "percentile", "percentiles": [0.5, 99.5]}}
+    case = prepare_case(MetaTensor(torch.from_numpy(image)[None], affine=affine), prep,
+                        mask=torch.from_numpy(disc)[None].float(), intensity="own")
+    fg = case.prepared_fg.as_tensor()[0]
+    assert fg.shape == (16, 16, 3) and int(fg.sum()) == int(disc.sum())  # nothing of the brain is lost
+    centre = torch.nonzero(fg[..., 1]).float().mean(0)
+    assert float((centre - 7.5).abs().max()) <= 0.5
+    back = io.to_input_grid(case.prepared_fg, case.image, case.prepared, mode="nearest")
+    np.testing.assert_array_equal(back.as_tensor()[0].numpy() > 0.5, disc)

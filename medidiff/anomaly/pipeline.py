@@ -38,7 +38,14 @@ from tqdm.auto import tqdm
 from medidiff import io
 from medidiff.data.batch import FailureLog
 from medidiff.data.discover import SPLITS, Source, discover, load
-from medidiff.data.transforms import MATCH_LEVELS, foreground_range, matched_range, scale_to_unit, to_input_units
+from medidiff.data.transforms import (
+    MATCH_LEVELS,
+    foreground_crop,
+    foreground_range,
+    matched_range,
+    scale_to_unit,
+    to_input_units,
+)
 from medidiff.errors import DataError, MedidiffError, ModelError, RecipeError
 from medidiff.metrics import detection_metrics
 
@@ -183,9 +190,9 @@ def prepare_case(image: Any, prep: dict[str, Any], *, mask: torch.Tensor | None 
     """Prepare a scan as the model's training data was (``data_prep`` of ``model.json``).
 
     Reorients to RAS, resamples to ``spacing_mm`` (in-plane for a 2D model; the slicing axis keeps its
-    spacing) when the spacing differs, scales intensities with ``foreground_range`` of the scan's own
-    foreground (or the model's recorded range) and ``scale_to_unit``, and crops/pads to ``size``
-    (in-plane for a 2D model) with -1.
+    spacing) when the spacing differs, scales intensities (``intensity_scaling``), crops to the
+    foreground's bounding box and pads/crops about its centre to ``size`` (in-plane for a 2D model)
+    with -1, as the training data were.
 
     Args:
         image: ``(C, X, Y, Z)`` MetaTensor with its affine.
@@ -229,6 +236,8 @@ def prepare_case(image: Any, prep: dict[str, Any], *, mask: torch.Tensor | None 
         grid = [int(s) for s in size]
         if axis is not None:
             grid.insert(axis, -1)
+        # centre the foreground's bounding box on the model's grid, wherever it lies in the field of view
+        data = foreground_crop(["image", "fg"], "fg", grid)(data)
         data = ResizeWithPadOrCropd(["image"], grid, mode="constant", value=-1.0)(data)
         data = ResizeWithPadOrCropd(["fg"], grid, mode="constant", value=0.0)(data)
     return PreparedCase(image, fg, data["image"], (data["fg"] > 0.5).float(), scaling)

@@ -20,6 +20,7 @@ from monai.transforms import (
     AsDiscreted,
     Compose,
     CopyItemsd,
+    CropForegroundd,
     EnsureTyped,
     LoadImaged,
     MapTransform,
@@ -119,6 +120,17 @@ def to_input_units(x: torch.Tensor, params: Mapping[str, Any], difference: bool 
     return (x - value("b_min")) * scale + value("a_min")
 
 
+def foreground_crop(keys: Sequence[str], source_key: str, spatial_size: Sequence[int]) -> CropForegroundd:
+    """``CropForegroundd`` to the bounding box of ``source_key``, except along axes sized -1 (kept whole).
+
+    Followed by a centred pad/crop, this puts the foreground in the middle of the network's grid
+    wherever it lies in the scan's field of view; a 2D model's slicing axis (-1) keeps every slice.
+    """
+    whole = 1 << 30  # a margin beyond any image: with allow_smaller, the axis is not cropped
+    margin = [whole if int(s) == -1 else 0 for s in spatial_size]
+    return CropForegroundd(list(keys), source_key=source_key, margin=margin, allow_smaller=True)
+
+
 def preset(
     modality: str = "mri",
     *,
@@ -141,7 +153,8 @@ def preset(
     Steps: ``LoadImaged`` (with channel first; skipped if ``load=False`` for data already read as
     ``(C, *spatial)``) -> ``Orientationd(axcodes)`` -> ``Spacingd(pixdim)`` -> ``ScaleToUnitd`` (MRI:
     ``percentiles`` -> ``[-1, 1]``, unclipped; CT: ``hu_window`` -> ``[-1, 1]``, clipped) -> foreground
-    mask under ``foreground_key`` (MRI: above 5 % of the robust range; CT: above -500 HU) ->
+    mask under ``foreground_key`` (MRI: above 5 % of the robust range; CT: above -500 HU) -> with the
+    mask, ``CropForegroundd`` to its bounding box (which centres it on the grid) ->
     ``ResizeWithPadOrCropd(spatial_size)`` (images padded with -1, masks with 0) -> for training:
     ``RandAffined`` (rotation up to 0.1 rad, scale 5 %, shift up to 4 voxels), optional ``RandFlipd``
     on the first axis (left-right for RAS) and elastic deformation, ``RandScaleIntensityd`` and
@@ -194,6 +207,8 @@ def preset(
     if foreground:
         steps += [CopyItemsd(keys[0], names=foreground_key),
                   AsDiscreted(foreground_key, threshold=threshold, dtype=torch.float32)]
+        # centre the foreground's bounding box on the grid, as detection does for new scans
+        steps.append(foreground_crop(spatial_keys, foreground_key, spatial_size))
     steps.append(ResizeWithPadOrCropd(keys, spatial_size, mode="constant", value=-1.0))
     if masks:
         steps.append(ResizeWithPadOrCropd(masks, spatial_size, mode="constant", value=0.0))
