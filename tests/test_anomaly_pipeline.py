@@ -222,3 +222,24 @@ def test_an_off_centre_brain_is_centred_on_the_grid_and_mapped_back():
     assert float((centre - 7.5).abs().max()) <= 0.5
     back = io.to_input_grid(case.prepared_fg, case.image, case.prepared, mode="nearest")
     np.testing.assert_array_equal(back.as_tensor()[0].numpy() > 0.5, disc)
+
+
+def test_a_threshold_saved_with_the_model_is_used_only_for_its_settings(tmp_path, tiny_model):
+    import shutil
+
+    from medidiff.anomaly.pipeline import model_threshold_path
+
+    image, brain, affine = _volume((16, 16, 4))
+    _write(tmp_path / "a.nii.gz", image, affine)
+    _write(tmp_path / "a_mask.nii.gz", brain, affine)
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    calibrated = detect(model, tmp_path / "a.nii.gz", tmp_path / "c", calibration=tmp_path / "a.nii.gz",
+                        mask=tmp_path / "a_mask.nii.gz", fpr=0.1, **FAST)
+    shutil.copy(tmp_path / "c" / "thresholds.json", model_threshold_path(model))
+    assert model_threshold_path(model.parent / "w.safetensors").name == "w.thresholds.json"
+    same = detect(model, tmp_path / "a.nii.gz", tmp_path / "s", mask=tmp_path / "a_mask.nii.gz", **FAST)
+    assert same["threshold"] == calibrated["threshold"] is not None
+    assert (tmp_path / "s" / "a_anomaly_mask.nii.gz").is_file()
+    other = detect(model, tmp_path / "a.nii.gz", tmp_path / "o", mask=tmp_path / "a_mask.nii.gz",
+                   **(FAST | {"median_size": 5}))
+    assert other["threshold"] is None and not (tmp_path / "o" / "a_anomaly_mask.nii.gz").exists()

@@ -329,8 +329,40 @@ def _units_factor(scaling: dict, residual: str) -> float:
     return step**2 if residual == "squared" else step
 
 
-def _threshold(denoiser, threshold, calibration, fpr, select, prep, dims, axis, opts, out_dir, failures
-               ) -> tuple[float | None, dict[str, Any]]:
+def map_settings(opts: dict[str, Any]) -> dict[str, Any]:
+    """The detection options a threshold depends on (what shapes the map), as saved beside it."""
+    recon = {k: v for k, v in opts["recon"].items() if k not in ("seed", "batch_size")}
+    return json.loads(json.dumps({**recon, **opts["map"], "intensity": opts["intensity"]}))
+
+
+def model_threshold_path(model_path: Path) -> Path:
+    """Where a threshold saved with a model lives: ``<stem>.thresholds.json`` beside it, or in its folder."""
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        return model_path / thresholds.THRESHOLDS_FILE
+    return model_path.with_name(model_path.name.split(".")[0] + ".thresholds.json")
+
+
+def _model_threshold(model_path: Path, opts: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
+    """The threshold saved with the model, if it was calibrated with the same map settings."""
+    path = model_threshold_path(model_path)
+    if not path.is_file():
+        log.warning("no calibration scans, no threshold and none saved with the model: no anomaly masks or Dice")
+        return None, {}
+    record = json.loads(path.read_text(encoding="utf-8"))
+    saved, now = record.get("settings"), map_settings(opts)
+    if saved != now:
+        changed = sorted(k for k in set(saved or {}) | set(now) if (saved or {}).get(k) != now.get(k))
+        log.warning("the threshold saved with the model (%s) was calibrated with other settings (%s): no anomaly "
+                    "masks or Dice; give calibration scans or a threshold", path, ", ".join(changed))
+        return None, {}
+    value = thresholds.load_threshold(path)
+    log.info("threshold %.4g saved with the model (%s, FPR %s)", value, path.name, record.get("fpr"))
+    return value, {"threshold": value, "fpr": record.get("fpr"), "source": str(path)}
+
+
+def _threshold(denoiser, threshold, calibration, fpr, select, prep, dims, axis, opts, out_dir, failures,
+               model_path) -> tuple[float | None, dict[str, Any]]:
     if threshold is not None:
         try:
             value = float(threshold)
@@ -340,8 +372,7 @@ def _threshold(denoiser, threshold, calibration, fpr, select, prep, dims, axis, 
         value = thresholds.load_threshold(path)
         return value, {"threshold": value, "source": str(path)}
     if calibration is None:
-        log.warning("no calibration scans and no threshold: no anomaly masks or Dice")
-        return None, {}
+        return _model_threshold(model_path, opts)
     path = resolve_path(calibration, "calibration scans")
     sources, files = _sources(path, select, None, None)
     values, fgs, names = [], [], []
@@ -362,7 +393,7 @@ def _threshold(denoiser, threshold, calibration, fpr, select, prep, dims, axis, 
     record = {"threshold": value, "fpr": float(fpr), "source": str(path), "cases": names,
               "n_voxels": int(sum(int(f.sum()) for f in fgs)),
               "at_fpr": {f"{r:g}": t for r, t in zip(rates, levels)},
-              "measured_fpr": thresholds.false_positive_rate(values, fgs, value)}
+              "measured_fpr": thresholds.false_positive_rate(values, fgs, value), "settings": map_settings(opts)}
     thresholds.save_threshold(Path(out_dir) / thresholds.THRESHOLDS_FILE, value, fpr=fpr, extra=record)
     return value, record
 
@@ -475,7 +506,7 @@ def detect(
     }
     failures = FailureLog(out_dir)
     thr, thr_record = _threshold(denoiser, threshold, calibration, fpr, select, prep, dims, axis, opts, out_dir,
-                                 failures)
+                                 failures, model_path)
     inputs_path = resolve_path(inputs, "inputs")
     sources, files = _sources(inputs_path, select, resolve_path(mask, "mask"), resolve_path(labels, "labels"))
     outputs, rows, evaluated, read = [], [], {}, []
