@@ -201,6 +201,7 @@ class AnomalySection(TaskSection):
         min_foreground: least foreground share of a slice for it to be processed (others are skipped).
         batch_size: slices (times samples and tiles) per network call.
         overlay_slices: slices shown in each case's overlay PNG.
+        dicom: for DICOM scans, also write the heatmap as a derived DICOM series.
         select: DICOM series selection rule.
         progress: show progress bars.
     """
@@ -234,6 +235,7 @@ class AnomalySection(TaskSection):
     min_foreground: float = Field(0.01, ge=0.0, le=1.0)
     batch_size: PositiveInt = 16
     overlay_slices: PositiveInt = 6
+    dicom: bool = True
     select: str = "all"
     progress: bool = True
 

@@ -243,3 +243,21 @@ def test_a_threshold_saved_with_the_model_is_used_only_for_its_settings(tmp_path
     other = detect(model, tmp_path / "a.nii.gz", tmp_path / "o", mask=tmp_path / "a_mask.nii.gz",
                    **(FAST | {"median_size": 5}))
     assert other["threshold"] is None and not (tmp_path / "o" / "a_anomaly_mask.nii.gz").exists()
+
+
+def test_a_dicom_scan_gets_a_dicom_heatmap_too(tmp_path, tiny_model):
+    import pydicom
+
+    from medidiff.data import sample
+
+    folder = sample.dicom_examples().get("ct_series")
+    if folder is None:
+        pytest.skip("pydicom's dicomdirtests series is missing")
+    result = detect(tiny_model, folder, tmp_path / "out", **FAST)
+    heat = sorted((tmp_path / "out").glob("*_heatmap_dicom/*.dcm"))
+    sources = [p for p in folder.iterdir() if p.is_file()]
+    assert result["failures"] == 0 and len(heat) == len(sources)
+    first = pydicom.dcmread(heat[0])
+    assert "DERIVED" in first.ImageType and first.SeriesDescription == "medidiff anomaly heatmap"
+    nifti = next((tmp_path / "out").glob("*_heatmap.nii.gz"))
+    assert float(nib.load(nifti).get_fdata().max()) > 0

@@ -6,16 +6,18 @@ Method: anomaly detection by healthy reconstruction with partial diffusion (AnoD
 ``detect(model, inputs, out_dir, ...)`` loads the model (``medidiff.weights.load_denoiser``), finds the
 scans (``medidiff.data.discover``: NIfTI, DICOM, JSON datalists with ``image``/``label``/``mask``
 entries), prepares each as the training data was (``model.json``'s ``data_prep``: RAS orientation,
-in-plane spacing, crop/pad to the model's size, intensities scaled by the scan's own foreground
-percentiles), runs a 2D model slice by slice along the training slicing axis (empty slices skipped),
-and writes per case, on the scan's own grid:
+in-plane spacing, the foreground centred on the model's grid, intensities matched to the training
+data's, see ``intensity_scaling``), runs a 2D model slice by slice along the training slicing axis
+(empty slices skipped), and writes per case, on the scan's own grid:
 
 - ``<case>_heatmap.nii.gz``: the anomaly map in the scan's intensity units (absolute residual);
+- ``<case>_heatmap_dicom/``: the same as a derived DICOM series, for DICOM scans (``dicom``);
 - ``<case>_healthy.nii.gz``: the healthy reconstruction in the scan's units;
 - ``<case>_anomaly_mask.nii.gz``: voxels above the calibrated threshold (uint8), when there is one;
 - ``<case>_overlay.png``: the most anomalous slices with the map, lesion and flagged outlines;
 
-and for the run ``scores.csv``, ``thresholds.json`` and ``detection.json`` (settings and threshold),
+and for the run ``scores.csv``, ``thresholds.json`` and ``detection.json`` (settings and threshold; without
+calibration scans or a threshold, one saved beside the model is used, see ``model_threshold_path``),
 ``metrics.json`` and ``report.md`` when labels are given, ``failures.csv`` for skipped cases. Thresholds
 and metrics use the map on the model's ``[-1, 1]`` scale, the same for every scan.
 
@@ -324,6 +326,16 @@ def _analyse(denoiser, source: Source, files: dict, prep, dims, axis, opts) -> d
             "healthy": healthy_in, "time_s": time.perf_counter() - start}
 
 
+def _dicom_heatmap(heatmap: torch.Tensor, image, source: Source, out_dir: Path, inputs_path: Path) -> list[Path]:
+    """The heatmap as a derived series beside a DICOM scan's own (none, with a warning, if it cannot be)."""
+    try:
+        return io.write_dicom_series(heatmap, image, source.paths, out_dir / f"{source.name}_heatmap_dicom",
+                                     description="medidiff anomaly heatmap", protected=[inputs_path])
+    except DataError as e:
+        log.warning("%s: no DICOM heatmap (%s); the NIfTI heatmap is written", source.name, e)
+        return []
+
+
 def _units_factor(scaling: dict, residual: str) -> float:
     step = float(to_input_units(torch.ones(1), scaling, difference=True))
     return step**2 if residual == "squared" else step
@@ -451,6 +463,7 @@ def detect(
     min_foreground: float = 0.01,
     batch_size: int = 16,
     overlay_slices: int = 6,
+    dicom: bool = True,
     select: str = "all",
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -475,6 +488,7 @@ def detect(
         min_foreground: least foreground share of a slice for it to be processed.
         batch_size: images per network call.
         overlay_slices: slices in each overlay PNG.
+        dicom: for a DICOM scan, also write the heatmap as a derived DICOM series (``<case>_heatmap_dicom/``).
         select: DICOM series selection rule.
         seed: noise seed.
         device: where the model runs.
@@ -519,6 +533,8 @@ def detect(
                                      protected=[inputs_path]),
                        io.write_like(r["healthy"], image, io.result_path(out_dir, name, "healthy", "nii.gz"),
                                      protected=[inputs_path])]
+            if dicom and source.kind == "dicom":
+                written += _dicom_heatmap(r["score"] * factor, image, source, out_dir, inputs_path)
             flagged = None
             if thr is not None:
                 flagged = (r["score"] > thr) & (r["case"].foreground > 0.5)
