@@ -261,3 +261,23 @@ def test_a_dicom_scan_gets_a_dicom_heatmap_too(tmp_path, tiny_model):
     assert "DERIVED" in first.ImageType and first.SeriesDescription == "medidiff anomaly heatmap"
     nifti = next((tmp_path / "out").glob("*_heatmap.nii.gz"))
     assert float(nib.load(nifti).get_fdata().max()) > 0
+
+
+def test_a_3d_model_maps_a_volume_back_onto_its_grid(tmp_path):
+    torch.manual_seed(0)
+    net = build_unet(spatial_dims=3, in_channels=1, channels=(8, 16), attention_levels=(False, False),
+                     norm_num_groups=8, num_head_channels=8)
+    prep = {"orientation": "RAS", "spacing_mm": [2.0, 2.0, 2.0], "size": [16, 16, 8],
+            "intensity": {"method": "percentile", "percentiles": [0.5, 99.5]}}
+    save_model(tmp_path / "m3d", net, make_process("ddpm", n_steps=50), "eps",
+               {"data_prep": prep, "noise": {"kind": "gaussian"}})
+    image, brain, affine = _volume((20, 18, 10), spacing=(1.6, 2.0, 2.4), flip=True)
+    _write(tmp_path / "v.nii.gz", image, affine)
+    _write(tmp_path / "v_mask.nii.gz", brain, affine)
+    result = detect(tmp_path / "m3d", tmp_path / "v.nii.gz", tmp_path / "out", mask=tmp_path / "v_mask.nii.gz",
+                    **(FAST | {"erode": 1}))
+    heat = nib.load(tmp_path / "out" / "v_heatmap.nii.gz")
+    assert heat.shape == image.shape and np.allclose(heat.affine, affine, atol=1e-5)
+    values = heat.get_fdata()
+    assert values[brain == 0].max() == 0.0 and values[brain > 0].max() > 0.0
+    assert result["scores"][0]["nfe"] == 2  # one volume, 2 DDIM steps
