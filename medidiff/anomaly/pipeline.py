@@ -343,7 +343,7 @@ def _units_factor(scaling: dict, residual: str) -> float:
 
 def map_settings(opts: dict[str, Any]) -> dict[str, Any]:
     """The detection options a threshold depends on (what shapes the map), as saved beside it."""
-    recon = {k: v for k, v in opts["recon"].items() if k not in ("seed", "batch_size")}
+    recon = {k: v for k, v in opts["recon"].items() if k not in ("seed", "batch_size", "spread")}
     return json.loads(json.dumps({**recon, **opts["map"], "intensity": opts["intensity"]}))
 
 
