@@ -79,6 +79,7 @@ def test_datalist_with_labels_masks_and_calibration(tmp_path, tiny_model):
     assert record["fpr"] == 0.1 and abs(record["measured_fpr"] - 0.1) < 0.02
     assert json.loads((out / "detection.json").read_text())["threshold"] == record["threshold"]
     assert "voxel AUROC" in result["summary"] and (out / "report.md").is_file()
+    assert "(calibrated at voxel FPR 0.1)" in (out / "report.md").read_text()
     heat = nib.load(out / "a_heatmap.nii.gz").get_fdata()
     assert heat[brain == 0].max() == 0.0  # nothing outside the brain mask
 

@@ -410,23 +410,38 @@ def _threshold(denoiser, threshold, calibration, fpr, select, prep, dims, axis, 
     return value, record
 
 
+def _number(value: Any, digits: int = 3) -> str:
+    """A table cell: the number, or a dash where there is none (a case without lesions has no AUROC)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "—"
+    return f"{value:.{digits}f}" if np.isfinite(value) else "—"
+
+
 def _write_report(out_dir: Path, rows: list[dict], metrics: dict | None, settings: dict) -> Path:
+    record = settings.get("threshold_record") or {}
+    if settings.get("threshold") is None:
+        threshold = "none (no calibration scans or threshold given): no anomaly masks"
+    else:
+        origin = (f"calibrated at voxel FPR {record['fpr']:g}" if record.get("fpr") is not None
+                  else f"from {record.get('source', 'the user')}")
+        threshold = f"{settings['threshold']:.4g} ({origin})"
     lines = ["# Anomaly detection report", "",
              f"Model: `{settings['model']}`; method `{settings['method']}`, sampler `{settings['sampler']}` "
              f"({settings['steps']} steps) from t_L = {settings['t_levels']}, {settings['n_samples']} sample(s), "
-             f"{settings['noise']} noise; threshold {settings.get('threshold')} "
-             f"(calibrated at voxel FPR {settings['fpr']:g}).", ""]
+             f"{settings['noise']} noise; threshold {threshold}.", ""]
     if metrics:
         lines += ["| case | voxel AUROC | AUPRC | Dice | dice_best (oracle threshold) |", "|---|---|---|---|---|"]
-        for name, m in metrics["per_case"].items():
-            lines.append(f"| {name} | {m['auroc']:.3f} | {m['auprc']:.3f} | {m.get('dice', float('nan')):.3f} | "
-                         f"{m['dice_best']:.3f} |")
-        lines.append(f"| **all (pooled voxels)** | **{metrics['auroc']:.3f}** | **{metrics['auprc']:.3f}** | "
-                     f"**{metrics.get('dice', float('nan')):.3f}** | {metrics['dice_best']:.3f} |")
+        for name, m in [*metrics["per_case"].items(), ("**all (pooled voxels)**", metrics)]:
+            lines.append(f"| {name} | {_number(m.get('auroc'))} | {_number(m.get('auprc'))} | {_number(m.get('dice'))} "
+                         f"| {_number(m.get('dice_best'))} |")
         lines.append("")
     lines += ["| case | score | max | voxels flagged | time (s) | NFE |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['score']:.4f} | {r['max']:.4f} | {r['n_voxels_flagged']} | {r['time_s']:.1f} | "
-              f"{r['nfe']} |" for r in rows]
+    for r in rows:
+        flagged = "—" if r["n_voxels_flagged"] == "" else r["n_voxels_flagged"]
+        lines.append(f"| {r['case']} | {r['score']:.4f} | {r['max']:.4f} | {flagged} | {r['time_s']:.1f} "
+                     f"| {r['nfe']} |")
     lines.append("")
     for r in rows:
         lines += [f"## {r['case']}", "", f"![{r['case']}]({r['case']}_overlay.png)", ""]
