@@ -271,8 +271,9 @@ def foreground_quantiles(volumes: Sequence[torch.Tensor], masks: Sequence[torch.
     Saved with a model (``data_prep.intensity.reference``) for ``matched_range``.
     """
     masks = list(masks) if masks is not None else [None] * len(volumes)
-    fg = torch.cat([_foreground_values(v, m) for v, m in zip(volumes, masks)])
-    fg = fg[:: fg.numel() // 4_000_000 + 1]
+    share = -(-4_000_000 // max(len(volumes), 1))  # each volume contributes at most its share of 4 M values
+    parts = [_foreground_values(v, m) for v, m in zip(volumes, masks)]
+    fg = torch.cat([p[:: p.numel() // share + 1] for p in parts])
     return [round(float(q), 6) for q in torch.quantile(fg, torch.tensor(list(levels), dtype=fg.dtype))]
 
 
