@@ -272,8 +272,11 @@ def foreground_quantiles(volumes: Sequence[torch.Tensor], masks: Sequence[torch.
     """
     masks = list(masks) if masks is not None else [None] * len(volumes)
     share = -(-4_000_000 // max(len(volumes), 1))  # each volume contributes at most its share of 4 M values
-    parts = [_foreground_values(v, m) for v, m in zip(volumes, masks)]
-    fg = torch.cat([p[:: p.numel() // share + 1] for p in parts])
+    parts = []
+    for volume, mask in zip(volumes, masks):
+        values = _foreground_values(volume, mask)
+        parts.append(values[:: values.numel() // share + 1].clone())  # a copy: the full set is freed
+    fg = torch.cat(parts)
     return [round(float(q), 6) for q in torch.quantile(fg, torch.tensor(list(levels), dtype=fg.dtype))]
 
 
