@@ -35,6 +35,7 @@ from medidiff.anomaly.pipeline import _datalist_masks, _load_on_grid, prepare_ca
 from medidiff.data import sample  # noqa: E402
 from medidiff.data.discover import discover, load  # noqa: E402
 from medidiff.data.transforms import scale_to_unit  # noqa: E402
+from medidiff.io import to_input_grid  # noqa: E402
 from medidiff.metrics import detection_metrics  # noqa: E402
 from medidiff.weights import load_denoiser  # noqa: E402
 
@@ -95,10 +96,18 @@ def load_cases(listing: Path, prep: dict, intensity: str = "match", clip: bool =
         x = x.clamp(-1.0, 1.0) if clip else x
         fg = case.prepared_fg.as_tensor().movedim(3, 0)
         z = torch.arange(image.shape[3])
-        near = torch.stack([template[..., z0 + k - 1:z0 + k + 2:2].mean(-1) for k in z.tolist()])
+        near = torch.stack([template[..., z0 + k - 1:z0 + k + 2:2].mean(-1) for k in z.tolist()], -1)
+        # preparation centres the brain on the grid: labels and template follow the scan onto that grid
+        label = _on_prepared(label, image, case.prepared, "nearest")
+        near = _on_prepared(scale_to_unit(near, case.scaling), image, case.prepared, "bilinear")
         cases.append({"name": source.name, "x": x, "fg": fg, "labels": label.movedim(2, 0)[:, None],
-                      "template": scale_to_unit(near, case.scaling)[:, None]})
+                      "template": near.movedim(2, 0)[:, None]})
     return cases
+
+
+def _on_prepared(volume: torch.Tensor, image, prepared, mode: str) -> torch.Tensor:
+    """A ``(X, Y, Z)`` volume on the scan's grid moved onto the prepared grid (by the two affines)."""
+    return to_input_grid(volume[None], prepared, image, mode=mode).as_tensor()[0]
 
 
 def _slab_start(image) -> int:
