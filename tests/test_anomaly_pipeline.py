@@ -73,7 +73,8 @@ def test_datalist_with_labels_masks_and_calibration(tmp_path, tiny_model):
     assert {"auroc", "auprc", "dice", "dice_best", "per_case"} <= set(metrics)
     assert 0.0 <= metrics["auroc"] <= 1.0 and metrics["dice_best_label"] == "dice_best (oracle threshold)"
     rows = list(csv.DictReader((out / "scores.csv").open()))
-    assert list(rows[0]) == ["case", "score", "max", "n_voxels_flagged", "time_s", "nfe"]
+    assert list(rows[0]) == ["case", "score", "max", "n_voxels_flagged", "mean_spread", "time_s", "nfe"]
+    assert rows[0]["mean_spread"] == "" and not (out / "a_uncertainty.nii.gz").exists()  # one sample: no spread
     assert int(rows[0]["nfe"]) == 2 * 4  # 2 steps on each of the 4 slices
     record = json.loads((out / "thresholds.json").read_text())
     assert record["fpr"] == 0.1 and abs(record["measured_fpr"] - 0.1) < 0.02
@@ -282,3 +283,19 @@ def test_a_3d_model_maps_a_volume_back_onto_its_grid(tmp_path):
     values = heat.get_fdata()
     assert values[brain == 0].max() == 0.0 and values[brain > 0].max() > 0.0
     assert result["scores"][0]["nfe"] == 2  # one volume, 2 DDIM steps
+
+
+def test_the_spread_between_samples_is_written_as_an_uncertainty_map(tmp_path, tiny_model):
+    image, brain, affine = _volume((16, 16, 4))
+    _write(tmp_path / "a.nii.gz", image, affine)
+    _write(tmp_path / "a_mask.nii.gz", brain, affine)
+    result = detect(tiny_model, tmp_path / "a.nii.gz", tmp_path / "out", mask=tmp_path / "a_mask.nii.gz",
+                    **(FAST | {"n_samples": 3}))
+    spread = nib.load(tmp_path / "out" / "a_uncertainty.nii.gz")
+    assert spread.shape == image.shape and np.allclose(spread.affine, affine, atol=1e-5)
+    values = spread.get_fdata()
+    assert values.min() >= 0 and values[brain > 0].min() > 0  # three draws of noise never agree exactly
+    # the same grid and the scan's own range: the map is the csv's model-scale mean, in scan units
+    low, high = np.percentile(image[brain > 0], [0.5, 99.5])
+    mean_spread = float(result["scores"][0]["mean_spread"])
+    assert values[brain > 0].mean() == pytest.approx(mean_spread * (high - low) / 2, rel=1e-3)

@@ -13,6 +13,8 @@ data's, see ``intensity_scaling``), runs a 2D model slice by slice along the tra
 - ``<case>_heatmap.nii.gz``: the anomaly map in the scan's intensity units (absolute residual);
 - ``<case>_heatmap_dicom/``: the same as a derived DICOM series, for DICOM scans (``dicom``);
 - ``<case>_healthy.nii.gz``: the healthy reconstruction in the scan's units;
+- ``<case>_uncertainty.nii.gz``: the spread (``std`` or ``mad``) between the ``n_samples`` healthy
+  reconstructions, in the scan's units (high where the healthy anatomy is uncertain), when ``n_samples > 1``;
 - ``<case>_anomaly_mask.nii.gz``: voxels above the calibrated threshold (uint8), when there is one;
 - ``<case>_overlay.png``: the most anomalous slices with the map, lesion and flagged outlines;
 
@@ -249,8 +251,10 @@ def prepare_case(image: Any, prep: dict[str, Any], *, mask: torch.Tensor | None 
 
 
 def _case_map(denoiser, case: PreparedCase, *, spatial_dims: int, axis: int, min_foreground: float,
-              recon: dict[str, Any], map_opts: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The anomaly map and healthy image of a prepared case on the prepared grid, and the network evaluations."""
+              recon: dict[str, Any], map_opts: dict[str, Any]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The anomaly map, healthy image and spread between samples of a prepared case on the prepared grid,
+    and the network evaluations."""
     x, fg = case.prepared.as_tensor().float(), case.prepared_fg.as_tensor()
     if spatial_dims == 3:
         stack, fg_stack = x[None], fg[None]
@@ -258,24 +262,24 @@ def _case_map(denoiser, case: PreparedCase, *, spatial_dims: int, axis: int, min
     else:
         stack, fg_stack = x.movedim(1 + axis, 0), fg.movedim(1 + axis, 0)  # (S, C, H, W)
         keep = fg_stack.flatten(1).mean(1) >= max(min_foreground, 1e-9)
-    healthy = stack.clone()
+    healthy, spread = stack.clone(), torch.zeros_like(stack)
     score = torch.zeros_like(stack[:, :1])
     n = int(keep.sum())
     if n:
         device = next(denoiser.parameters()).device
-        h, _ = reconstruct_healthy(denoiser, stack[keep].to(device), **recon)
-        healthy[keep] = h.cpu()
+        h, sp = reconstruct_healthy(denoiser, stack[keep].to(device), **recon)
+        healthy[keep], spread[keep] = h.cpu(), sp.cpu()
         score[keep] = torch.from_numpy(maps.anomaly_map(stack[keep], healthy[keep], mask=fg_stack[keep],
                                                         spatial_dims=spatial_dims, **map_opts))
     if spatial_dims == 2:
-        healthy, score = healthy.movedim(0, 1 + axis), score.movedim(0, 1 + axis)
+        healthy, spread, score = (a.movedim(0, 1 + axis) for a in (healthy, spread, score))
     else:
-        healthy, score = healthy[0], score[0]
+        healthy, spread, score = healthy[0], spread[0], score[0]
     n_patches = len(patch_tiles(stack.shape[2:], recon["patch_size"] or [-(-s // 2) for s in stack.shape[2:]]))
     per_image = healthy_nfe(method=recon["method"], t_levels=recon["t_levels"], sampler=recon["sampler"],
                             steps=recon["steps"], n_samples=recon["n_samples"], n_patches=n_patches,
                             process=denoiser.process)
-    return score, healthy, per_image * n
+    return score, healthy, spread, per_image * n
 
 
 def _geometry(meta: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
@@ -318,12 +322,17 @@ def _analyse(denoiser, source: Source, files: dict, prep, dims, axis, opts) -> d
     mask = _load_on_grid(files["mask"], image, "mask") if "mask" in files else None
     label = _load_on_grid(files["label"], image, "label") if "label" in files else None
     case = prepare_case(image, prep, mask=mask, intensity=opts["intensity"], spatial_dims=dims)
-    score, healthy, nfe = _case_map(denoiser, case, spatial_dims=dims, axis=axis,
-                                    min_foreground=opts["min_foreground"], recon=opts["recon"], map_opts=opts["map"])
+    score, healthy, spread, nfe = _case_map(denoiser, case, spatial_dims=dims, axis=axis,
+                                            min_foreground=opts["min_foreground"], recon=opts["recon"],
+                                            map_opts=opts["map"])
     score_in = io.to_input_grid(score, image, case.prepared)
     healthy_in = io.to_input_grid(to_input_units(healthy, case.scaling), image, case.prepared, fill=0.0)
+    spread_in = io.to_input_grid(spread.sum(0, keepdim=True), image, case.prepared)
+    fg = case.prepared_fg.as_tensor() > 0.5
     return {"image": image, "case": case, "label": label, "score": score_in.as_tensor().clamp_min(0), "nfe": nfe,
-            "healthy": healthy_in, "time_s": time.perf_counter() - start}
+            "healthy": healthy_in, "spread": spread_in.as_tensor().clamp_min(0),
+            "mean_spread": float(spread.sum(0, keepdim=True)[fg].mean()) if bool(fg.any()) else 0.0,
+            "time_s": time.perf_counter() - start}
 
 
 def _dicom_heatmap(heatmap: torch.Tensor, image, source: Source, out_dir: Path, inputs_path: Path) -> list[Path]:
@@ -533,6 +542,7 @@ def detect(
                   "patch_margin": patch_margin},
         "map": {"kind": residual, "median_size": median_size, "sigma": smooth_sigma, "erode_iterations": erode},
     }
+    samples = 1 if method == "invert" else int(n_samples)  # the spread between samples is written when > 1
     failures = FailureLog(out_dir)
     thr, thr_record = _threshold(denoiser, threshold, calibration, fpr, select, prep, dims, axis, opts, out_dir,
                                  failures, model_path)
@@ -548,6 +558,10 @@ def detect(
                                      protected=[inputs_path]),
                        io.write_like(r["healthy"], image, io.result_path(out_dir, name, "healthy", "nii.gz"),
                                      protected=[inputs_path])]
+            if samples > 1:
+                written.append(io.write_like(r["spread"] * _units_factor(r["case"].scaling, "abs"), image,
+                                             io.result_path(out_dir, name, "uncertainty", "nii.gz"),
+                                             protected=[inputs_path]))
             if dicom and source.kind == "dicom":
                 written += _dicom_heatmap(r["score"] * factor, image, source, out_dir, inputs_path)
             flagged = None
@@ -571,7 +585,8 @@ def detect(
         n_flagged = int(flagged.sum()) if flagged is not None else ""
         rows.append({"case": name, "score": maps.case_score(r["score"], fg, top_k=top_k),
                      "max": float(r["score"].max()), "n_voxels_flagged": n_flagged,
-                     "time_s": round(r["time_s"], 3), "nfe": r["nfe"]})
+                     "mean_spread": r["mean_spread"] if samples > 1 else "", "time_s": round(r["time_s"], 3),
+                     "nfe": r["nfe"]})
         if r["label"] is not None:
             evaluated[name] = {"scores": r["score"], "labels": r["label"], "mask": fg, "score": rows[-1]["score"]}
     outputs.append(io.write_table(rows, out_dir / "scores.csv"))
