@@ -194,6 +194,9 @@ class AnomalySection(TaskSection):
         patch_size, patch_margin: tiles and their noised context (``patch``).
         residual: ``abs`` or ``squared``.
         median_size: median filter window (0 or 1: none); smooth_sigma: Gaussian smoothing in voxels.
+        spread_floor: weight each voxel's residual by ``f / (f + spread)``, the spread between the
+            ``n_samples`` reconstructions (less where the model is unsure of the healthy anatomy); ``null``
+            or 0 turns it off.
         erode: voxels eroded from the foreground mask's rim.
         top_k: share of the highest voxels averaged into the case score.
         intensity: ``match`` the scans' middle foreground quantiles to the training data's (default), scale
@@ -228,7 +231,8 @@ class AnomalySection(TaskSection):
     patch_margin: int = Field(8, ge=0)
     residual: Literal["abs", "squared"] = "abs"
     median_size: int = Field(5, ge=0)
-    smooth_sigma: float = Field(0.0, ge=0.0)
+    smooth_sigma: float = Field(1.0, ge=0.0)
+    spread_floor: float | None = Field(0.2, ge=0.0)
     erode: int = Field(2, ge=0)
     top_k: float = Field(0.01, gt=0.0, le=1.0)
     intensity: Literal["match", "own", "model"] = "match"

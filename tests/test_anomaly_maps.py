@@ -85,3 +85,21 @@ def test_case_score_is_the_mean_of_the_top_k():
     assert maps.case_score(a, np.zeros_like(mask)) == 0.0
     with pytest.raises(ValueError):
         maps.case_score(a, top_k=0.0)
+
+
+def test_uncertainty_weighting_of_the_residual():
+    residual = maps.residual
+    x = np.array([[[[1.0, 1.0, 0.4]]]], dtype=np.float32)  # (B, C, H, W)
+    healthy = np.zeros_like(x)
+    spread = np.array([[[[0.0, 0.6, 0.0]]]], dtype=np.float32)
+    plain = residual(x, healthy)
+    weighted = residual(x, healthy, spread=spread, spread_floor=0.2)
+    np.testing.assert_allclose(weighted, [[[[1.0, 0.25, 0.4]]]], rtol=1e-6)  # 0.2 / (0.2 + 0.6) = 0.25
+    np.testing.assert_allclose(residual(x, healthy, kind="squared", spread=spread, spread_floor=0.2),
+                               [[[[1.0, 0.0625, 0.16]]]], rtol=1e-6)
+    # an unsure voxel with a large residual now ranks below a sure one with a smaller residual
+    assert plain[0, 0, 0, 1] > plain[0, 0, 0, 2] and weighted[0, 0, 0, 1] < weighted[0, 0, 0, 2]
+    np.testing.assert_array_equal(residual(x, healthy, spread=spread, spread_floor=None), plain)
+    np.testing.assert_array_equal(residual(x, healthy, spread=np.zeros_like(x), spread_floor=0.2), plain)
+    with pytest.raises(ValueError, match="positive"):
+        residual(x, healthy, spread=spread, spread_floor=-1.0)

@@ -34,14 +34,23 @@ def _per_axis(value: float | Sequence[float], ndim: int, spatial_dims: int, lead
     return (lead,) * (ndim - spatial_dims) + tuple(values)
 
 
-def residual(x: Any, healthy: Any, *, kind: str = "abs", channel_axis: int | None = 1) -> np.ndarray:
-    """The residual ``|x - healthy|`` (or its square) summed over channels.
+def residual(x: Any, healthy: Any, *, kind: str = "abs", channel_axis: int | None = 1, spread: Any = None,
+             spread_floor: float | None = None) -> np.ndarray:
+    """The residual ``|x - healthy|`` (or its square) summed over channels, optionally uncertainty-weighted.
+
+    With ``spread`` (the per-voxel spread between several healthy reconstructions) and ``spread_floor``
+    ``f``, each voxel's residual is multiplied by ``f / (f + spread)`` (squared for ``squared``): where
+    the reconstructions disagree (the model is unsure of the healthy anatomy: ventricle edges, the
+    cortex) a residual counts less; where they agree (``spread << f``) it counts in full, in the
+    image's units. The ranking is that of the residual over ``spread + f``, a z-score with a floor.
 
     Args:
         x: images, e.g. ``(B, C, *spatial)``.
         healthy: their reconstructions, same shape.
         kind: ``abs`` or ``squared``.
         channel_axis: the axis summed over, kept with length 1 (``None``: no channel axis).
+        spread: the spread between reconstructions, same shape (``None``: no weighting).
+        spread_floor: ``f`` above, on the images' scale (``None`` or 0: no weighting).
 
     Returns:
         A float32 array, ``x``'s shape with one channel.
@@ -50,6 +59,11 @@ def residual(x: Any, healthy: Any, *, kind: str = "abs", channel_axis: int | Non
         raise ValueError(f"unknown residual {kind!r}; choose one of {RESIDUALS}")
     diff = to_numpy(x).astype(np.float32) - to_numpy(healthy).astype(np.float32)
     r = np.abs(diff) if kind == "abs" else diff**2
+    if spread is not None and spread_floor:
+        if spread_floor < 0:
+            raise ValueError(f"spread_floor must be positive, got {spread_floor}")
+        weight = spread_floor / (spread_floor + np.abs(to_numpy(spread).astype(np.float32)))
+        r = r * (weight if kind == "abs" else weight**2)
     return r if channel_axis is None else r.sum(axis=channel_axis, keepdims=True)
 
 
@@ -109,10 +123,12 @@ def smooth(a: Any, sigma: float | Sequence[float] = 1.0, *, spatial_dims: int = 
 
 
 def anomaly_map(x: Any, healthy: Any, *, mask: Any = None, kind: str = "abs", median_size: int = 5,
-                sigma: float = 0.0, erode_iterations: int = 2, spatial_dims: int = 2) -> np.ndarray:
+                sigma: float = 0.0, erode_iterations: int = 2, spatial_dims: int = 2, spread: Any = None,
+                spread_floor: float | None = None) -> np.ndarray:
     """The anomaly map of images and their healthy reconstructions.
 
-    Residual (summed over channels) -> median filter -> optional Gaussian smoothing -> zero outside
+    Residual (optionally uncertainty-weighted, summed over channels) -> median filter -> optional Gaussian
+    smoothing -> zero outside
     the eroded mask. The mask is applied after filtering, so the bright rim of a masked region does not
     leak inwards through the filter.
 
@@ -125,11 +141,12 @@ def anomaly_map(x: Any, healthy: Any, *, mask: Any = None, kind: str = "abs", me
         sigma: Gaussian smoothing in voxels (0: none).
         erode_iterations: voxels eroded from the mask's rim.
         spatial_dims: 2 for slices, 3 for volumes.
+        spread, spread_floor: uncertainty weighting of the residual (see ``residual``).
 
     Returns:
         A float32 map ``(B, 1, *spatial)``.
     """
-    r = residual(x, healthy, kind=kind)
+    r = residual(x, healthy, kind=kind, spread=spread, spread_floor=spread_floor)
     r = smooth(median_filter(r, median_size, spatial_dims=spatial_dims), sigma, spatial_dims=spatial_dims)
     if mask is not None:
         m = to_numpy(mask).astype(bool)

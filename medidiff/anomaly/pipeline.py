@@ -270,7 +270,7 @@ def _case_map(denoiser, case: PreparedCase, *, spatial_dims: int, axis: int, min
         h, sp = reconstruct_healthy(denoiser, stack[keep].to(device), **recon)
         healthy[keep], spread[keep] = h.cpu(), sp.cpu()
         score[keep] = torch.from_numpy(maps.anomaly_map(stack[keep], healthy[keep], mask=fg_stack[keep],
-                                                        spatial_dims=spatial_dims, **map_opts))
+                                                        spread=spread[keep], spatial_dims=spatial_dims, **map_opts))
     if spatial_dims == 2:
         healthy, spread, score = (a.movedim(0, 1 + axis) for a in (healthy, spread, score))
     else:
@@ -480,7 +480,8 @@ def detect(
     patch_margin: int = 8,
     residual: str = "abs",
     median_size: int = 5,
-    smooth_sigma: float = 0.0,
+    smooth_sigma: float = 1.0,
+    spread_floor: float | None = 0.2,
     erode: int = 2,
     top_k: float = 0.01,
     intensity: str = "match",
@@ -506,7 +507,8 @@ def detect(
         labels: lesion mask of a single scan (else from the datalist); enables ``metrics.json``.
         method, t_levels, sampler, steps, noise, noise_options, n_samples, reduce, spread, patch_size,
             patch_margin: healthy reconstruction (``medidiff.anomaly.healthy.reconstruct_healthy``).
-        residual, median_size, smooth_sigma, erode: the map (``medidiff.anomaly.maps.anomaly_map``).
+        residual, median_size, smooth_sigma, erode, spread_floor: the map (``medidiff.anomaly.maps.anomaly_map``;
+            ``spread_floor`` weights the residual by ``f / (f + spread)`` between the samples, ``None``: off).
         top_k: share of voxels averaged into the case score.
         intensity: ``match``, ``own`` or ``model`` (see ``intensity_scaling``).
         min_foreground: least foreground share of a slice for it to be processed.
@@ -540,7 +542,8 @@ def detect(
                   "noise_options": dict(noise_options or {}), "n_samples": n_samples, "reduce": reduce,
                   "spread": spread, "seed": seed, "batch_size": batch_size, "patch_size": patch_size,
                   "patch_margin": patch_margin},
-        "map": {"kind": residual, "median_size": median_size, "sigma": smooth_sigma, "erode_iterations": erode},
+        "map": {"kind": residual, "median_size": median_size, "sigma": smooth_sigma, "erode_iterations": erode,
+                "spread_floor": spread_floor},
     }
     samples = 1 if method == "invert" else int(n_samples)  # the spread between samples is written when > 1
     failures = FailureLog(out_dir)
