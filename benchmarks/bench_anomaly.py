@@ -42,6 +42,7 @@ from medidiff.metrics import detection_metrics  # noqa: E402
 from medidiff.weights import load_denoiser  # noqa: E402
 
 FPR = 0.05
+DEFAULT = "ddim1_t50_x24"  # the setting of recipes/demo.yaml and medidiff detect's defaults
 MAP = {"kind": "abs", "median_size": 5, "sigma": 1.0, "erode_iterations": 2, "spread_floor": 0.2}
 SETTINGS = {
     "ddim10_t25": ("DDIM-10 from t_L 0.25", {"sampler": "ddim", "steps": 10, "t_levels": [0.25]}),
@@ -193,7 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: PyTorch's default)")
     parser.add_argument("--append", action="store_true",
                         help="add the rows to those of the last run (kept in a .json beside --out) with the same model")
+    parser.add_argument("--rewrite", action="store_true", help="only rewrite the table from the saved rows")
     args = parser.parse_args(argv)
+    if args.rewrite:
+        saved = json.loads(args.out.with_suffix(".json").read_text())
+        _, meta = load_denoiser(Path(saved["model"]))
+        write_report(args, meta, saved["rows"])
+        return 0
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
@@ -256,14 +263,20 @@ def write_report(args: argparse.Namespace, meta: dict, rows: list[dict]) -> None
         lines.append(f"| {r['setting']} | {r['auroc']:.3f} | {r['auprc']:.3f} | {r['dice']:.3f} | "
                      f"{r['dice_best']:.3f} | {r['nfe']} | {r['s_per_slice']:.2f} |")
     model_rows = [r for r in rows if r["key"] in SETTINGS and r["nfe"] <= 25 and "simplex" not in r["key"]]
+    default = next((r for r in rows if r["key"] == DEFAULT), None)
     if model_rows:
         best = max(model_rows, key=lambda r: r["auroc"])
         lines += ["", f"Best setting within 25 NFE per slice: **{best['setting']}** (AUROC {best['auroc']:.3f})."]
+    if default is not None:
+        lines.append(f"The default (`recipes/demo.yaml`, `medidiff detect`): **{default['setting']}**, "
+                     f"{default['nfe']} NFE per slice, AUROC {default['auroc']:.3f}, AUPRC {default['auprc']:.3f}.")
         if reference is not None:
-            gap = best["auroc"] - reference["auroc"]
+            gap = default["auroc"] - reference["auroc"]
             verdict = "meets" if gap >= -0.01 else "misses"
-            lines.append(f"AnoDDPM's 250-NFE setting: AUROC {reference['auroc']:.3f}; the best setting within 25 NFE "
-                         f"is {gap:+.3f} from it ({verdict} the target of no more than 0.01 below).")
+            fewer = reference["nfe"] / default["nfe"]
+            lines.append(f"AnoDDPM's 250-NFE setting: AUROC {reference['auroc']:.3f}; the default is {gap:+.3f} "
+                         f"from it ({verdict} the target of no more than 0.01 below, with {fewer:.0f}x fewer "
+                         "network evaluations).")
     lines += [
         "",
         "Notes:",
@@ -274,6 +287,10 @@ def write_report(args: argparse.Namespace, meta: dict, rows: list[dict]) -> None
         "is the model's prior at t_L.",
         "- The template-neighbour baseline knows the healthy brain the cases were cut from; it is an "
         "upper bound that only this single-template demo allows, not a method.",
+        "- The uncertainty weighting needs several reconstructions: single-seed rows (DDIM-10, DPM-Solver, "
+        "inversion, patch-wise, AnoDDPM) use the plain residual with the same filters.",
+        "- One denoising step from t_L is the model's estimate of E[x0 | x_t]; the median over 24 noise draws "
+        "and their spread serve the map better than fewer, longer DDIM chains at the same cost.",
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -221,10 +221,10 @@ class AnomalySection(TaskSection):
     method: Literal["partial", "invert", "patch"] = "partial"
     t_levels: list[float] = Field(default_factory=lambda: [0.5], min_length=1)
     sampler: str = "ddim"
-    steps: PositiveInt | None = 3
+    steps: PositiveInt | None = 1
     noise: Literal["gaussian", "simplex"] = "gaussian"
     noise_options: dict[str, Any] = Field(default_factory=dict)
-    n_samples: PositiveInt = 8
+    n_samples: PositiveInt = 24
     reduce: Literal["median", "mean"] = "median"
     spread: Literal["std", "mad"] = "std"
     patch_size: list[PositiveInt] | None = None
