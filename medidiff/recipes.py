@@ -5,7 +5,7 @@ A recipe has the sections ``task``, ``seed``, ``device``, ``data`` (``medidiff.t
 (``anomaly``, ``recon``, ``segment``). Unknown keys are errors that name the full dotted key and suggest
 the closest valid one. ``run(recipe, out_dir)`` looks the task up in ``TASKS``; task packages add
 themselves with ``register_task`` when imported. Every run's folder gets the resolved ``recipe.yaml``,
-a ``manifest.json`` and a ``train.log``.
+a ``manifest.json`` and a log named for the task (``train.log``, ``anomaly.log``...).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ __all__ = [
 ]
 
 RECIPE_NAME = "recipe.yaml"
-LOG_NAME = "train.log"
+#: The run log in a run's folder, named for its task.
+LOG_NAME = "{task}.log"
 log = logging.getLogger("medidiff.recipes")
 
 
@@ -482,7 +483,7 @@ def _execute(recipe: Recipe, out_dir: str | Path, fn: TaskFn) -> Any:
         return fn(recipe, out_dir)
     text = recipe.to_yaml()
     write_text(text, out_dir / RECIPE_NAME)
-    handler = logging.FileHandler(out_dir / LOG_NAME, encoding="utf-8")
+    handler = logging.FileHandler(out_dir / LOG_NAME.format(task=recipe.task), encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("medidiff")
     root.addHandler(handler)
@@ -524,7 +525,7 @@ def run(recipe: Recipe, out_dir: str | Path) -> Any:
 
     Args:
         recipe: the validated recipe.
-        out_dir: the run's folder (receives ``recipe.yaml``, ``manifest.json``, ``train.log`` and results).
+        out_dir: the run's folder (receives ``recipe.yaml``, ``manifest.json``, ``<task>.log`` and results).
 
     Returns:
         The task's result.

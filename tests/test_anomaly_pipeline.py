@@ -117,7 +117,8 @@ def test_cli_detect(tmp_path, tiny_model, capsys):
     assert code == 0
     assert "1 case(s) analysed" in capsys.readouterr().out
     assert json.loads((out / "detection.json").read_text())["threshold"] == 0.3
-    for name in ("scan_heatmap.nii.gz", "scan_anomaly_mask.nii.gz", "scores.csv", "manifest.json", "recipe.yaml"):
+    for name in ("scan_heatmap.nii.gz", "scan_anomaly_mask.nii.gz", "scores.csv", "manifest.json", "recipe.yaml",
+                 "anomaly.log"):
         assert (out / name).is_file()
     assert main(["detect", "--model", str(tiny_model), "--input", str(tmp_path / "missing.nii.gz"),
                  "--out", str(out)]) == 2
