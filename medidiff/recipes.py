@@ -171,8 +171,9 @@ class TaskSection(BaseModel):
 class AnomalySection(TaskSection):
     """The ``anomaly`` section: anomaly detection by healthy reconstruction (``medidiff.anomaly``).
 
-    The reconstruction defaults (DDIM, 3 steps from ``t_L = 0.5``, median of 8 noise seeds: 24 network
-    evaluations per slice) are those ``benchmarks/bench_anomaly.py`` ranked best within 25 evaluations.
+    The reconstruction defaults (one denoising step from ``t_L = 0.5``, median of 24 noise seeds: 24
+    network evaluations per slice) are those of ``recipes/demo.yaml``, chosen with
+    ``benchmarks/bench_anomaly.py`` (best AUPRC within 25 evaluations).
 
     Relative paths are read from the working folder, else from the medidiff checkout (for the demo).
 

@@ -218,13 +218,13 @@ def _brain(cfg: DataConfig, seed: int) -> DataBundle:
 
     held = {i for start, stop in cfg.holdout for i in range(start, stop)}
     indices = [i for i in sample.brain_slice_indices(cfg.slice_axis) if i not in held]
-    scaling = foreground_range(sample.brain_volume(), sample.brain_mask(), MRI_PERCENTILES)
+    volume, brain = sample.brain_volume().as_tensor()[0].float(), sample.brain_mask().as_tensor()[0] > 0
+    scaling = foreground_range(volume, brain, MRI_PERCENTILES)
     images, _ = sample.brain_slices(axis=cfg.slice_axis, size=cfg.size, indices=indices)
     images = scale_to_unit(images, scaling)
-    chosen = torch.tensor(indices)
-    reference = foreground_quantiles(
-        [scale_to_unit(sample.brain_volume().as_tensor()[0].float(), scaling).index_select(cfg.slice_axis, chosen)],
-        [sample.brain_mask().as_tensor()[0].index_select(cfg.slice_axis, chosen) > 0])
+    chosen = torch.tensor(indices)  # the reference quantiles: the training slices' brain voxels
+    reference = foreground_quantiles([scale_to_unit(volume, scaling).index_select(cfg.slice_axis, chosen)],
+                                     [brain.index_select(cfg.slice_axis, chosen)])
     train, val = split(TensorDataset(images), cfg.val_fraction, seed)
     if cfg.augment is not None:
         train = Augmented(train, **cfg.augment.model_dump())

@@ -49,6 +49,7 @@ from medidiff.data.transforms import (
     matched_range,
     scale_to_unit,
     to_input_units,
+    unit_range,
 )
 from medidiff.errors import DataError, MedidiffError, ModelError, RecipeError
 from medidiff.metrics import detection_metrics
@@ -173,10 +174,9 @@ def intensity_scaling(volume: torch.Tensor, foreground: torch.Tensor, recorded: 
         raise RecipeError(f"unknown intensity scaling {intensity!r}", where="anomaly.intensity",
                           fix=f"use one of {INTENSITY_MODES}.")
     if recorded.get("method") == "hu_window":
-        low, high = (float(v) for v in recorded["window"])
-        return {"a_min": low, "a_max": high, "b_min": -1.0, "b_max": 1.0}
+        return unit_range(*recorded["window"])
     if intensity == "model" and "low" in recorded:
-        return {"a_min": float(recorded["low"]), "a_max": float(recorded["high"]), "b_min": -1.0, "b_max": 1.0}
+        return unit_range(recorded["low"], recorded["high"])
     if intensity == "match" and recorded.get("reference"):
         try:
             return matched_range(volume, foreground, recorded["reference"],
@@ -327,11 +327,12 @@ def _analyse(denoiser, source: Source, files: dict, prep, dims, axis, opts) -> d
                                             map_opts=opts["map"])
     score_in = io.to_input_grid(score, image, case.prepared)
     healthy_in = io.to_input_grid(to_input_units(healthy, case.scaling), image, case.prepared, fill=0.0)
-    spread_in = io.to_input_grid(spread.sum(0, keepdim=True), image, case.prepared)
+    spread = spread.sum(0, keepdim=True)  # over channels, as the residual
+    spread_in = io.to_input_grid(spread, image, case.prepared)
     fg = case.prepared_fg.as_tensor() > 0.5
     return {"image": image, "case": case, "label": label, "score": score_in.as_tensor().clamp_min(0), "nfe": nfe,
             "healthy": healthy_in, "spread": spread_in.as_tensor().clamp_min(0),
-            "mean_spread": float(spread.sum(0, keepdim=True)[fg].mean()) if bool(fg.any()) else 0.0,
+            "mean_spread": float(spread[fg].mean()) if bool(fg.any()) else 0.0,
             "time_s": time.perf_counter() - start}
 
 
@@ -370,14 +371,14 @@ def _model_threshold(model_path: Path, opts: dict[str, Any]) -> tuple[float | No
     if not path.is_file():
         log.warning("no calibration scans, no threshold and none saved with the model: no anomaly masks or Dice")
         return None, {}
-    record = json.loads(path.read_text(encoding="utf-8"))
+    record = thresholds.load_record(path)
     saved, now = record.get("settings"), map_settings(opts)
     if saved != now:
         changed = sorted(k for k in set(saved or {}) | set(now) if (saved or {}).get(k) != now.get(k))
         log.warning("the threshold saved with the model (%s) was calibrated with other settings (%s): no anomaly "
                     "masks or Dice; give calibration scans or a threshold", path, ", ".join(changed))
         return None, {}
-    value = thresholds.load_threshold(path)
+    value = record["threshold"]
     log.info("threshold %.4g saved with the model (%s, FPR %s)", value, path.name, record.get("fpr"))
     return value, {"threshold": value, "fpr": record.get("fpr"), "source": str(path)}
 

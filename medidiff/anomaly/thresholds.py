@@ -25,7 +25,7 @@ from medidiff.io import write_json
 from ..arrays import to_numpy
 
 __all__ = ["THRESHOLDS_FILE", "ORACLE_LABEL", "calibrate", "calibrate_many", "save_threshold", "load_threshold",
-           "false_positive_rate"]
+           "load_record", "false_positive_rate"]
 
 THRESHOLDS_FILE = "thresholds.json"
 #: How the best-Dice figure is labelled wherever it is reported.
@@ -98,16 +98,22 @@ def save_threshold(path: str | Path, threshold: float, *, fpr: float, extra: dic
     return write_json(record, path)
 
 
-def load_threshold(path: str | Path) -> float:
-    """The ``threshold`` of a JSON file written by :func:`save_threshold`.
+def load_record(path: str | Path) -> dict[str, Any]:
+    """A JSON file written by :func:`save_threshold`, its ``threshold`` checked to be a number (as a float).
 
     Raises:
         DataError: the file is missing or has no numeric ``threshold``.
     """
     path = Path(path)
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))["threshold"]
-        return float(value)
+        record = json.loads(path.read_text(encoding="utf-8"))
+        record["threshold"] = float(record["threshold"])
+        return record
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"cannot read a threshold from it ({e})", where=path,
                         fix=f"point at a {THRESHOLDS_FILE} written by medidiff detect, or give a number.") from None
+
+
+def load_threshold(path: str | Path) -> float:
+    """The ``threshold`` of a JSON file written by :func:`save_threshold` (see :func:`load_record`)."""
+    return load_record(path)["threshold"]

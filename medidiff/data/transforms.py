@@ -235,6 +235,11 @@ def preset(
 MATCH_LEVELS = tuple(round(0.05 * k, 2) for k in range(1, 19))  # 0.05 ... 0.90
 
 
+def unit_range(low: float, high: float) -> dict[str, float]:
+    """The record of the linear map taking ``[low, high]`` (input units) to ``[-1, 1]``."""
+    return {"a_min": float(low), "a_max": float(high), "b_min": -1.0, "b_max": 1.0}
+
+
 def _foreground_values(volume: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The foreground voxels of a volume (all voxels above its minimum without a mask), at most 4 M of them."""
     v = torch.as_tensor(volume).float().flatten()
@@ -261,7 +266,7 @@ def foreground_range(volume: torch.Tensor, mask: torch.Tensor | None = None,
     """
     fg = _foreground_values(volume, mask)
     lo, hi = (float(torch.quantile(fg, p / 100)) for p in percentiles)
-    return {"a_min": lo, "a_max": max(hi, lo + 1e-6), "b_min": -1.0, "b_max": 1.0}
+    return unit_range(lo, max(hi, lo + 1e-6))
 
 
 def foreground_quantiles(volumes: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None,
@@ -313,7 +318,7 @@ def matched_range(volume: torch.Tensor, mask: torch.Tensor | None, reference: Se
     if not slope > 0:
         raise ValueError("the scan's foreground is flat: its quantiles do not differ")
     offset = float(ref.mean()) - slope * float(q.mean())
-    return {"a_min": (-1.0 - offset) / slope, "a_max": (1.0 - offset) / slope, "b_min": -1.0, "b_max": 1.0}
+    return unit_range((-1.0 - offset) / slope, (1.0 - offset) / slope)
 
 
 def scale_to_unit(x: torch.Tensor, params: Mapping[str, Any], *, clip: bool = True) -> torch.Tensor:
