@@ -116,8 +116,9 @@ class Process:
     def time_grid(self, steps: int, *, t_start: float = 1.0, kind: str = "uniform") -> torch.Tensor:
         """Descending sampling times: ``steps`` evaluation times from ``t_start``, then 0 (float64).
 
-        See ``schedules.time_grid``. Discrete processes snap to their grid; a grid that would repeat a
-        time raises ``ValueError``.
+        See ``schedules.time_grid``: evaluation times are strictly decreasing in ``[t_min, t_start]``.
+        Discrete processes snap them to their grid (``snap_grid``); more steps than grid points up to
+        ``t_start`` raise ``ValueError``.
         """
         grid = schedules.time_grid(
             steps, kind, t_start=t_start, t_min=self.t_min, log_snr=self.log_snr, t_of_log_snr=self.t_of_log_snr
@@ -283,19 +284,29 @@ class DDPM(Process):
         return (torch.round(t * self.n_steps).clamp(1, self.n_steps) / self.n_steps).to(t.dtype)
 
     def snap_grid(self, times):
-        """Snap to grid indices; where several times round to one index, earlier ones move up the grid.
+        """Snap to grid indices, keeping them strictly decreasing from the first time's index.
 
-        Raises ``ValueError`` when there are more times than grid points up to the first one.
+        Where several times round to one index, earlier ones move up the grid; where that would pass the
+        first time's index, later ones move down instead. Any ``len(times)`` up to the number of grid
+        points at or below the first time fits.
+
+        Raises:
+            ValueError: more times than grid points up to the first one.
         """
         idx = self.index(self.snap(times)).tolist()
-        top = idx[0] if idx else 0
-        for k in range(len(idx) - 2, -1, -1):  # strictly decreasing, pushing repeats towards t_start
-            idx[k] = max(idx[k], idx[k + 1] + 1)
-        if idx and idx[0] > top:
+        if not idx:
+            return times
+        top = idx[0]
+        if len(idx) > top + 1:
             raise ValueError(
                 f"{len(idx)} steps do not fit below t={float(times[0]):.4g} on a {self.n_steps}-step DDPM grid;"
-                " use fewer steps"
+                f" use at most {top + 1} steps"
             )
+        for k in range(len(idx) - 2, -1, -1):  # strictly decreasing, pushing repeats towards t_start
+            idx[k] = max(idx[k], idx[k + 1] + 1)
+        idx[0] = top
+        for k in range(1, len(idx)):  # ... but never above the first index: push those down again
+            idx[k] = min(idx[k], idx[k - 1] - 1)
         return (torch.tensor(idx, dtype=times.dtype) + 1) / self.n_steps
 
     def net_time(self, t):

@@ -100,6 +100,24 @@ def _logsnr(n: int, t_start: float, t_min: float, log_snr=None, t_of_log_snr=Non
 TIME_GRIDS = {"uniform": _uniform, "quadratic": _quadratic, "logsnr": _logsnr}
 
 
+def _spread_tail(t: torch.Tensor, t_start: float, t_min: float) -> torch.Tensor:
+    """Make evaluation times strictly decreasing in ``[t_min, t_start]`` without clamping them onto one value.
+
+    The first time is ``t_start``. Times at or below ``t_min`` (a grid can put several there: the
+    quadratic grid with many steps, any grid from a small ``t_start``) are spread evenly between the last
+    time above ``t_min`` and ``t_min`` itself, which the last one then equals. Times above ``t_min`` are
+    kept as they are, so a grid that fits is unchanged.
+    """
+    t = t.clone()
+    t[0] = t_start
+    below = torch.nonzero(t[1:] <= t_min).flatten()
+    if len(below):
+        j = int(below[0]) + 1  # the first time at or below t_min; t[j - 1] > t_min
+        m = len(t) - j
+        t[j:] = torch.linspace(float(t[j - 1]), t_min, m + 1, dtype=torch.float64)[1:]
+    return t
+
+
 def time_grid(
     n: int,
     kind: str = "uniform",
@@ -112,17 +130,24 @@ def time_grid(
     """Descending sampling times: ``n`` evaluation times from ``t_start`` followed by a terminal 0.
 
     The last step of every sampler goes from the last evaluation time to ``t = 0``, where the sample is
-    the denoised estimate. Evaluation times are clamped to ``[t_min, t_start]``.
+    the denoised estimate. Evaluation times are strictly decreasing within ``[t_min, t_start]``: where a
+    grid kind would put times at or below ``t_min``, those times are spread evenly between the last time
+    above ``t_min`` and ``t_min`` (clamping them would repeat ``t_min``: zero-length steps that waste
+    network evaluations and divide by zero in multistep solvers). Grids that fit are not changed.
 
     Args:
         n: number of evaluation times (network evaluations of a first-order sampler).
         kind: ``uniform`` (equal steps ending at 0), ``quadratic`` (denser near 0) or ``logsnr``
             (uniform in log-SNR between ``t_start`` and ``t_min``; needs ``log_snr``/``t_of_log_snr``).
-        t_start: first time (1 for pure noise; less for partial diffusion).
+        t_start: first time (1 for pure noise; less for partial diffusion); above ``t_min`` unless ``n == 1``.
         t_min: smallest time the model is evaluated at.
 
     Returns:
-        float64 tensor of shape ``(n + 1,)``; element ``n`` is 0.
+        float64 tensor of shape ``(n + 1,)``, strictly decreasing; element 0 is ``t_start``, element ``n`` is 0.
+
+    Raises:
+        ValueError: ``n < 1``, an unknown ``kind``, ``t_start <= 0``, or ``n > 1`` times that cannot
+            fit strictly between ``t_start <= t_min`` and ``t_min``.
     """
     if n < 1:
         raise ValueError(f"need at least one step, got {n}")
@@ -130,5 +155,10 @@ def time_grid(
         fn = TIME_GRIDS[kind]
     except KeyError:
         raise ValueError(f"unknown time grid {kind!r}; choose one of {sorted(TIME_GRIDS)}") from None
-    t = fn(n, float(t_start), float(t_min), log_snr, t_of_log_snr).clamp(min=t_min, max=t_start)
+    t_start, t_min = float(t_start), float(t_min)
+    if not t_start > 0:
+        raise ValueError(f"t_start must be positive, got {t_start}")
+    if n > 1 and t_start <= t_min:
+        raise ValueError(f"{n} steps need t_start > t_min = {t_min:g}, got t_start = {t_start:g}")
+    t = _spread_tail(fn(n, t_start, t_min, log_snr, t_of_log_snr).clamp(max=t_start), t_start, t_min)
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
