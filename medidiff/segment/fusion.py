@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from medidiff.errors import MedidiffError
-
 from ..arrays import to_numpy
+from ..errors import MedidiffError
 
 __all__ = [
     "channels_for",
