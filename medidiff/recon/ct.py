@@ -30,6 +30,7 @@ from ..core.utils import bcast
 __all__ = ["ParallelBeamCT", "view_angles", "ramp_filter", "poisson_noise"]
 
 _CHUNK = 1 << 23  # samples per grid_sample call (bounds the memory of one call)
+_CACHE = 1 << 25  # grid entries an operator keeps between calls (128 MiB in float32)
 
 
 def view_angles(n_views: int, arc: float = 180.0, start: float = 0.0) -> torch.Tensor:
@@ -116,6 +117,7 @@ class ParallelBeamCT(LinearOperator):
         if self.angles.numel() < 1:
             raise ValueError("give at least one angle")
         self.image_shape, self.circle = (h, w), circle
+        self._cache: dict = {}
         self.n_det = h if circle else int(math.ceil(math.sqrt(2) * max(h, w)))
         self.full = None
         if full_angles is not None:
@@ -131,7 +133,24 @@ class ParallelBeamCT(LinearOperator):
         return self.angles.numel()
 
     # -- geometry ----------------------------------------------------------------------------------
+    def _cached(self, key, make) -> torch.Tensor:
+        """A grid from the cache, or made and kept while the cache stays under its budget."""
+        grid = self._cache.get(key)
+        if grid is None:
+            grid = make()
+            if sum(g.numel() for g in self._cache.values()) + grid.numel() <= _CACHE:
+                self._cache[key] = grid
+        return grid
+
     def _ray_grid(self, views: slice, dtype, device) -> torch.Tensor:
+        return self._cached(("ray", views.start, views.stop, dtype, str(device)),
+                            lambda: self._make_ray_grid(views, dtype, device))
+
+    def _pixel_grid(self, views: slice, n: int, dtype, device) -> torch.Tensor:
+        return self._cached(("pixel", views.start, views.stop, n, dtype, str(device)),
+                            lambda: self._make_pixel_grid(views, n, dtype, device))
+
+    def _make_ray_grid(self, views: slice, dtype, device) -> torch.Tensor:
         """Sampling positions ``(nv, n_det, n_det, 2)`` (rays by detector bins) for ``views``, from ``affine_grid``.
 
         Output pixel ``(i, j)`` of view ``theta`` samples the image at ``col = W//2 + s cos + v sin``,
@@ -150,7 +169,7 @@ class ParallelBeamCT(LinearOperator):
         ], dim=1)
         return F.affine_grid(theta.to(dtype=dtype, device=device), [theta.shape[0], 1, n, n], align_corners=True)
 
-    def _pixel_grid(self, views: slice, n: int, dtype, device) -> torch.Tensor:
+    def _make_pixel_grid(self, views: slice, n: int, dtype, device) -> torch.Tensor:
         """Detector positions ``(nv, H, W, 2)`` of every pixel, for back-projecting ``(nv, C, 1, n_det)`` rows.
 
         Pixel ``(row, col)`` meets view ``theta`` at ``t = (col - W//2) cos - (row - H//2) sin + n//2``
