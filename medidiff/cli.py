@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="noise seed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set a detection option, e.g. --set t_levels=[0.25,0.5] (keys of the recipe's anomaly "
-                        "section; repeatable; values are YAML)")
+                        "section and of its reconstruction and map parts, by name; repeatable; values are YAML)")
     _common(p)
     return parser
 
@@ -113,15 +113,15 @@ def _info() -> int:
 
 
 def _recipe_command(args: argparse.Namespace) -> int:
-    from . import recipes
+    from . import recipes, runs
 
     recipe = recipes.load_recipe(args.recipe, _overrides(args))
     out = args.out or Path("runs") / args.recipe.stem
-    result = (recipes.train if args.command == "train" else recipes.run)(recipe, out)
+    result = (runs.train if args.command == "train" else runs.run)(recipe, out)
     weights = getattr(result, "weights", None)
     if weights is not None:
         print(f"trained {result.step} steps; weights: {weights}")
-    summary = result.get("summary") if isinstance(result, dict) else None
+    summary = getattr(result, "summary", None)
     if summary:
         print(summary)
     print(f"results in {out}")
@@ -129,19 +129,23 @@ def _recipe_command(args: argparse.Namespace) -> int:
 
 
 def _detect_command(args: argparse.Namespace) -> int:
-    from . import recipes
+    from . import recipes, runs
+    from .anomaly.config import route
 
     section = {"model": args.model, "inputs": args.input}
     for key in ("labels", "mask", "calibration", "threshold"):
         if getattr(args, key) is not None:
             section[key] = getattr(args, key)
-    overrides = [item if item.split("=", 1)[0].split(".")[0] in ("anomaly", "seed", "device") else f"anomaly.{item}"
-                 for item in args.overrides]
+    overrides = []
+    for item in args.overrides:
+        key = item.split("=", 1)[0]
+        top = key.split(".")[0]
+        overrides.append(item if top in ("anomaly", "seed", "device") else f"anomaly.{route(key)}{item[len(key):]}")
     overrides += _overrides(argparse.Namespace(overrides=[], device=args.device, seed=args.seed, resume=False))
     recipe = recipes.parse_recipe({"task": "anomaly", "anomaly": section}, source="medidiff detect",
                                   overrides=overrides)
-    result = recipes.run(recipe, args.out)
-    print(result["summary"])
+    result = runs.run(recipe, args.out)
+    print(result.summary)
     print(f"results in {args.out}")
     return 0
 

@@ -19,7 +19,7 @@ import torch
 
 import medidiff
 
-from .io import write_json
+from .outputs import write_json
 
 __all__ = ["environment", "optional_packages", "now", "sha256_file", "Manifest", "MANIFEST_NAME"]
 

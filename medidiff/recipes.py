@@ -1,56 +1,49 @@
-"""Recipes: the validated YAML schema, ``--set`` overrides, and dispatch of a recipe to its task.
+"""Recipes: the validated YAML schema and ``--set`` overrides.
 
 A recipe has the sections ``task``, ``seed``, ``device``, ``data`` (``medidiff.train_data.DataConfig``),
-``model``, ``process``, ``training`` (``medidiff.train.TrainingConfig``) and one section per task
-(``anomaly``, ``recon``, ``segment``). Unknown keys are errors that name the full dotted key and suggest
-the closest valid one. ``run(recipe, out_dir)`` looks the task up in ``TASKS``; task packages add
-themselves with ``register_task`` when imported. Every run's folder gets the resolved ``recipe.yaml``,
-a ``manifest.json`` and a log named for the task (``train.log``, ``anomaly.log``...).
+``model``, ``process``, ``training`` (``medidiff.train.TrainingConfig``) and one section per task, defined
+by the task's own package (``anomaly``: ``medidiff.anomaly.config.AnomalySection``). Unknown keys are
+errors that name the full dotted key and suggest the closest valid one. Running a recipe is
+``medidiff.runs``'s job.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
-import logging
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from .anomaly.config import AnomalySection
 from .core.processes import Process, make_process
-from .errors import MedidiffError, RecipeError
-from .io import write_text
-from .manifest import Manifest, sha256_file
-from .runtime import env_rank, resolve_device
+from .errors import RecipeError
 from .train import TrainingConfig
 from .train_data import DataConfig
 
 __all__ = [
     "ModelConfig",
     "ProcessConfig",
-    "TaskSection",
     "Recipe",
+    "TASK_SECTIONS",
+    "TRAINING_SECTIONS",
     "load_recipe",
     "parse_recipe",
     "apply_overrides",
-    "TASKS",
-    "TRAINERS",
-    "register_task",
-    "run",
-    "train",
-    "RECIPE_NAME",
-    "LOG_NAME",
 ]
-
-RECIPE_NAME = "recipe.yaml"
-#: The run log in a run's folder, named for its task.
-LOG_NAME = "{task}.log"
-log = logging.getLogger("medidiff.recipes")
 
 
 class ModelConfig(BaseModel):
@@ -162,120 +155,21 @@ class ProcessConfig(BaseModel):
         return make_process(self.name, **self.kwargs())
 
 
-class TaskSection(BaseModel):
-    """Options of a task's own recipe section; the task's module defines and checks its keys."""
-
-    model_config = ConfigDict(extra="allow")
-
-
-class AnomalySection(TaskSection):
-    """The ``anomaly`` section: anomaly detection by healthy reconstruction (``medidiff.anomaly``).
-
-    The reconstruction defaults (one denoising step from ``t_L = 0.5``, median of 24 noise seeds: 24
-    network evaluations per slice) are those of ``recipes/demo.yaml``, chosen with
-    ``benchmarks/bench_anomaly.py`` (best AUPRC within 25 evaluations).
-
-    Relative paths are read from the working folder, else from the medidiff checkout (for the demo).
-
-    Attributes:
-        model: weights (``.safetensors`` with its ``.json``, or a folder with ``model.safetensors``).
-        inputs: the scans: a NIfTI file or folder, DICOM, or a JSON datalist of ``image``/``label``/``mask``.
-        calibration: healthy scans (same forms) on which the threshold is calibrated.
-        threshold: a fixed threshold (a number or a ``thresholds.json``); overrides ``calibration``.
-        fpr: voxel false-positive rate the threshold is calibrated for.
-        mask: a brain/foreground mask for a single input (a datalist gives one per case).
-        labels: a ground-truth lesion mask for a single input (a datalist gives one per case).
-        method: ``partial`` (AnoDDPM), ``invert`` (DDIM inversion) or ``patch`` (pDDPM).
-        t_levels: noise levels ``t_L`` in ``(0, 1]`` reconstructed from and averaged.
-        sampler: reverse sampler (``ddim``, ``dpm_solver_2m``, ``ddpm``...).
-        steps: sampler steps from each level (``null``: the whole DDPM chain, as AnoDDPM).
-        noise: forward noise, ``gaussian`` or ``simplex``.
-        noise_options: options of the noise (simplex ``octaves``, ``frequency``...).
-        n_samples: reconstructions per level from other noise seeds, reduced by ``reduce``.
-        reduce: ``median`` or ``mean``; spread: ``std`` or ``mad`` between the samples.
-        patch_size, patch_margin: tiles and their noised context (``patch``).
-        residual: ``abs`` or ``squared``.
-        median_size: median filter window (0 or 1: none); smooth_sigma: Gaussian smoothing in voxels.
-        spread_floor: weight each voxel's residual by ``f / (f + spread)``, the spread between the
-            ``n_samples`` reconstructions (less where the model is unsure of the healthy anatomy); ``null``
-            or 0 turns it off.
-        erode: voxels eroded from the foreground mask's rim.
-        top_k: share of the highest voxels averaged into the case score.
-        intensity: ``match`` the scans' middle foreground quantiles to the training data's (default), scale
-            by their ``own`` foreground percentiles, or by the ``model``'s training range (same scanner only).
-        min_foreground: least foreground share of a slice for it to be processed (others are skipped).
-        batch_size: slices (times samples and tiles) per network call.
-        overlay_slices: slices shown in each case's overlay PNG.
-        dicom: for DICOM scans, also write the heatmap as a derived DICOM series.
-        select: DICOM series selection rule.
-        progress: show progress bars.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = "data/weights/demo_brain_2d.safetensors"
-    inputs: str | None = None
-    calibration: str | None = None
-    threshold: float | str | None = None
-    fpr: float = Field(0.05, gt=0.0, lt=1.0)
-    mask: str | None = None
-    labels: str | None = None
-    method: Literal["partial", "invert", "patch"] = "partial"
-    t_levels: list[float] = Field(default_factory=lambda: [0.5], min_length=1)
-    sampler: str = "ddim"
-    steps: PositiveInt | None = 1
-    noise: Literal["gaussian", "simplex"] = "gaussian"
-    noise_options: dict[str, Any] = Field(default_factory=dict)
-    n_samples: PositiveInt = 24
-    reduce: Literal["median", "mean"] = "median"
-    spread: Literal["std", "mad"] = "std"
-    patch_size: list[PositiveInt] | None = None
-    patch_margin: int = Field(8, ge=0)
-    residual: Literal["abs", "squared"] = "abs"
-    median_size: int = Field(5, ge=0)
-    smooth_sigma: float = Field(1.0, ge=0.0)
-    spread_floor: float | None = Field(0.2, ge=0.0)
-    erode: int = Field(2, ge=0)
-    top_k: float = Field(0.01, gt=0.0, le=1.0)
-    intensity: Literal["match", "own", "model"] = "match"
-    min_foreground: float = Field(0.01, ge=0.0, le=1.0)
-    batch_size: PositiveInt = 16
-    overlay_slices: PositiveInt = 6
-    dicom: bool = True
-    select: str = "all"
-    progress: bool = True
-
-    @model_validator(mode="after")
-    def _levels(self) -> AnomalySection:
-        bad = [t for t in self.t_levels if not 0 < t <= 1]
-        if bad:
-            raise ValueError(f"t_levels must lie in (0, 1], not {bad}")
-        return self
-
-
-class ReconSection(TaskSection):
-    """The ``recon`` section, defined by the reconstruction task."""
-
-
-class SegmentSection(TaskSection):
-    """The ``segment`` section, defined by the segmentation task."""
-
-
 class Recipe(BaseModel):
     """A whole recipe.
 
     Attributes:
-        task: ``train``, ``anomaly``, ``recon`` or ``segment``.
+        task: ``train`` or ``anomaly`` (reconstruction and segmentation join as their packages land).
         description: free text.
         seed: the run's seed.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
-        data, model, process, training: the sections of the same names.
-        anomaly, recon, segment: task sections.
+        data, model, process, training: what ``train`` uses (the sections of the same names).
+        anomaly: the anomaly task's section.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    task: Literal["train", "anomaly", "recon", "segment"] = "train"
+    task: str = "train"
     description: str = ""
     seed: int = 0
     device: str = "auto"
@@ -284,12 +178,31 @@ class Recipe(BaseModel):
     process: ProcessConfig = Field(default_factory=ProcessConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     anomaly: AnomalySection | None = None
-    recon: ReconSection | None = None
-    segment: SegmentSection | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, task: str) -> str:
+        known = ("train", *TASK_SECTIONS)
+        if task not in known:
+            raise ValueError(f"task {task!r} is not available in this installation of medidiff; use one of "
+                             f"{', '.join(known)}")
+        return task
+
+    def applicable(self) -> dict[str, Any]:
+        """The resolved recipe (every default filled in), holding only the sections its task uses."""
+        keep = {"task", "description", "seed", "device"} | set(
+            TRAINING_SECTIONS if self.task == "train" else TASK_SECTIONS[self.task])
+        return self.model_dump(mode="json", include=keep)
 
     def to_yaml(self) -> str:
-        """The resolved recipe (every default filled in) as YAML."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+        """``applicable()`` as YAML: what a run's ``recipe.yaml`` records."""
+        return yaml.safe_dump(self.applicable(), sort_keys=False, default_flow_style=None)
+
+
+#: The sections each task runs on (besides task, description, seed, device).
+TASK_SECTIONS: dict[str, tuple[str, ...]] = {"anomaly": ("anomaly",)}
+#: The sections training uses.
+TRAINING_SECTIONS = ("data", "model", "process", "training")
 
 
 # -- key checking ----------------------------------------------------------------------------------
@@ -429,122 +342,3 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
             node = child
         node[parts[-1]] = value
     return out
-
-
-# -- dispatch --------------------------------------------------------------------------------------
-TaskFn = Callable[[Recipe, Path], Any]
-
-
-def _train_task(recipe: Recipe, out_dir: Path) -> Any:
-    from .train import run_recipe
-
-    return run_recipe(recipe, out_dir)
-
-
-#: ``run(recipe)`` calls ``TASKS[recipe.task](recipe, out_dir)``.
-TASKS: dict[str, TaskFn] = {"train": _train_task}
-#: ``train(recipe)`` calls ``TRAINERS[recipe.task](recipe, out_dir)``: how each task trains its model.
-TRAINERS: dict[str, TaskFn] = {"train": _train_task}
-#: Packages imported on first use of a task; importing them registers the task.
-TASK_PACKAGES = {"anomaly": "medidiff.anomaly", "recon": "medidiff.recon", "segment": "medidiff.segment"}
-
-
-def register_task(name: str, run: TaskFn, *, train: TaskFn | None = None) -> None:
-    """Register a task's runner (and, if it trains a model of its own kind, its trainer).
-
-    Args:
-        name: the recipe's ``task`` value.
-        run: ``run(recipe, out_dir)``, returning a result (``outputs``/``inputs`` lists are recorded).
-        train: ``train(recipe, out_dir)`` for ``medidiff train`` on this task's recipes.
-    """
-    TASKS[name] = run
-    if train is not None:
-        TRAINERS[name] = train
-
-
-def _lookup(registry: dict[str, TaskFn], task: str, what: str) -> TaskFn:
-    if task not in registry and task in TASK_PACKAGES:
-        importlib.import_module(TASK_PACKAGES[task])
-    if task not in registry:
-        raise RecipeError(f"task {task!r} cannot be {what} by this installation of medidiff",
-                          where="task", fix=f"use a task that can: {', '.join(sorted(registry))}.")
-    return registry[task]
-
-
-def _result_files(result: Any, key: str) -> list[Path]:
-    files = result.get(key, []) if isinstance(result, dict) else getattr(result, key, [])
-    return [Path(p) for p in files or [] if Path(p).is_file()]
-
-
-def _execute(recipe: Recipe, out_dir: str | Path, fn: TaskFn) -> Any:
-    out_dir = Path(out_dir)
-    rank = env_rank()[0]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if rank != 0:
-        return fn(recipe, out_dir)
-    text = recipe.to_yaml()
-    write_text(text, out_dir / RECIPE_NAME)
-    handler = logging.FileHandler(out_dir / LOG_NAME.format(task=recipe.task), encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("medidiff")
-    root.addHandler(handler)
-    old_level = root.level
-    root.setLevel(min(old_level or logging.INFO, logging.INFO))
-    manifest = Manifest(out_dir, recipe_text=text, seed=recipe.seed, device=str(resolve_device(recipe.device)),
-                        task=recipe.task, status="running")
-    manifest.write()
-    log.info("%s run in %s (recipe sha256 %s)", recipe.task, out_dir, manifest.data["recipe_sha256"])
-    try:
-        result = fn(recipe, out_dir)
-    except MedidiffError as e:
-        log.error("%s", e)
-        manifest.update(status="failed", error=str(e))
-        manifest.write(finished=True)
-        raise
-    except BaseException as e:
-        log.exception("run failed")
-        manifest.update(status="failed", error=f"{type(e).__name__}: {e}")
-        manifest.write(finished=True)
-        raise
-    finally:
-        root.removeHandler(handler)
-        handler.close()
-        root.setLevel(old_level)
-    manifest.data["inputs"] = {str(p): sha256_file(p) for p in _result_files(result, "inputs")}
-    manifest.add_outputs(_result_files(result, "outputs"))
-    for key in ("step", "world_size", "replica_checksums"):
-        value = result.get(key) if isinstance(result, dict) else getattr(result, key, None)
-        if value is not None:
-            manifest.update(**{key: value})
-    manifest.update(status="finished")
-    manifest.write(finished=True)
-    return result
-
-
-def run(recipe: Recipe, out_dir: str | Path) -> Any:
-    """Run a recipe end to end, whatever its task.
-
-    Args:
-        recipe: the validated recipe.
-        out_dir: the run's folder (receives ``recipe.yaml``, ``manifest.json``, ``<task>.log`` and results).
-
-    Returns:
-        The task's result.
-
-    Raises:
-        RecipeError: the task is not available.
-    """
-    return _execute(recipe, out_dir, _lookup(TASKS, recipe.task, "run"))
-
-
-def train(recipe: Recipe, out_dir: str | Path) -> Any:
-    """Train the model a recipe describes (``medidiff train``), with the task's own trainer.
-
-    Args:
-        recipe: the validated recipe.
-        out_dir: the run's folder.
-
-    Returns:
-        The trainer's result (a ``medidiff.train.TrainResult`` for the generic trainer).
-    """
-    return _execute(recipe, out_dir, _lookup(TRAINERS, recipe.task, "trained"))

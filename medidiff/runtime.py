@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .core.ensemble import member_seed
 from .errors import RecipeError
 
 __all__ = [
@@ -125,8 +126,7 @@ def init_distributed(device: torch.device) -> Dist:
 
 def derived_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (e.g. ``seed, rank, step``), the same on every platform."""
-    state = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 ^ int(state[1])
+    return member_seed(*parts)
 
 
 def seed_everything(seed: int) -> None:

@@ -38,7 +38,7 @@ from .core.ema import EMA
 from .core.losses import diffusion_loss
 from .core.processes import Process
 from .errors import TrainingError
-from .io import atomic_write, write_table
+from .outputs import atomic_write, write_table
 from .runtime import Dist, derived_seed, init_distributed, resolve_device, rng_state, seed_everything, set_rng_state
 from .weights import WEIGHTS_NAME, save_model
 
@@ -195,11 +195,6 @@ def weights_checksum(module: nn.Module) -> str:
 
 
 def _draw_noise(x0: torch.Tensor, kind: str, generator: torch.Generator, options: dict) -> torch.Tensor:
-    if kind == "gaussian":
-        return core_noise.gaussian_like(x0, generator)
-    if not hasattr(core_noise, "noise_like"):
-        raise TrainingError(f"training.noise: {kind} needs medidiff.core.noise.noise_like, which is missing",
-                            where="training.noise", fix="use training.noise: gaussian, or update medidiff.")
     return core_noise.noise_like(x0, kind, generator, **options)
 
 
@@ -275,6 +270,20 @@ def _grid(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(list(x), dim=-1)
 
 
+def _checked_prep(data_prep: dict | None) -> dict:
+    """The ``data_prep`` record, validated before training starts (not when the weights are first saved)."""
+    from pydantic import ValidationError
+
+    from .modelinfo import DataPrep
+
+    try:
+        return DataPrep.model_validate(dict(data_prep or {"source": "unknown"})).model_dump(mode="json",
+                                                                                           exclude_none=True)
+    except ValidationError as e:
+        raise TrainingError(f"the data source's data_prep record is invalid: {e.errors()[0]['msg']}",
+                            fix="see medidiff.modelinfo.DataPrep") from None
+
+
 # -- the engine ------------------------------------------------------------------------------------
 class _Engine:
     """One training run; ``fit`` builds and runs it. Methods are the stages of a step."""
@@ -286,7 +295,7 @@ class _Engine:
         self.num_workers = num_workers
         self.process, self.seed, self.device = process, seed, device
         self.train_set, self.val_set = train_set, val_set
-        self.data_prep, self.extra_meta = dict(data_prep or {}), dict(extra_meta or {})
+        self.data_prep, self.extra_meta = _checked_prep(data_prep), dict(extra_meta or {})
         cuda = device.type == "cuda"
         precision = config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32")
         if precision == "fp16" and not cuda:

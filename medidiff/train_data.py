@@ -205,7 +205,8 @@ def synthetic_images(n: int, size: list[int], channels: int = 1, seed: int = 0) 
 def _synthetic(cfg: DataConfig, seed: int) -> DataBundle:
     images = synthetic_images(cfg.num_samples, cfg.size, cfg.channels, seed)
     train, val = split(TensorDataset(images), cfg.val_fraction, seed)
-    prep = {"source": "synthetic", "size": list(cfg.size), "intensity": {"range": [-1.0, 1.0]}}
+    prep = {"source": "synthetic", "size": list(cfg.size), "slicing_axis": 2 if cfg.spatial_dims == 2 else None,
+            "intensity": {"method": "fixed", "range": [-1.0, 1.0]}}
     return DataBundle(train, val, cfg.channels, data_prep=prep)
 
 
@@ -308,7 +309,7 @@ def _path(cfg: DataConfig, seed: int) -> DataBundle:
         "size": list(cfg.size),
         "slicing_axis": cfg.slice_axis if cfg.spatial_dims == 2 else None,
         "intensity": ({"method": "hu_window", "window": list(cfg.hu_window)} if cfg.modality == "ct"
-                      else {"method": "percentile", "percentiles": list(MRI_PERCENTILES), "per": "volume"})
+                      else {"method": "percentile", "percentiles": list(MRI_PERCENTILES)})
         | {"range": [-1.0, 1.0]}
         | ({"reference": reference, "reference_levels": list(MATCH_LEVELS)} if reference else {}),
     }

@@ -1,10 +1,9 @@
 """Model weights on disk: ``model.safetensors`` with ``model.json`` beside it.
 
-The JSON holds everything needed to rebuild the denoiser without the recipe: the network config
-(``medidiff.nets.build_unet`` keyword arguments), the process config (``make_process`` keyword
-arguments), the parametrisation, and free-form extras such as the training noise and the ``data_prep``
-the data went through (orientation, spacing, size, intensity normalisation, slicing axis). Weights are
-read with safetensors only: nothing is ever unpickled.
+The JSON is one ``medidiff.modelinfo.ModelInfo``: everything needed to rebuild the denoiser without the
+recipe (the network config, the process config, the parametrisation) and how its training data were
+prepared (``data_prep``), which every task repeats on new data. Weights are read with safetensors
+only: nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -19,14 +18,13 @@ from torch import nn
 from .core.denoiser import Denoiser
 from .core.processes import Process, make_process
 from .errors import ModelError
-from .io import atomic_write, write_json
+from .modelinfo import FORMAT, ModelInfo, parse_model_info
+from .outputs import atomic_write, write_json
 
 __all__ = ["save_model", "load_denoiser", "load_meta", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model.json"
-#: Identifies the layout of ``model.json``; bumped when it changes incompatibly.
-FORMAT = "medidiff.model/1"
 
 
 def _state_tensors(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -50,11 +48,15 @@ def save_model(
         net: the network; it must carry a JSON-able ``config`` (as ``medidiff.nets.UNet`` does).
         process: the forward process it was trained with.
         prediction: its parametrisation (``eps``, ``x0``, ``v`` or ``score``).
-        extra: further JSON-able entries for ``model.json`` (``noise``, ``data_prep``, ``step``...).
+        extra: further entries of ``ModelInfo`` (``data_prep`` is required; ``noise``, ``step``...); keys
+            that are not ``ModelInfo`` fields are kept under ``extra``.
         scale_input: the ``Denoiser`` input scaling the network was trained with.
 
     Returns:
         The path of the weights file.
+
+    Raises:
+        ModelError: the record is invalid (e.g. no ``data_prep``).
     """
     from safetensors.torch import save
 
@@ -62,18 +64,17 @@ def save_model(
     if not isinstance(config, dict):
         raise ModelError(f"cannot save a {type(net).__name__} without a build config", fix="build it with build_unet.")
     directory = Path(directory)
-    meta = {
-        "format": FORMAT,
-        "net": config,
-        "process": process.config(),
-        "prediction": prediction,
-        "scale_input": bool(scale_input),
-        **(extra or {}),
-    }
+    fields = dict(extra or {})
+    others = {k: fields.pop(k) for k in list(fields) if k not in ModelInfo.model_fields}
+    raw = {"format": FORMAT, "net": config, "process": process.config(), "prediction": prediction,
+           "scale_input": bool(scale_input), **fields}
+    if others:
+        raw["extra"] = {**raw.get("extra", {}), **others}
+    info = parse_model_info(raw, directory / CONFIG_NAME)
     weights = directory / WEIGHTS_NAME
     with atomic_write(weights) as tmp:
         tmp.write_bytes(save(_state_tensors(net), metadata={"format": FORMAT}))
-    write_json(meta, directory / CONFIG_NAME)
+    write_json(info.to_json(), directory / CONFIG_NAME)
     return weights
 
 
@@ -84,11 +85,11 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     return path, path.with_suffix(".json")
 
 
-def load_meta(path: str | Path) -> dict[str, Any]:
-    """The ``model.json`` of a weights folder or ``.safetensors`` file.
+def load_meta(path: str | Path) -> ModelInfo:
+    """The ``model.json`` of a weights folder or ``.safetensors`` file, validated.
 
     Raises:
-        ModelError: it is missing, not JSON, or not a medidiff model config.
+        ModelError: it is missing, not JSON, or not a valid medidiff model record (e.g. no ``data_prep``).
     """
     _, config_path = _paths(path)
     if not config_path.is_file():
@@ -98,14 +99,10 @@ def load_meta(path: str | Path) -> dict[str, Any]:
         meta = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"model config is not readable JSON ({e})", where=config_path) from None
-    missing = [k for k in ("net", "process", "prediction") if not isinstance(meta, dict) or k not in meta]
-    if missing:
-        raise ModelError(f"model config lacks {', '.join(missing)}; it was not written by medidiff",
-                         where=config_path)
-    return meta
+    return parse_model_info(meta, config_path)
 
 
-def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple[Denoiser, dict[str, Any]]:
+def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple[Denoiser, ModelInfo]:
     """Rebuild a saved denoiser.
 
     Args:
@@ -114,7 +111,7 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple
         device: where to put the network.
 
     Returns:
-        ``(denoiser, meta)``: the denoiser in eval mode and the parsed ``model.json``.
+        ``(denoiser, info)``: the denoiser in eval mode and its ``ModelInfo``.
 
     Raises:
         ModelError: a file is missing or corrupt, or the weights do not fit the config.
@@ -129,9 +126,9 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple
     if not weights_path.is_file():
         raise ModelError("weights file not found", where=weights_path)
     try:
-        net = build_unet(**meta["net"])
-        process = make_process(**meta["process"])
-        denoiser = Denoiser(net, process, meta["prediction"], scale_input=bool(meta.get("scale_input", True)))
+        net = build_unet(**meta.net)
+        process = make_process(**meta.process)
+        denoiser = Denoiser(net, process, meta.prediction, scale_input=meta.scale_input)
     except (TypeError, ValueError) as e:
         raise ModelError(f"model config cannot be used ({e})", where=config_path,
                          fix="check that it was written by this version of medidiff.") from None

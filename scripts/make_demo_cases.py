@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from medidiff import io
+from medidiff import outputs
 from medidiff.data import sample
 from medidiff.data.lesions import insert_lesions
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     def write(array: np.ndarray, name: str, z: tuple[int, int], dtype) -> str:
         sl = np.ascontiguousarray(array[..., z[0]:z[1]])
         path = out / f"{name}.nii.gz"
-        io.write_nifti(torch.from_numpy(sl.astype(dtype)), path, slab_affine(affine, z[0]), dtype=dtype)
+        outputs.write_nifti(torch.from_numpy(sl.astype(dtype)), path, slab_affine(affine, z[0]), dtype=dtype)
         return path.name
 
     def entry(name: str, image: np.ndarray, label: np.ndarray | None, z: tuple[int, int]) -> dict[str, str]:
@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         cases.append(entry(f"demo_lesion_{k + 1}", image, lesions, SLAB))
     cases.append(entry("demo_healthy", volume, np.zeros_like(brain), SLAB))
     calibration = [entry("demo_calibration", volume, None, CALIBRATION)]
-    io.write_json({"description": "medidiff demo cases: slab z=34..41 of the MNI152 brain, 3 with lesions",
+    outputs.write_json({"description": "medidiff demo cases: slab z=34..41 of the MNI152 brain, 3 with lesions",
                    "test": cases}, out / "cases.json")
-    io.write_json({"description": "medidiff demo calibration: healthy slab z=52..55 of the MNI152 brain",
+    outputs.write_json({"description": "medidiff demo calibration: healthy slab z=52..55 of the MNI152 brain",
                    "test": calibration}, out / "calibration.json")
     total = sum(p.stat().st_size for p in out.iterdir())
     print(f"wrote {len(cases) + 1} cases to {out} ({total / 1024:.0f} KiB)")

@@ -8,7 +8,6 @@ from torch import nn
 
 from medidiff.anomaly.healthy import healthy_nfe, patch_tiles, reconstruct_healthy
 from medidiff.core.processes import DDPM
-from medidiff.errors import RecipeError
 from medidiff.runtime import derived_seed
 
 
@@ -84,7 +83,7 @@ def test_patch_noises_one_region_and_renoises_the_rest_consistently():
     healthy, x, _ = _cases((12, 12), n=1)
     oracle = Oracle(torch.zeros_like(healthy), process)  # heals to zero inside the patch
     rec, _ = reconstruct_healthy(oracle, x, method="patch", t_levels=[0.5], steps=4, patch_size=[12, 6],
-                                 patch_margin=0, batch_size=8)
+                                 patch_margin=0, batch_size=8, n_samples=1)
     torch.testing.assert_close(rec, torch.zeros_like(rec))  # each tile's interior came from its own pass
     # outside its region a pass's state stays alpha x + sigma eps with one eps (DDIM re-noises it consistently)
     first_tile = [(inp[:1], t) for inp, t in oracle.inputs]
@@ -132,12 +131,14 @@ def test_the_model_sees_its_range_only():
 def test_simplex_noise_and_bad_settings():
     process = DDPM(n_steps=100)
     x = torch.zeros(1, 1, 16, 16)
-    rec, _ = reconstruct_healthy(Identity(process), x, t_levels=[0.5], steps=1, noise="simplex")
+    rec, _ = reconstruct_healthy(Identity(process), x, t_levels=[0.5], steps=1, noise="simplex", n_samples=1)
     a, s = process.marginal(torch.tensor([0.5]))
     assert float((rec / s).std()) == pytest.approx(1.0, abs=0.05)  # normalised simplex noise
-    with pytest.raises(RecipeError):
+    with pytest.raises(ValueError, match="method"):
         reconstruct_healthy(Identity(process), x, method="dream")
-    with pytest.raises(RecipeError):
+    with pytest.raises(ValueError, match="t_levels"):
         reconstruct_healthy(Identity(process), x, t_levels=[1.5])
-    with pytest.raises(RecipeError):
+    with pytest.raises(ValueError, match="warp"):
         reconstruct_healthy(Identity(process), x, sampler="warp")
+    with pytest.raises(ValueError, match="n_sample"):
+        reconstruct_healthy(Identity(process), x, n_sample=3)  # a misspelt option is not ignored

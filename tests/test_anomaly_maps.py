@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from medidiff.anomaly import maps
+from medidiff.anomaly.config import MapOptions
 
 
 def test_residual_abs_and_squared_sum_over_channels():
@@ -70,7 +71,8 @@ def test_anomaly_map_masks_after_filtering():
     x[0, 0, 4:9, 4:9] = 1.0  # a 5x5 "lesion"
     mask = np.zeros((1, 1, 12, 12), bool)
     mask[0, 0, 1:11, 1:11] = True
-    m = maps.anomaly_map(x, np.zeros_like(x), mask=mask, median_size=3, erode_iterations=1)
+    m = maps.anomaly_map(x, np.zeros_like(x), MapOptions(median_size=3, erode=1, smooth_sigma=0,
+                                                             spread_floor=None), mask=mask)
     assert m.shape == (1, 1, 12, 12)
     assert m[0, 0, 1, :].max() == 0.0 and m[0, 0, :, 10].max() == 0.0  # the eroded rim is zero
     assert m[0, 0, 5:8, 5:8].min() == 1.0 and m.sum() == 21.0  # 5x5 block less its 4 corners

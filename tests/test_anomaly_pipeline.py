@@ -27,7 +27,7 @@ def tiny_model(tmp_path_factory):
     torch.manual_seed(0)
     net = build_unet(spatial_dims=2, in_channels=1, channels=(8, 16), attention_levels=(False, False),
                      norm_num_groups=8, num_head_channels=8)
-    prep = {"orientation": "RAS", "spacing_mm": [2.0, 2.0], "slicing_axis": 2, "size": [16, 16],
+    prep = {"source": "test", "orientation": "RAS", "spacing_mm": [2.0, 2.0], "slicing_axis": 2, "size": [16, 16],
             "intensity": {"method": "percentile", "percentiles": [0.5, 99.5], "low": 0.0, "high": 100.0}}
     folder = tmp_path_factory.mktemp("model")
     save_model(folder, net, make_process("ddpm", n_steps=50), "eps", {"data_prep": prep, "noise": {"kind": "gaussian"}})
@@ -79,7 +79,7 @@ def test_datalist_with_labels_masks_and_calibration(tmp_path, tiny_model):
     record = json.loads((out / "thresholds.json").read_text())
     assert record["fpr"] == 0.1 and abs(record["measured_fpr"] - 0.1) < 0.02
     assert json.loads((out / "detection.json").read_text())["threshold"] == record["threshold"]
-    assert "voxel AUROC" in result["summary"] and (out / "report.md").is_file()
+    assert "voxel AUROC" in result.summary and (out / "report.md").is_file()
     assert "(calibrated at voxel FPR 0.1)" in (out / "report.md").read_text()
     heat = nib.load(out / "a_heatmap.nii.gz").get_fdata()
     assert heat[brain == 0].max() == 0.0  # nothing outside the brain mask
@@ -101,7 +101,7 @@ def test_other_grid_and_a_corrupt_file(tmp_path, tiny_model):
     assert healthy.shape == (21, 13, 5) and abs(np.median(healthy[image > 0]) - np.median(image[image > 0])) < 40
     failures = list(csv.DictReader((out / "failures.csv").open()))
     assert [row["case"] for row in failures] == ["broken"]
-    assert result["failures"] == 1 and [r["case"] for r in result["scores"]] == ["odd"]
+    assert result.failures == 1 and [r["case"] for r in result.rows] == ["odd"]
     assert not (out / "metrics.json").exists()  # no labels: no metrics
 
 
@@ -132,105 +132,10 @@ def test_demo_recipe_is_valid():
     assert (ROOT / recipe.anomaly.inputs).is_file() and (ROOT / recipe.anomaly.calibration).is_file()
 
 
-def test_intensity_scaling_modes():
-    from medidiff.anomaly.pipeline import intensity_scaling
-    from medidiff.errors import RecipeError
-
-    volume = torch.linspace(0.0, 100.0, 1001)
-    fg = torch.ones_like(volume, dtype=torch.bool)
-    recorded = {"method": "percentile", "percentiles": [0.5, 99.5], "low": 10.0, "high": 50.0}
-    own = intensity_scaling(volume, fg, recorded, "match")  # no reference recorded: falls back to own
-    assert own["a_min"] == pytest.approx(0.5) and own["a_max"] == pytest.approx(99.5)
-    assert intensity_scaling(volume, fg, recorded, "model")["a_max"] == 50.0
-    levels = [0.25, 0.5, 0.75]
-    matched = intensity_scaling(volume, fg, recorded | {"reference": [-0.5, 0.0, 0.5], "reference_levels": levels})
-    assert matched["a_min"] == pytest.approx(0.0) and matched["a_max"] == pytest.approx(100.0)
-    ct = intensity_scaling(volume, fg, {"method": "hu_window", "window": [-160, 240]}, "match")
-    assert (ct["a_min"], ct["a_max"]) == (-160.0, 240.0)
-    with pytest.raises(RecipeError, match="intensity"):
-        intensity_scaling(volume, fg, recorded, "zscore")
-
-
-@pytest.mark.parametrize("method,beyond", [("percentile", True), ("hu_window", False)])
-def test_values_beyond_the_range_reach_the_residual_only_for_mri(method, beyond):
-    from monai.data import MetaTensor
-
-    from medidiff.anomaly.pipeline import prepare_case
-
-    image, brain, affine = _volume((16, 16, 4))
-    image[7, 7, 1] = 300.0  # far brighter than anything healthy, too small to set the 99.5th percentile
-    intensity = ({"method": "percentile", "percentiles": [0.5, 99.5]} if method == "percentile"
-                 else {"method": "hu_window", "window": [0.0, 100.0]})
-    prep = {"orientation": "RAS", "spacing_mm": [2.0, 2.0], "slicing_axis": 2, "size": [16, 16],
-            "intensity": intensity}
-    case = prepare_case(MetaTensor(torch.from_numpy(image)[None], affine=torch.from_numpy(affine)), prep,
-                        mask=torch.from_numpy(brain)[None].float(), intensity="own")
-    x = case.prepared.as_tensor()
-    assert (float(x.max()) > 1.5) == beyond
-    assert (float(x.min()) < -1.0) == beyond  # the background lies below the brain's range too
-
-
-def test_match_scales_a_lesioned_slab_of_the_training_brain_like_the_training_data():
-    """The demo's situation: a slab where large bright lesions fill the top percentiles."""
-    from medidiff.anomaly.pipeline import intensity_scaling
-    from medidiff.data import sample
-    from medidiff.data.lesions import insert_lesions
-    from medidiff.recipes import load_recipe
-    from medidiff.train_data import build_data
-
-    recipe = load_recipe(ROOT / "recipes" / "demo_train.yaml")
-    recorded = build_data(recipe.data, recipe.seed).data_prep["intensity"]
-    brain = sample.brain_mask().as_tensor()[0] > 0
-    near = brain.clone()
-    near[..., :30], near[..., 46:] = False, False  # lesions of radius 6-7 mm (3 slices) that cross the slab
-    lesioned, _ = insert_lesions(sample.brain_volume(), mask=near, n=4, radius_mm=(6.0, 7.0), contrast=0.6,
-                                 polarity="hyper", seed=0)
-    lesioned, mask = lesioned[..., 34:42], brain[None, ..., 34:42]
-    truth = (recorded["low"], recorded["high"])  # the slab is cut from the training brain itself
-    healthy = sample.brain_volume().as_tensor()[0][..., 34:42]
-
-    def error(s, reference):
-        return max(abs(s["a_min"] - reference[0]), abs(s["a_max"] - reference[1])) / (truth[1] - truth[0])
-
-    def scaled(image, mode):
-        return intensity_scaling(image, mask[0], recorded, mode)
-
-    match, own = scaled(lesioned.as_tensor()[0], "match"), scaled(lesioned.as_tensor()[0], "own")
-    match_healthy = scaled(healthy, "match")
-    # the lesions barely move the matched map; the slab's tissue mix (not the whole brain's) moves it < 5 %
-    assert error(match, (match_healthy["a_min"], match_healthy["a_max"])) < 0.01
-    assert error(match, truth) < 0.05
-    assert error(own, truth) > 0.2  # the 99.5th percentile lies inside the lesions
-
-
-def test_an_off_centre_brain_is_centred_on_the_grid_and_mapped_back():
-    from monai.data import MetaTensor
-
-    from medidiff import io
-    from medidiff.anomaly.pipeline import prepare_case
-
-    shape = (40, 40, 3)
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape[:2]], indexing="ij"))
-    disc = ((grid[0] - 9) ** 2 + (grid[1] - 29) ** 2 < 25)[..., None].repeat(3, axis=2)  # far from the centre
-    disc[..., 0] = False  # an empty slice is kept, not cropped away
-    image = np.where(disc, 80.0, 0.0).astype(np.float32)
-    affine = torch.from_numpy(np.diag([2.0, 2.0, 2.0, 1.0]))
-    prep = {"orientation": "RAS", "spacing_mm": [2.0, 2.0], "slicing_axis": 2, "size": [16, 16],
-            "intensity": {"method": "percentile", "percentiles": [0.5, 99.5]}}
-    case = prepare_case(MetaTensor(torch.from_numpy(image)[None], affine=affine), prep,
-                        mask=torch.from_numpy(disc)[None].float(), intensity="own")
-    fg = case.prepared_fg.as_tensor()[0]
-    assert fg.shape == (16, 16, 3) and int(fg.sum()) == int(disc.sum())  # nothing of the brain is lost
-    centre = torch.nonzero(fg[..., 1]).float().mean(0)
-    assert float((centre - 7.5).abs().max()) <= 0.5
-    back = io.to_input_grid(case.prepared_fg, case.image, case.prepared, mode="nearest")
-    np.testing.assert_array_equal(back.as_tensor()[0].numpy() > 0.5, disc)
-
-
 def test_a_threshold_saved_with_the_model_is_used_only_for_its_settings(tmp_path, tiny_model):
     import shutil
 
-    from medidiff.anomaly.pipeline import model_threshold_path
+    from medidiff.anomaly.thresholds import model_threshold_path
 
     image, brain, affine = _volume((16, 16, 4))
     _write(tmp_path / "a.nii.gz", image, affine)
@@ -241,11 +146,15 @@ def test_a_threshold_saved_with_the_model_is_used_only_for_its_settings(tmp_path
     shutil.copy(tmp_path / "c" / "thresholds.json", model_threshold_path(model))
     assert model_threshold_path(model.parent / "w.safetensors").name == "w.thresholds.json"
     same = detect(model, tmp_path / "a.nii.gz", tmp_path / "s", mask=tmp_path / "a_mask.nii.gz", **FAST)
-    assert same["threshold"] == calibrated["threshold"] is not None
+    assert same.extra["threshold"] == calibrated.extra["threshold"] is not None
     assert (tmp_path / "s" / "a_anomaly_mask.nii.gz").is_file()
     other = detect(model, tmp_path / "a.nii.gz", tmp_path / "o", mask=tmp_path / "a_mask.nii.gz",
                    **(FAST | {"median_size": 5}))
-    assert other["threshold"] is None and not (tmp_path / "o" / "a_anomaly_mask.nii.gz").exists()
+    assert other.extra["threshold"] is None and not (tmp_path / "o" / "a_anomaly_mask.nii.gz").exists()
+    for change in ({"spread": "mad"}, {"min_foreground": 0.2}):  # the spread statistic and slice selection count
+        again = detect(model, tmp_path / "a.nii.gz", tmp_path / "x", mask=tmp_path / "a_mask.nii.gz",
+                       **(FAST | change))
+        assert again.extra["threshold"] is None
 
 
 def test_a_dicom_scan_gets_a_dicom_heatmap_too(tmp_path, tiny_model):
@@ -259,7 +168,7 @@ def test_a_dicom_scan_gets_a_dicom_heatmap_too(tmp_path, tiny_model):
     result = detect(tiny_model, folder, tmp_path / "out", **FAST)
     heat = sorted((tmp_path / "out").glob("*_heatmap_dicom/*.dcm"))
     sources = [p for p in folder.iterdir() if p.is_file()]
-    assert result["failures"] == 0 and len(heat) == len(sources)
+    assert result.failures == 0 and len(heat) == len(sources)
     first = pydicom.dcmread(heat[0])
     assert "DERIVED" in first.ImageType and first.SeriesDescription == "medidiff anomaly heatmap"
     nifti = next((tmp_path / "out").glob("*_heatmap.nii.gz"))
@@ -270,7 +179,7 @@ def test_a_3d_model_maps_a_volume_back_onto_its_grid(tmp_path):
     torch.manual_seed(0)
     net = build_unet(spatial_dims=3, in_channels=1, channels=(8, 16), attention_levels=(False, False),
                      norm_num_groups=8, num_head_channels=8)
-    prep = {"orientation": "RAS", "spacing_mm": [2.0, 2.0, 2.0], "size": [16, 16, 8],
+    prep = {"source": "test", "orientation": "RAS", "spacing_mm": [2.0, 2.0, 2.0], "size": [16, 16, 8],
             "intensity": {"method": "percentile", "percentiles": [0.5, 99.5]}}
     save_model(tmp_path / "m3d", net, make_process("ddpm", n_steps=50), "eps",
                {"data_prep": prep, "noise": {"kind": "gaussian"}})
@@ -283,7 +192,7 @@ def test_a_3d_model_maps_a_volume_back_onto_its_grid(tmp_path):
     assert heat.shape == image.shape and np.allclose(heat.affine, affine, atol=1e-5)
     values = heat.get_fdata()
     assert values[brain == 0].max() == 0.0 and values[brain > 0].max() > 0.0
-    assert result["scores"][0]["nfe"] == 2  # one volume, 2 DDIM steps
+    assert result.rows[0]["nfe"] == 2  # one volume, 2 DDIM steps
 
 
 def test_the_spread_between_samples_is_written_as_an_uncertainty_map(tmp_path, tiny_model):
@@ -298,5 +207,5 @@ def test_the_spread_between_samples_is_written_as_an_uncertainty_map(tmp_path, t
     assert values.min() >= 0 and values[brain > 0].min() > 0  # three draws of noise never agree exactly
     # the same grid and the scan's own range: the map is the csv's model-scale mean, in scan units
     low, high = np.percentile(image[brain > 0], [0.5, 99.5])
-    mean_spread = float(result["scores"][0]["mean_spread"])
+    mean_spread = float(result.rows[0]["mean_spread"])
     assert values[brain > 0].mean() == pytest.approx(mean_spread * (high - low) / 2, rel=1e-3)

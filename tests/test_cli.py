@@ -93,7 +93,7 @@ def test_set_overrides_and_unavailable_task(tmp_path, capsys):
     assert main(["run", str(recipe), "--set", "training.lr=oops", "--out", str(tmp_path / "o")]) == 2
     assert "'training.lr'" in capsys.readouterr().err
     assert main(["run", str(recipe), "--set", "task=recon", "--out", str(tmp_path / "o")]) == 2
-    assert "task 'recon' cannot be run" in capsys.readouterr().err
+    assert "task 'recon' is not available" in capsys.readouterr().err
 
 
 def test_inspect_and_convert_a_nifti(tmp_path, capsys):

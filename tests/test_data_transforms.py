@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.data import DataLoader, MetaTensor, list_data_collate
 
-from medidiff import io
+from medidiff.cases import to_input_grid
 from medidiff.data import sample
 from medidiff.data.datasets import SliceDataset, cached_dataset, grid_patch_dataset, patch_dataset
 from medidiff.data.transforms import (
@@ -128,7 +128,7 @@ def test_mri_preset_from_file_resamples_and_round_trips():
     assert dice > 0.9
     # back to the input's units and grid: close to the input inside the brain
     reference, brain = sample.brain_volume(), sample.brain_mask()[0] > 0
-    back = io.to_input_grid(to_input_units(x, out["image_scaling"]), reference, x)
+    back = to_input_grid(to_input_units(x, out["image_scaling"]), reference, x)
     assert back.shape == reference.shape and torch.equal(back.affine, reference.affine)
     err = (back[0] - reference[0])[brain].abs()
     assert float(err.mean()) < 0.05 * float(reference.max())

@@ -14,7 +14,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import CenterSpatialCropd, Compose, Orientationd, Spacingd
 
-from medidiff import io
+from medidiff import outputs
+from medidiff.cases import to_input_grid
 from medidiff.data import sample
 from medidiff.errors import DataError
 
@@ -53,21 +54,21 @@ def png_size(path) -> tuple[int, int]:
     ],
 )
 def test_safe_case_name(text, expected):
-    name = io.safe_case_name(text)
+    name = outputs.safe_case_name(text)
     assert name == expected
     assert all(c.isalnum() or c in "._-" for c in name) and not name.startswith(".")
 
 
 def test_safe_case_name_removes_identifiers():
-    assert io.safe_case_name("Doe_Peter_CT", identifiers=["Doe^Peter", "12345"]) == "CT"
-    assert io.safe_case_name("12345", identifiers=["12345"]) == "case"
+    assert outputs.safe_case_name("Doe_Peter_CT", identifiers=["Doe^Peter", "12345"]) == "CT"
+    assert outputs.safe_case_name("12345", identifiers=["12345"]) == "case"
 
 
 def test_result_path():
-    p = io.result_path("/out", "/in/sub-01.nii.gz", "anomaly_mask", ".nii.gz")
+    p = outputs.result_path("/out", "/in/sub-01.nii.gz", "anomaly_mask", ".nii.gz")
     assert str(p) == "/out/sub-01_anomaly_mask.nii.gz"
     with pytest.raises(ValueError):
-        io.result_path("/out", "a", "../x", "png")
+        outputs.result_path("/out", "a", "../x", "png")
 
 
 # -------------------------------------------------------------------------------------------- atomic
@@ -75,16 +76,16 @@ def test_result_path():
 
 def test_atomic_write_leaves_nothing_when_writer_raises(tmp_path):
     target = tmp_path / "table.csv"
-    with pytest.raises(RuntimeError), io.atomic_write(target) as tmp:
+    with pytest.raises(RuntimeError), outputs.atomic_write(target) as tmp:
         tmp.write_text("half")
         raise RuntimeError("writer failed")
     assert list(tmp_path.iterdir()) == []
     target.write_text("old")
-    with pytest.raises(RuntimeError), io.atomic_write(target) as tmp:
+    with pytest.raises(RuntimeError), outputs.atomic_write(target) as tmp:
         tmp.write_text("new")
         raise RuntimeError("writer failed")
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
-    with io.atomic_write(target) as tmp:
+    with outputs.atomic_write(target) as tmp:
         assert tmp.parent == tmp_path and tmp.name.endswith(".csv")
         tmp.write_text("new")
     assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
@@ -96,19 +97,19 @@ def test_atomic_write_refuses_inputs(tmp_path):
     src.write_bytes(b"input")
     for target in (src, tmp_path / "in" / ".." / "in" / "scan.nii.gz", src.parent / "new.nii.gz"):
         with pytest.raises(DataError, match="input"):
-            io.write_json({}, target, protected=[src.parent])
+            outputs.write_json({}, target, protected=[src.parent])
     with pytest.raises(DataError, match="input"):
-        io.write_text("x", src, protected=[src])
+        outputs.write_text("x", src, protected=[src])
     assert src.read_bytes() == b"input"
-    io.write_text("x", tmp_path / "out.txt", protected=[src.parent])  # elsewhere is fine
+    outputs.write_text("x", tmp_path / "out.txt", protected=[src.parent])  # elsewhere is fine
 
 
 def test_write_json_and_table(tmp_path):
     obj = {"auroc": np.float32(0.5), "shape": torch.tensor([1, 2]), "path": tmp_path, "n": np.int64(3)}
-    p = io.write_json(obj, tmp_path / "metrics.json")
+    p = outputs.write_json(obj, tmp_path / "metrics.json")
     assert json.loads(p.read_text()) == {"auroc": 0.5, "shape": [1, 2], "path": str(tmp_path), "n": 3}
     rows = [{"case": "a", "dice": 0.75}, {"case": "b", "hd95": 2.5}]
-    p = io.write_table(rows, tmp_path / "t.csv")
+    p = outputs.write_table(rows, tmp_path / "t.csv")
     with open(p) as f:
         back = list(csv.DictReader(f))
     assert back == [{"case": "a", "dice": "0.75", "hd95": ""}, {"case": "b", "dice": "", "hd95": "2.5"}]
@@ -120,7 +121,7 @@ def test_write_json_and_table(tmp_path):
 def test_write_like_keeps_affine_and_dtypes(tmp_path):
     ref = sample.brain_volume()
     heat = torch.rand(1, *ref.shape[1:])
-    p = io.write_like(heat, ref, tmp_path / "c_heatmap.nii.gz")
+    p = outputs.write_like(heat, ref, tmp_path / "c_heatmap.nii.gz")
     img = nib.load(p)
     np.testing.assert_array_equal(img.affine, ref.affine.numpy())
     assert img.shape == (80, 96, 80) and img.get_data_dtype() == np.float32
@@ -128,19 +129,19 @@ def test_write_like_keeps_affine_and_dtypes(tmp_path):
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S") and int(img.header["sform_code"]) == 1
 
     mask = heat[0] > 0.5  # (X, Y, Z) bool -> uint8
-    img = nib.load(io.write_like(mask, ref, tmp_path / "c_mask.nii.gz"))
+    img = nib.load(outputs.write_like(mask, ref, tmp_path / "c_mask.nii.gz"))
     assert img.get_data_dtype() == np.uint8
     assert int(np.asarray(img.dataobj).sum()) == int(mask.sum())
 
     two = np.stack([heat[0].numpy(), 2 * heat[0].numpy()])  # (C, X, Y, Z) -> 4D NIfTI
-    img = nib.load(io.write_nifti(two, tmp_path / "two.nii", ref.affine))
+    img = nib.load(outputs.write_nifti(two, tmp_path / "two.nii", ref.affine))
     assert img.shape == (80, 96, 80, 2)
     np.testing.assert_allclose(img.get_fdata()[..., 1], two[1], rtol=1e-6)
 
-    with pytest.raises(DataError, match="to_input_grid"):
-        io.write_like(heat[:, :40], ref, tmp_path / "bad.nii.gz")
+    with pytest.raises(DataError, match="restore"):
+        outputs.write_like(heat[:, :40], ref, tmp_path / "bad.nii.gz")
     with pytest.raises(DataError, match="affine"):
-        io.write_nifti(np.zeros((4, 4, 4)), tmp_path / "no_affine.nii.gz")
+        outputs.write_nifti(np.zeros((4, 4, 4)), tmp_path / "no_affine.nii.gz")
 
 
 def test_crop_resample_round_trip_lands_on_input_grid():
@@ -153,10 +154,10 @@ def test_crop_resample_round_trip_lands_on_input_grid():
     prepared = prepare({"image": image})["image"]
     assert prepared.shape == (1, 20, 18, 16)
     result = prepared.clone()  # an identity "result" on the model's grid
-    back = io.to_input_grid(result, image, prepared)
+    back = to_input_grid(result, image, prepared)
     assert back.shape == image.shape
     np.testing.assert_array_equal(back.affine.numpy(), AFFINE)
-    coverage = io.to_input_grid(torch.ones_like(prepared), image, prepared)[0]
+    coverage = to_input_grid(torch.ones_like(prepared), image, prepared)[0]
     defined = coverage > 0.999  # inside the model's field of view (away from its edge)
     assert 0.2 < float(defined.float().mean()) < 0.5  # the crop covers part of the input
     err = (back[0] - image[0])[defined].abs()
@@ -167,10 +168,10 @@ def test_crop_resample_round_trip_lands_on_input_grid():
     assert float((inverse[0] - back[0]).abs().max()) < 1e-4
     # a mask comes back as a mask
     mask = (prepared > 1.0).float()
-    mask_back = io.to_input_grid(mask, image, prepared, mode="nearest")
+    mask_back = to_input_grid(mask, image, prepared, mode="nearest")
     assert set(torch.unique(mask_back).tolist()) <= {0.0, 1.0}
     with pytest.raises(DataError, match="prepared grid"):
-        io.to_input_grid(result[:, :10], image, prepared)
+        to_input_grid(result[:, :10], image, prepared)
 
 
 # --------------------------------------------------------------------------------------------- DICOM
@@ -188,7 +189,7 @@ def test_write_dicom_series_matches_source_geometry(tmp_path):
     hu = np.stack([d.pixel_array.T * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in sources], -1)
     ref = MetaTensor(torch.tensor(hu, dtype=torch.float32)[None], affine=torch.tensor(affine))
     result = ref * 0.5 + 0.25
-    out = io.write_dicom_series(result, ref, files, tmp_path / "dcm", units="HU", protected=files)
+    out = outputs.write_dicom_series(result, ref, files, tmp_path / "dcm", units="HU", protected=files)
     assert len(out) == len(files)
     series_uids = set()
     for src_file, out_file in zip(files, out):
@@ -208,7 +209,7 @@ def test_write_dicom_series_matches_source_geometry(tmp_path):
     shifted = MetaTensor(ref.as_tensor(), affine=torch.tensor(affine))
     shifted.affine[2, 3] += 1.25  # half a slice off: the slices are not on the grid
     with pytest.raises(DataError, match="grid"):
-        io.write_dicom_series(result, shifted, files, tmp_path / "bad")
+        outputs.write_dicom_series(result, shifted, files, tmp_path / "bad")
 
 
 # ----------------------------------------------------------------------------------------------- PNG
@@ -219,9 +220,9 @@ def test_relevant_slices_follow_heatmap_mass():
     heat[2:5, 3:6, 17] = 1.0
     heat[2:5, 3:6, 5] = 0.5
     heat[2:3, 3:4, 25] = 0.1
-    assert io.relevant_slices(heat, 2) == [5, 17]
-    assert io.relevant_slices(heat, 5) == [5, 17, 25]  # only slices with mass
-    assert io.relevant_slices(np.zeros((4, 4, 9)), 3) == [2, 4, 6]
+    assert outputs.relevant_slices(heat, 2) == [5, 17]
+    assert outputs.relevant_slices(heat, 5) == [5, 17, 25]  # only slices with mass
+    assert outputs.relevant_slices(np.zeros((4, 4, 9)), 3) == [2, 4, 6]
 
 
 def test_overlay_png_sizes(tmp_path):
@@ -229,15 +230,15 @@ def test_overlay_png_sizes(tmp_path):
     heat = torch.zeros_like(vol)
     heat[0, 30:40, 40:50, 50:53] = 2.0
     mask = sample.brain_mask()
-    p = io.overlay_png(vol, heatmap=heat, contours={"brain": mask}, path=tmp_path / "c_overlay.png",
+    p = outputs.overlay_png(vol, heatmap=heat, contours={"brain": mask}, path=tmp_path / "c_overlay.png",
                        title="heatmap", units="a.u.", n_slices=4, ncols=2, panel_inches=2.0, dpi=50)
     assert png_size(p) == (int((2 * 2.0 + 0.9) * 50), int((2 * 2.0 + 0.5) * 50))
-    p2 = io.overlay_png(vol[0, :, :, 40], heatmap=heat[0, :, :, 40], path=tmp_path / "slice.png", dpi=40)
+    p2 = outputs.overlay_png(vol[0, :, :, 40], heatmap=heat[0, :, :, 40], path=tmp_path / "slice.png", dpi=40)
     assert png_size(p2) == (int((2.5 + 0.9) * 40), int((2.5 + 0.5) * 40))
-    p3 = io.overlay_png(vol, path=tmp_path / "plain.png", n_slices=5, ncols=5, panel_inches=1.0, dpi=40)
+    p3 = outputs.overlay_png(vol, path=tmp_path / "plain.png", n_slices=5, ncols=5, panel_inches=1.0, dpi=40)
     assert png_size(p3) == (int((5 * 1.0 + 0.9) * 40), int((1.0 + 0.5) * 40))  # five slices, no colour bar
     with pytest.raises(DataError, match="shape"):
-        io.overlay_png(vol, heatmap=heat[:, :10], path=tmp_path / "bad.png")
+        outputs.overlay_png(vol, heatmap=heat[:, :10], path=tmp_path / "bad.png")
     assert sorted(f.name for f in tmp_path.iterdir()) == ["c_overlay.png", "plain.png", "slice.png"]
 
 
@@ -250,7 +251,7 @@ def test_dicom_series_round_trips_through_the_reader(tmp_path):
     volume, affine, _ = dicom.read_series(files)
     ref = MetaTensor(torch.from_numpy(volume), affine=torch.from_numpy(affine))
     heat = torch.linspace(0.0, 3.0, volume.size).reshape(volume.shape)  # a float map on the input grid
-    out = io.write_dicom_series(heat, ref, files, tmp_path / "heat", description="heatmap", protected=[folder])
+    out = outputs.write_dicom_series(heat, ref, files, tmp_path / "heat", description="heatmap", protected=[folder])
     back, back_affine, info = dicom.read_series(out)
     np.testing.assert_allclose(back_affine, affine, atol=1e-4)
     step = float(pydicom.dcmread(out[0]).RescaleSlope)
@@ -262,7 +263,7 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     import os
     import stat
 
-    from medidiff.io import write_text
+    from medidiff.outputs import write_text
 
     old = os.umask(0o022)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,9 @@ import torch
 import yaml
 from train_helpers import ROOT, tiny_recipe
 
-from medidiff import recipes
+from medidiff import recipes, runs
 from medidiff.errors import RecipeError
+from medidiff.results import TaskResult
 from medidiff.train_data import DataConfig, build_data, synthetic_images
 
 
@@ -77,13 +79,13 @@ def test_overrides_are_yaml_typed_and_applied_before_validation():
     recipe = recipes.parse_recipe(tiny_recipe(), overrides=[
         "training.lr=1e-4", "data.size=[32, 32]", "model.attention_levels=[false, true]", "seed=7",
         "process.name=vesde", "process.n_steps=null", "process.sigma_max=20", "training.ema_decay=null",
-        "anomaly.t_levels=[0.25]",
+        "anomaly.reconstruction.t_levels=[0.25]",
     ])
     assert recipe.training.lr == pytest.approx(1e-4) and isinstance(recipe.training.lr, float)
     assert recipe.data.size == [32, 32] and recipe.model.attention_levels == [False, True] and recipe.seed == 7
     assert recipe.training.ema_decay is None
     assert recipe.process.build().config() == {"name": "vesde", "sigma_min": 0.01, "sigma_max": 20.0, "t_min": 1e-5}
-    assert recipe.anomaly.t_levels == [0.25]  # task sections are defined by their tasks
+    assert recipe.anomaly.reconstruction.t_levels == [0.25]  # task sections are defined by their tasks
     for bad in ["training.lr", "=3", "training..lr=1", "seed.x=1"]:
         with pytest.raises(RecipeError, match="--set"):
             recipes.parse_recipe(tiny_recipe(), overrides=[bad])
@@ -105,28 +107,44 @@ def test_bad_yaml_and_missing_file(tmp_path):
         recipes.load_recipe(_write(tmp_path, "- a\n- b\n"))
 
 
-def test_dispatch_through_the_registry(tmp_path, monkeypatch):
-    monkeypatch.setitem(recipes.TASK_PACKAGES, "segment", "medidiff.segment")
-    with pytest.raises(RecipeError, match="task 'segment' cannot be run"):
-        recipes.run(recipes.parse_recipe({"task": "segment"}), tmp_path / "a")
+def test_dispatch_through_the_task_table(tmp_path, monkeypatch):
+    with pytest.raises(RecipeError, match="task 'segment' is not available"):
+        recipes.parse_recipe({"task": "segment"})
     seen = {}
 
-    def fake(recipe, out_dir):
-        seen["args"] = (recipe.task, out_dir)
-        output = out_dir / "segment_result.txt"
+    def fake(section, out_dir, *, seed, device):
+        seen["args"] = (section.inputs, out_dir, seed, device)
+        output = out_dir / "anomaly_result.txt"
         output.write_text("done")
-        return {"outputs": [output], "step": 1}
+        return TaskResult(outputs=[output], summary="ok")
 
-    monkeypatch.setitem(recipes.TASKS, "segment", fake)
-    recipes.run(recipes.parse_recipe({"task": "segment", "segment": {"ensemble": 5}}), tmp_path / "b")
-    assert seen["args"] == ("segment", tmp_path / "b")
+    import types
+
+    monkeypatch.setitem(sys.modules, "fake_task", types.SimpleNamespace(run=fake))
+    monkeypatch.setitem(runs.TASKS, "anomaly", "fake_task:run")
+    recipe = recipes.parse_recipe({"task": "anomaly", "seed": 3, "device": "cpu", "anomaly": {"inputs": "x.nii.gz"},
+                                   "training": {"steps": 7}})
+    runs.run(recipe, tmp_path / "b")
+    assert seen["args"] == ("x.nii.gz", tmp_path / "b", 3, "cpu")
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["status"] == "finished" and manifest["task"] == "segment"
-    assert list(manifest["outputs"]) == ["segment_result.txt"] and manifest["end_time"]
+    assert manifest["status"] == "finished" and manifest["task"] == "anomaly"
+    assert list(manifest["outputs"]) == ["anomaly_result.txt"] and manifest["end_time"]
     saved = yaml.safe_load((tmp_path / "b" / "recipe.yaml").read_text())
-    assert saved["segment"] == {"ensemble": 5}
-    with pytest.raises(RecipeError, match="cannot be trained"):  # no trainer registered for segment
-        recipes.train(recipes.parse_recipe({"task": "segment"}), tmp_path / "c")
+    # the saved recipe holds what applies to the run: no training sections in a detection run
+    assert set(saved) == {"task", "description", "seed", "device", "anomaly"}
+    assert saved["anomaly"]["inputs"] == "x.nii.gz" and saved["anomaly"]["reconstruction"]["n_samples"] == 24
+    with pytest.raises(RecipeError, match="does not train"):
+        runs.train(recipe, tmp_path / "c")
+    train = recipes.parse_recipe({"task": "train"})
+    assert set(train.applicable()) == {"task", "description", "seed", "device", "data", "model", "process",
+                                       "training"}
+
+
+def test_task_sections_forbid_unknown_keys():
+    with pytest.raises(RecipeError, match="belongs under 'anomaly.reconstruction.t_levels'"):
+        recipes.parse_recipe({"task": "anomaly", "anomaly": {"t_levels": [0.5]}})
+    with pytest.raises(RecipeError, match="anomaly.map.median_sise"):
+        recipes.parse_recipe({"task": "anomaly", "anomaly": {"map": {"median_sise": 3}}})
 
 
 def test_synthetic_data_is_seeded_in_range_and_split(tmp_path):

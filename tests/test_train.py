@@ -99,7 +99,7 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path):
     assert path.name == "step_0000004.pt" and state["step"] == k
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     denoiser, meta = load_denoiser(tmp_path)  # the weights written with that checkpoint are whole
-    assert meta["step"] == k
+    assert meta.step == k
 
 
 def test_refuses_a_folder_with_checkpoints_unless_resuming(tmp_path):
@@ -112,9 +112,9 @@ def test_refuses_a_folder_with_checkpoints_unless_resuming(tmp_path):
 def test_weights_round_trip_and_clear_errors(tmp_path):
     net = _net()
     process = make_process("vpsde", beta_max=15.0)
-    path = save_model(tmp_path / "w", net, process, "v", {"data_prep": {"slicing_axis": 2}})
+    path = save_model(tmp_path / "w", net, process, "v", {"data_prep": {"source": "test", "slicing_axis": 2}})
     denoiser, meta = load_denoiser(tmp_path / "w")
-    assert meta["data_prep"] == {"slicing_axis": 2} and meta["process"]["beta_max"] == 15.0
+    assert meta.data_prep.slicing_axis == 2 and meta.data_prep.source == "test" and meta.process["beta_max"] == 15.0
     assert denoiser.prediction == "v" and not denoiser.training
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([0.3, 0.7])
     from medidiff.core.denoiser import Denoiser
@@ -129,8 +129,19 @@ def test_weights_round_trip_and_clear_errors(tmp_path):
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(ModelError, match="model.safetensors"):
         load_denoiser(tmp_path / "w")
-    save_model(tmp_path / "w", net, process, "v")
+    with pytest.raises(ModelError, match="no data_prep"):  # a model that says nothing of its data is refused
+        save_model(tmp_path / "w", net, process, "v")
+    save_model(tmp_path / "w", net, process, "v", {"data_prep": {"source": "test"}})
     config = json.loads((tmp_path / "w" / "model.json").read_text())
+    del config["data_prep"]
+    (tmp_path / "w" / "model.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="no data_prep"):
+        load_denoiser(tmp_path / "w")
+    config["data_prep"] = {"source": "test", "intensity": {"method": "gamma"}}  # a record of another layout
+    (tmp_path / "w" / "model.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="data_prep.intensity"):
+        load_denoiser(tmp_path / "w")
+    config["data_prep"] = {"source": "test"}
     config["net"]["channels"] = [16, 32]
     config["net"]["num_head_channels"] = 16
     (tmp_path / "w" / "model.json").write_text(json.dumps(config))

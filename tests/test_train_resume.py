@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 from train_helpers import MEDIDIFF, single_thread, subprocess_env, tiny_recipe  # noqa: F401
 
-from medidiff import recipes
+from medidiff import recipes, runs
 from medidiff.train import PAUSE_ENV, find_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -24,7 +24,7 @@ RAW = tiny_recipe(training={"steps": 12, "checkpoint_every": 4, "grad_accum_step
 
 
 def _train(out, *overrides):
-    return recipes.train(recipes.parse_recipe(RAW, overrides=overrides), out)
+    return runs.train(recipes.parse_recipe(RAW, overrides=overrides), out)
 
 
 def _assert_same_run(a, b, out_a, out_b):
@@ -89,5 +89,5 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, uninterrupted):
     assert proc.returncode == -signal.SIGKILL
     assert find_checkpoint(out)[1]["step"] == 8
     assert not (out / "checkpoints" / "step_0000012.pt").exists()
-    resumed = recipes.train(recipes.load_recipe(recipe_file, ["training.resume=true"]), out)
+    resumed = runs.train(recipes.load_recipe(recipe_file, ["training.resume=true"]), out)
     _assert_same_run(whole, resumed, whole_out, out)

@@ -1,15 +1,13 @@
 """Anomaly detection by healthy reconstruction: a model of healthy anatomy heals the scan, the residual is the map.
 
-Modules: ``healthy`` (partial diffusion, DDIM inversion, patch-wise reconstruction), ``maps`` (residual,
-mask, filters, case score), ``thresholds`` (calibration at a false-positive rate), ``pipeline`` (``detect``
-and the ``anomaly`` recipe task, registered on import).
+Modules: ``config`` (the recipe's ``anomaly`` section and its options), ``healthy`` (partial diffusion,
+DDIM inversion, patch-wise reconstruction), ``maps`` (residual, mask, filters, case score),
+``thresholds`` (calibration at a false-positive rate, the threshold saved with a model), ``detect``
+(scans in, heatmaps out), ``report`` (``report.md``), ``task`` (the ``anomaly`` recipe task).
 """
 
-from medidiff.recipes import register_task
-
+from .config import AnomalySection, HealthyOptions, MapOptions
+from .detect import detect
 from .healthy import reconstruct_healthy
-from .pipeline import detect, run_recipe
 
-register_task("anomaly", run_recipe)
-
-__all__ = ["detect", "reconstruct_healthy", "run_recipe"]
+__all__ = ["AnomalySection", "HealthyOptions", "MapOptions", "detect", "reconstruct_healthy"]

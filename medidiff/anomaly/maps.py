@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..arrays import to_numpy
+from .config import MapOptions
 
 __all__ = ["residual", "erode", "median_filter", "smooth", "anomaly_map", "case_score", "RESIDUALS"]
 
@@ -122,36 +123,33 @@ def smooth(a: Any, sigma: float | Sequence[float] = 1.0, *, spatial_dims: int = 
     return ndimage.gaussian_filter(a, sigma=_per_axis(sigma, a.ndim, spatial_dims, 0), mode="reflect")
 
 
-def anomaly_map(x: Any, healthy: Any, *, mask: Any = None, kind: str = "abs", median_size: int = 5,
-                sigma: float = 0.0, erode_iterations: int = 2, spatial_dims: int = 2, spread: Any = None,
-                spread_floor: float | None = None) -> np.ndarray:
+def anomaly_map(x: Any, healthy: Any, opts: MapOptions | None = None, *, mask: Any = None, spread: Any = None,
+                spatial_dims: int = 2) -> np.ndarray:
     """The anomaly map of images and their healthy reconstructions.
 
     Residual (optionally uncertainty-weighted, summed over channels) -> median filter -> optional Gaussian
-    smoothing -> zero outside
-    the eroded mask. The mask is applied after filtering, so the bright rim of a masked region does not
-    leak inwards through the filter.
+    smoothing -> zero outside the eroded mask. The mask is applied after filtering, so the bright rim of a
+    masked region does not leak inwards through the filter.
 
     Args:
         x: images ``(B, C, *spatial)``.
         healthy: reconstructions, same shape.
+        opts: the map's options (``MapOptions``: residual, spread_floor, median_size, smooth_sigma, erode;
+            default: the defaults).
         mask: foreground ``(B, 1, *spatial)`` or ``(B, *spatial)`` (``None``: everywhere).
-        kind: ``abs`` or ``squared`` residual.
-        median_size: median window per spatial axis (5 by default; 3 is measurably worse).
-        sigma: Gaussian smoothing in voxels (0: none).
-        erode_iterations: voxels eroded from the mask's rim.
+        spread: the spread between several reconstructions, same shape as ``x`` (see ``residual``).
         spatial_dims: 2 for slices, 3 for volumes.
-        spread, spread_floor: uncertainty weighting of the residual (see ``residual``).
 
     Returns:
         A float32 map ``(B, 1, *spatial)``.
     """
-    r = residual(x, healthy, kind=kind, spread=spread, spread_floor=spread_floor)
-    r = smooth(median_filter(r, median_size, spatial_dims=spatial_dims), sigma, spatial_dims=spatial_dims)
+    o = opts or MapOptions()
+    r = residual(x, healthy, kind=o.residual, spread=spread, spread_floor=o.spread_floor)
+    r = smooth(median_filter(r, o.median_size, spatial_dims=spatial_dims), o.smooth_sigma, spatial_dims=spatial_dims)
     if mask is not None:
         m = to_numpy(mask).astype(bool)
         m = m.reshape(r.shape) if m.size == r.size else m
-        r = np.where(erode(m, erode_iterations, spatial_dims=spatial_dims), r, 0.0).astype(np.float32)
+        r = np.where(erode(m, o.erode, spatial_dims=spatial_dims), r, 0.0).astype(np.float32)
     return r
 
 

@@ -13,6 +13,7 @@ The calibration is saved as ``thresholds.json`` beside the outputs (and in the r
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,14 @@ from typing import Any
 import numpy as np
 
 from medidiff.errors import DataError, RecipeError
-from medidiff.io import write_json
+from medidiff.outputs import write_json
 
 from ..arrays import to_numpy
 
 __all__ = ["THRESHOLDS_FILE", "ORACLE_LABEL", "calibrate", "calibrate_many", "save_threshold", "load_threshold",
-           "load_record", "false_positive_rate"]
+           "load_record", "false_positive_rate", "model_threshold_path", "saved_threshold"]
+
+log = logging.getLogger("medidiff.anomaly")
 
 THRESHOLDS_FILE = "thresholds.json"
 #: How the best-Dice figure is labelled wherever it is reported.
@@ -117,3 +120,44 @@ def load_record(path: str | Path) -> dict[str, Any]:
 def load_threshold(path: str | Path) -> float:
     """The ``threshold`` of a JSON file written by :func:`save_threshold` (see :func:`load_record`)."""
     return load_record(path)["threshold"]
+
+
+def model_threshold_path(model_path: str | Path) -> Path:
+    """Where a threshold saved with a model lives: ``<stem>.thresholds.json`` beside it, or in its folder."""
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        return model_path / THRESHOLDS_FILE
+    return model_path.with_name(model_path.name.split(".")[0] + ".thresholds.json")
+
+
+def saved_threshold(model_path: str | Path, settings: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
+    """The threshold saved with a model, if it was calibrated with the same map settings.
+
+    Args:
+        model_path: the model's weights file or folder.
+        settings: the map settings of this run (``AnomalySection.map_settings``).
+
+    Returns:
+        ``(threshold, record)``, or ``(None, {})`` when there is none or its settings differ (logged).
+    """
+    path = model_threshold_path(model_path)
+    if not path.is_file():
+        log.warning("no calibration scans, no threshold and none saved with the model: no anomaly masks or Dice")
+        return None, {}
+    record = load_record(path)
+    saved = record.get("settings") or {}
+    if saved != settings:
+        changed = sorted(_differences(saved, settings))
+        log.warning("the threshold saved with the model (%s) was calibrated with other settings (%s): no anomaly "
+                    "masks or Dice; give calibration scans or a threshold", path, ", ".join(changed))
+        return None, {}
+    value = record["threshold"]
+    log.info("threshold %.4g saved with the model (%s, FPR %s)", value, path.name, record.get("fpr"))
+    return value, {"threshold": value, "fpr": record.get("fpr"), "source": str(path)}
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in set(a) | set(b) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]

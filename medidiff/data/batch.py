@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from medidiff.errors import MedidiffError
-from medidiff.io import write_table
+from medidiff.outputs import write_table
 
 __all__ = ["FAILURES_FILE", "FailureLog", "iter_loaded"]
 

@@ -26,7 +26,7 @@ from medidiff.data.dicom import SeriesInfo
 from medidiff.data.nifti import is_nifti, nifti_geometry, nifti_stem, read_nifti
 from medidiff.errors import DataError
 
-__all__ = ["SELECT_RULES", "Source", "discover", "geometry", "load", "load_label", "select_series"]
+__all__ = ["SELECT_RULES", "Source", "discover", "geometry", "load", "load_companion", "load_label", "select_series"]
 
 SELECT_RULES = "None, 'all', 'largest', 'modality:<MR|CT|...>' or 'description:<text>'"
 SPLITS = ("training", "validation", "test")
@@ -43,6 +43,8 @@ class Source:
         kind: ``"nifti"`` or ``"dicom"``.
         paths: the files: one NIfTI file per channel, or all the files of a DICOM series.
         label: the label file or folder, if any.
+        mask: a foreground (e.g. brain) mask file, if any (datalist/CSV ``mask``).
+        annotations: further label files of the same case (several raters; datalist ``annotations``).
         split: ``"training"``, ``"validation"``, ``"test"`` or None.
         series: for DICOM, the series summary.
         problems: warnings that did not stop it being used (e.g. no patient geometry, gantry tilt);
@@ -53,6 +55,8 @@ class Source:
     kind: str
     paths: list[Path]
     label: Path | None = None
+    mask: Path | None = None
+    annotations: list[Path] = field(default_factory=list)
     split: str | None = None
     series: SeriesInfo | None = None
     problems: list[str] = field(default_factory=list)
@@ -253,7 +257,8 @@ def _datalist(path: Path, select: str | None) -> list[Source]:
             if not isinstance(entry, dict) or "image" not in entry:
                 raise DataError(f"has a '{key}' entry without 'image': {entry!r}.", where=path,
                                 fix="give each entry an 'image' path.")
-            sources.append(_entry(entry["image"], entry.get("label"), key, select, path))
+            sources.append(_entry(entry["image"], entry.get("label"), key, select, path, mask=entry.get("mask"),
+                                  annotations=entry.get("annotations")))
     return sources
 
 
@@ -271,15 +276,17 @@ def _csv(path: Path, select: str | None) -> list[Source]:
             raise DataError(f"line {number} has no 'image' value.", where=path,
                             fix="write a CSV with an 'image' column and an optional 'label' column.")
         label = path.parent / row["label"] if row.get("label") else None
+        mask = path.parent / row["mask"] if row.get("mask") else None
         split = row.get("split") or None
-        sources.append(_entry(path.parent / row["image"], label, split, select, path))
+        sources.append(_entry(path.parent / row["image"], label, split, select, path, mask=mask))
     if not sources:
         raise DataError("lists no images.", where=path, fix="add rows with an 'image' column.")
     return sources
 
 
-def _entry(image, label, split: str | None, select: str | None, listing: Path) -> Source:
-    """One datalist entry: an image path (or one per channel) and an optional label path."""
+def _entry(image, label, split: str | None, select: str | None, listing: Path, *, mask=None,
+           annotations=None) -> Source:
+    """One datalist entry: an image path (or one per channel), optional label and mask paths, annotations."""
     images = [Path(p) for p in (image if isinstance(image, (list, tuple)) else [image])]
     found = []
     for image_path in images:
@@ -291,15 +298,21 @@ def _entry(image, label, split: str | None, select: str | None, listing: Path) -
             raise DataError(f"entry {image_path} holds {len(sources)} images, not one.", where=listing,
                             fix="point each entry at one image (or give a stricter select rule).")
         found.append(sources[0])
-    if label is not None and not Path(label).exists():
-        raise DataError(f"lists a label that does not exist: {label}.", where=listing,
-                        fix="correct the path (relative paths are read from the list's folder).")
+    extra = [label, mask, *(annotations if isinstance(annotations, (list, tuple)) else [annotations])]
+    # MONAI's datalist reader already joined the paths that exist to the list's folder
+    extra = [None if p is None else (Path(p) if Path(p).exists() else listing.parent / p) for p in extra]
+    for what, item in zip(("label", "mask", *["annotation"] * (len(extra) - 2)), extra):
+        if item is not None and not item.exists():
+            raise DataError(f"lists a {what} that does not exist: {item}.", where=listing,
+                            fix="correct the path (relative paths are read from the list's folder).")
+    label, mask, *annotations = extra
     if len(found) > 1 and any(s.kind != "nifti" for s in found):
         raise DataError("has a multi-channel entry that is not made of NIfTI files.", where=listing,
                         fix="give one NIfTI file per channel.")
     first = found[0]
-    return Source(name=first.name, kind=first.kind, paths=[p for s in found for p in s.paths],
-                  label=Path(label) if label is not None else None, split=split, series=first.series)
+    return Source(name=first.name, kind=first.kind, paths=[p for s in found for p in s.paths], label=label,
+                  mask=mask, annotations=[p for p in annotations if p is not None], split=split,
+                  series=first.series)
 
 
 def _safe(name: str) -> str:
@@ -390,13 +403,7 @@ def geometry(source: Source) -> tuple[tuple[int, int, int], np.ndarray]:
 
 
 def load_label(source: Source) -> MetaTensor:
-    """Reads a case's label and checks that it lies on the image's grid.
-
-    Args:
-        source: a case with a ``label``.
-
-    Returns:
-        A float32 ``MetaTensor`` ``(1, X, Y, Z)`` with the label's affine.
+    """Reads a case's label and checks that it lies on the image's grid (see :func:`load_companion`).
 
     Raises:
         DataError: there is no label, it cannot be read, or its shape or position differs from the image.
@@ -404,20 +411,39 @@ def load_label(source: Source) -> MetaTensor:
     if source.label is None:
         raise DataError(f"case '{source.name}' has no label.", where=_where(source),
                         fix="pair the image with a label (datalist 'label', CSV 'label' column or labelsTr/).")
-    found = _discover(Path(source.label), "largest", [])
-    label = load(found[0])
+    return load_companion(source, source.label, "label")
+
+
+def load_companion(source: Source, path: str | Path, what: str = "label") -> MetaTensor:
+    """Reads a file that belongs to a case's image (label, mask, annotation) and checks it lies on its grid.
+
+    Args:
+        source: the case.
+        path: the companion file (or a folder holding one series).
+        what: what it is, for messages.
+
+    Returns:
+        A float32 ``MetaTensor`` ``(1, X, Y, Z)`` with the file's affine.
+
+    Raises:
+        DataError: it cannot be read, or its shape or position differs from the image's (by more than 1 %
+            of a voxel).
+    """
+    path = Path(path)
+    found = _discover(path, "largest", [])
+    label = load(found[0])[:1]
     label.meta["case"] = source.name
     shape, affine = geometry(source)
     label_shape = tuple(label.shape[1:])
+    fix = f"resample the {what} onto the image grid, or pair the right {what} with the image."
     if label_shape != tuple(shape):
-        raise DataError(f"has shape {label_shape} but its image has shape {tuple(shape)}.", where=source.label,
-                        fix="resample the label onto the image grid, or pair the right label with the image.")
+        raise DataError(f"the {what} has shape {label_shape} but its image has shape {tuple(shape)}.", where=path,
+                        fix=fix)
     corners = np.array([[x, y, z, 1.0] for x in (0, shape[0] - 1) for y in (0, shape[1] - 1)
                         for z in (0, shape[2] - 1)]).T
     offset = np.abs((label.affine.numpy() @ corners) - (affine @ corners)).max()
     tolerance = 0.01 * float(np.linalg.norm(affine[:3, :3], axis=0).min())
     if offset > tolerance:
-        raise DataError(f"lies {offset:.3f} mm away from its image (same shape, different affine).",
-                        where=source.label,
-                        fix="resample the label onto the image grid, or pair the right label with the image.")
+        raise DataError(f"the {what} lies {offset:.3f} mm away from its image (same shape, different affine).",
+                        where=path, fix=fix)
     return label

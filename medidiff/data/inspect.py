@@ -16,7 +16,7 @@ import numpy as np
 from medidiff.data.batch import FailureLog, iter_loaded
 from medidiff.data.discover import discover, load
 from medidiff.errors import DataError, MedidiffError
-from medidiff.io import write_nifti
+from medidiff.outputs import write_nifti
 
 __all__ = ["COLUMNS", "convert_path", "format_inspection", "inspect_path"]
 
@@ -105,7 +105,7 @@ def convert_path(path: str | Path, out_dir: str | Path, select: str | None = "al
     """Writes each series or volume found at a path as ``<out_dir>/<name>.nii.gz`` with its geometry.
 
     Series that cannot be read are skipped and recorded in ``<out_dir>/failures.csv``. Inputs are
-    never overwritten; each file is written atomically by :func:`medidiff.io.write_nifti`.
+    never overwritten; each file is written atomically by :func:`medidiff.outputs.write_nifti`.
 
     Args:
         path: anything :func:`medidiff.data.discover.discover` understands.

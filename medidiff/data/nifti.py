@@ -3,7 +3,7 @@
 Arrays follow the layout of :mod:`medidiff.data.dicom`: channel-first ``(C, X, Y, Z)`` with a 4x4
 voxel-to-RAS affine (the NIfTI convention; voxels are kept in the order they are stored, the affine
 says where they are). A 2D image ``(X, Y)`` becomes a single slice ``(1, X, Y, 1)``. Writing is
-:func:`medidiff.io.write_nifti`'s job.
+:func:`medidiff.outputs.write_nifti`'s job.
 """
 
 from __future__ import annotations

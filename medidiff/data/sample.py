@@ -20,8 +20,9 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, ResizeWithPadOrCrop
 from monai.utils import convert_to_tensor
 
-import medidiff
 from medidiff.errors import DataError
+
+from .paths import CHECKOUT
 
 BRAIN_FILES = {
     "t1": "mni152_2mm_t1.nii.gz",
@@ -43,7 +44,7 @@ def data_dir() -> Path:
     Raises:
         DataError: the folder or one of the brain sample files is missing.
     """
-    folder = Path(medidiff.__file__).resolve().parents[1] / "data"
+    folder = CHECKOUT / "data"
     missing = [name for name in BRAIN_FILES.values() if not (folder / name).is_file()]
     if missing:
         raise DataError(

@@ -1,0 +1,160 @@
+"""The ``anomaly`` recipe section: one options object per stage, with the one set of defaults.
+
+``AnomalySection`` is what a recipe's ``anomaly:`` holds and what ``medidiff detect`` builds from its
+options; ``reconstruction`` (``HealthyOptions``) goes to ``medidiff.anomaly.healthy.reconstruct_healthy``
+and ``map`` (``MapOptions``) to ``medidiff.anomaly.maps.anomaly_map`` unchanged. Unknown keys are errors.
+
+The defaults (one denoising step from ``t_L = 0.5``, median of 24 noise seeds: 24 network evaluations
+per slice) are those of ``recipes/demo.yaml``, chosen with ``benchmarks/bench_anomaly.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, model_validator
+
+__all__ = ["HealthyOptions", "MapOptions", "AnomalySection", "route"]
+
+
+#: A path given as text or as a ``Path``.
+PathText = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HealthyOptions(_Section):
+    """How the healthy reconstruction is made (``anomaly.reconstruction``).
+
+    Attributes:
+        method: ``partial`` (AnoDDPM), ``invert`` (DDIM inversion) or ``patch`` (pDDPM).
+        t_levels: noise levels ``t_L`` in ``(0, 1]`` reconstructed from and averaged.
+        sampler: reverse sampler (``ddim``, ``dpm_solver_2m``, ``ddpm``...).
+        steps: sampler steps from each level (``null``: the whole DDPM chain, as AnoDDPM).
+        noise: forward noise, ``gaussian`` or ``simplex``.
+        noise_options: options of the noise (simplex ``octaves``, ``frequency``...).
+        n_samples: reconstructions per level from other noise seeds, reduced by ``reduce``.
+        reduce: ``median`` or ``mean`` over the samples.
+        spread: ``std`` or ``mad`` between the samples.
+        patch_size, patch_margin: tiles and their noised context (``patch``).
+        batch_size: images (times samples and tiles) per network call.
+    """
+
+    method: Literal["partial", "invert", "patch"] = "partial"
+    t_levels: list[float] = Field(default_factory=lambda: [0.5], min_length=1)
+    sampler: str = "ddim"
+    steps: PositiveInt | None = 1
+    noise: Literal["gaussian", "simplex"] = "gaussian"
+    noise_options: dict[str, Any] = Field(default_factory=dict)
+    n_samples: PositiveInt = 24
+    reduce: Literal["median", "mean"] = "median"
+    spread: Literal["std", "mad"] = "std"
+    patch_size: list[PositiveInt] | None = None
+    patch_margin: int = Field(8, ge=0)
+    batch_size: PositiveInt = 16
+
+    @model_validator(mode="after")
+    def _levels(self) -> HealthyOptions:
+        bad = [t for t in self.t_levels if not 0 < t <= 1]
+        if bad:
+            raise ValueError(f"t_levels must lie in (0, 1], not {bad}")
+        return self
+
+    @property
+    def samples(self) -> int:
+        """Reconstructions per level actually made (DDIM inversion is deterministic: one)."""
+        return 1 if self.method == "invert" else self.n_samples
+
+
+class MapOptions(_Section):
+    """How the anomaly map is made from the scan and its healthy reconstruction (``anomaly.map``).
+
+    Attributes:
+        residual: ``abs`` or ``squared``.
+        spread_floor: weight each voxel's residual by ``f / (f + spread)``, the spread between the
+            reconstructions (less where the model is unsure of the healthy anatomy); ``null`` or 0: off.
+        median_size: median filter window (0 or 1: none).
+        smooth_sigma: Gaussian smoothing in voxels (0: none).
+        erode: voxels eroded from the foreground mask's rim.
+    """
+
+    residual: Literal["abs", "squared"] = "abs"
+    spread_floor: float | None = Field(0.2, ge=0.0)
+    median_size: int = Field(5, ge=0)
+    smooth_sigma: float = Field(1.0, ge=0.0)
+    erode: int = Field(2, ge=0)
+
+
+class AnomalySection(_Section):
+    """The ``anomaly`` section: anomaly detection by healthy reconstruction (``medidiff.anomaly``).
+
+    Relative paths are read from the working folder, else from the medidiff checkout (for the demo).
+
+    Attributes:
+        model: weights (``.safetensors`` with its ``.json``, or a folder with ``model.safetensors``).
+        inputs: the scans: a NIfTI file or folder, DICOM, or a JSON datalist of ``image``/``label``/``mask``.
+        calibration: healthy scans (same forms) on which the threshold is calibrated.
+        threshold: a fixed threshold (a number in the heatmap's units, or a ``thresholds.json``); overrides
+            ``calibration``.
+        fpr: voxel false-positive rate the threshold is calibrated for.
+        mask: a brain/foreground mask for a single input (a datalist gives one per case).
+        labels: a ground-truth lesion mask for a single input (a datalist gives one per case).
+        intensity: ``match`` the scans' middle foreground quantiles to the training data's (default), scale
+            by their ``own`` foreground percentiles, or by the ``model``'s training range (same scanner only).
+        min_foreground: least foreground share of a slice for it to be processed (others are skipped).
+        reconstruction: the healthy reconstruction (``HealthyOptions``).
+        map: the anomaly map (``MapOptions``).
+        top_k: share of the highest voxels averaged into the case score.
+        overlay_slices: slices shown in each case's overlay PNG.
+        dicom: for DICOM scans, also write the heatmap as a derived DICOM series.
+        select: DICOM series selection rule.
+        progress: show progress bars.
+    """
+
+    model: PathText = "data/weights/demo_brain_2d.safetensors"
+    inputs: PathText | None = None
+    calibration: PathText | None = None
+    threshold: float | PathText | None = None
+    fpr: float = Field(0.05, gt=0.0, lt=1.0)
+    mask: PathText | None = None
+    labels: PathText | None = None
+    intensity: Literal["match", "own", "model"] = "match"
+    min_foreground: float = Field(0.01, ge=0.0, le=1.0)
+    reconstruction: HealthyOptions = Field(default_factory=HealthyOptions)
+    map: MapOptions = Field(default_factory=MapOptions)
+    top_k: float = Field(0.01, gt=0.0, le=1.0)
+    overlay_slices: PositiveInt = 6
+    dicom: bool = True
+    select: str = "all"
+    progress: bool = True
+
+    def map_settings(self) -> dict[str, Any]:
+        """Every option that shapes the map, as saved with a threshold: one calibrated with other settings
+        is not reused (seed and batch size do not shape it)."""
+        recon = self.reconstruction.model_dump(mode="json", exclude={"batch_size"})
+        return {"reconstruction": recon, "map": self.map.model_dump(mode="json"), "intensity": self.intensity,
+                "min_foreground": self.min_foreground}
+
+    def updated(self, **changes: Any) -> AnomalySection:
+        """A copy with ``changes`` applied, a key of ``reconstruction`` or ``map`` given by its own name.
+
+        Raises:
+            ValueError: an unknown key or an invalid value (pydantic's ``ValidationError``).
+        """
+        data = self.model_dump()
+        for key, value in changes.items():
+            section, _, name = route(key).rpartition(".")
+            (data[section] if section else data)[name] = value
+        return AnomalySection.model_validate(data)
+
+
+def route(key: str) -> str:
+    """The dotted key of an option given by its own name: ``t_levels`` -> ``reconstruction.t_levels``."""
+    if "." not in key:
+        for section, model in (("reconstruction", HealthyOptions), ("map", MapOptions)):
+            if key in model.model_fields:
+                return f"{section}.{key}"
+    return key

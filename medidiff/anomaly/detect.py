@@ -1,0 +1,302 @@
+"""Anomaly detection end to end: scans in, heatmaps with the scans' geometry out.
+
+Method: anomaly detection by healthy reconstruction with partial diffusion (AnoDDPM, Wyatt et al.
+2022); see ``medidiff.anomaly.healthy`` for the reconstruction and ``medidiff.anomaly.maps`` for the map.
+
+``detect(model, inputs, out_dir, options)`` loads the model (``medidiff.weights.load_denoiser``), reads
+the cases (``medidiff.cases``: NIfTI, DICOM, datalists with ``image``/``label``/``mask`` entries),
+prepares each as the training data were (``ModelInfo.data_prep``), runs a 2D model slice by slice
+along the training slicing axis (``medidiff.cases.slicewise``; empty slices skipped) and writes per
+case, on the scan's own grid (``medidiff.cases.restore``):
+
+- ``<case>_heatmap.nii.gz``: the anomaly map in the scan's intensity units (absolute residual);
+- ``<case>_heatmap_dicom/``: the same as a derived DICOM series, for DICOM scans (``dicom``);
+- ``<case>_healthy.nii.gz``: the healthy reconstruction in the scan's units;
+- ``<case>_uncertainty.nii.gz``: the spread (``std`` or ``mad``) between the ``n_samples`` healthy
+  reconstructions, in the scan's units (high where the healthy anatomy is uncertain), when ``n_samples > 1``;
+- ``<case>_anomaly_mask.nii.gz``: voxels above the threshold (uint8), when there is one;
+- ``<case>_overlay.png``: the most anomalous slices with the map, lesion and flagged outlines;
+
+and for the run ``scores.csv``, ``thresholds.json`` and ``detection.json`` (settings and threshold; without
+calibration scans or a threshold, one saved beside the model is used, see ``thresholds.saved_threshold``),
+``metrics.json`` and ``report.md`` when labels are given, ``failures.csv`` for skipped cases. Thresholds
+and metrics use the map on the model's ``[-1, 1]`` scale, the same for every scan.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from medidiff import outputs
+from medidiff.cases import Case, Prepared, find_cases, load_case, plain, prepare, restore, slicewise
+from medidiff.data.batch import FailureLog
+from medidiff.errors import DataError, MedidiffError
+from medidiff.metrics import detection_metrics
+from medidiff.modelinfo import ModelInfo
+from medidiff.results import TaskResult
+
+from . import maps, thresholds
+from .config import AnomalySection
+from .healthy import healthy_nfe, patch_tiles, reconstruct_healthy
+from .report import write_report
+
+__all__ = ["detect", "analyse", "CaseMaps"]
+
+log = logging.getLogger("medidiff.anomaly")
+
+
+@dataclass
+class CaseMaps:
+    """One case analysed: its maps on the case's own grid.
+
+    Attributes:
+        prepared: the case as the model saw it.
+        score: the anomaly map on the model's scale, ``(1, X, Y, Z)``.
+        healthy: the healthy reconstruction in the scan's units, ``(C, X, Y, Z)``.
+        spread: the spread between reconstructions on the model's scale, ``(1, X, Y, Z)``.
+        mean_spread: its mean over the prepared foreground.
+        nfe: network evaluations spent on the case.
+        time_s: seconds spent on the case.
+    """
+
+    prepared: Prepared
+    score: torch.Tensor
+    healthy: torch.Tensor
+    spread: torch.Tensor
+    mean_spread: float
+    nfe: int
+    time_s: float
+
+    @property
+    def case(self) -> Case:
+        return self.prepared.case
+
+
+def analyse(denoiser, info: ModelInfo, case: Case, options: AnomalySection, *, seed: int = 0) -> CaseMaps:
+    """The anomaly map, healthy image and spread between reconstructions of one case, on its own grid.
+
+    Raises:
+        DataError: the case cannot be prepared (no foreground, NaNs, a flat foreground).
+    """
+    start = time.perf_counter()
+    dims, prep = info.spatial_dims, info.data_prep
+    axis = 2 if prep.slicing_axis is None else prep.slicing_axis
+    prepared = prepare(case, prep, spatial_dims=dims, intensity=options.intensity)
+    device = next(denoiser.parameters()).device
+    recon = options.reconstruction
+
+    def heal(stack: torch.Tensor, fg_stack: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h, sp = reconstruct_healthy(denoiser, stack.to(device), recon, seed=seed)
+        h, sp = h.cpu(), sp.cpu()
+        score = maps.anomaly_map(stack, h, options.map, mask=fg_stack, spread=sp, spatial_dims=dims)
+        return h, sp, torch.from_numpy(score)
+
+    x = plain(prepared.image).float()
+    results, n = slicewise(heal, x, prepared.foreground, spatial_dims=dims, axis=axis,
+                           min_foreground=options.min_foreground, fills=(None, 0.0, 0.0))
+    healthy, spread, score = results if n else (x.clone(), torch.zeros_like(x), torch.zeros_like(x[:1]))
+    plane = x.shape[1:] if dims == 3 else [s for i, s in enumerate(x.shape[1:]) if i != axis]
+    n_patches = len(patch_tiles(plane, recon.patch_size or [-(-s // 2) for s in plane]))
+    per_image = healthy_nfe(recon, n_patches=n_patches, process=denoiser.process)
+    spread = spread.sum(0, keepdim=True)  # over channels, as the residual
+    fg = prepared.foreground > 0.5
+    return CaseMaps(prepared=prepared, score=restore(score, prepared).clamp_min(0),
+                    healthy=restore(healthy, prepared, units="image"), spread=restore(spread, prepared).clamp_min(0),
+                    mean_spread=float(spread[fg].mean()) if bool(fg.any()) else 0.0, nfe=per_image * n,
+                    time_s=time.perf_counter() - start)
+
+
+def _units(options: AnomalySection) -> str:
+    return "squared" if options.map.residual == "squared" else "difference"
+
+
+def restore_factor(prepared: Prepared, units: str) -> float:
+    """The factor ``restore(..., units=units)`` multiplies values by."""
+    from medidiff.data.transforms import to_input_units
+
+    step = float(to_input_units(torch.ones(1), prepared.scaling, difference=True))
+    return step**2 if units == "squared" else step
+
+
+def _dicom_heatmap(heatmap: torch.Tensor, case: Case, out_dir: Path, inputs: Path) -> list[Path]:
+    """The heatmap as a derived series beside a DICOM scan's own (none, with a warning, if it cannot be)."""
+    try:
+        return outputs.write_dicom_series(heatmap, case.image, case.source.paths,
+                                          out_dir / f"{case.name}_heatmap_dicom",
+                                          description="medidiff anomaly heatmap", protected=[inputs])
+    except DataError as e:
+        log.warning("%s: no DICOM heatmap (%s); the NIfTI heatmap is written", case.name, e)
+        return []
+
+
+def _calibrate(denoiser, info: ModelInfo, options: AnomalySection, path: Path, out_dir: Path, failures: FailureLog,
+               seed: int) -> tuple[float, dict[str, Any]]:
+    """Calibrate the threshold on the healthy scans at ``path`` (written as ``thresholds.json``)."""
+    values, fgs, names = [], [], []
+    for source in tqdm(find_cases(path, select=options.select), desc="calibration", disable=not options.progress,
+                       leave=False):
+        try:
+            result = analyse(denoiser, info, load_case(source), options, seed=seed)
+        except MedidiffError as e:
+            failures.record(f"calibration:{source.name}", e)
+            continue
+        values.append(result.score)
+        fgs.append(result.prepared.input_foreground)
+        names.append(source.name)
+    if not values:
+        raise DataError("no calibration scan could be used", where=path, fix="see failures.csv.")
+    fpr = float(options.fpr)
+    rates = sorted({0.01, 0.05, 0.10, fpr})
+    levels = thresholds.calibrate_many(values, fgs, fprs=rates)
+    value = levels[rates.index(fpr)]
+    record = {"threshold": value, "fpr": fpr, "source": str(path), "cases": names,
+              "n_voxels": int(sum(int(f.sum()) for f in fgs)),
+              "at_fpr": {f"{r:g}": t for r, t in zip(rates, levels)},
+              "measured_fpr": thresholds.false_positive_rate(values, fgs, value),
+              "settings": options.map_settings()}
+    thresholds.save_threshold(out_dir / thresholds.THRESHOLDS_FILE, value, fpr=fpr, extra=record)
+    return value, record
+
+
+def _threshold(denoiser, info: ModelInfo, options: AnomalySection, model_path: Path, out_dir: Path,
+               failures: FailureLog, seed: int, resolve) -> tuple[float | None, dict[str, Any]]:
+    """The threshold: given, calibrated on healthy scans, or saved with the model (in that order)."""
+    if options.threshold is not None:
+        try:
+            value = float(options.threshold)
+            return value, {"threshold": value, "source": "given"}
+        except ValueError:
+            path = resolve(options.threshold, "threshold file")
+        value = thresholds.load_threshold(path)
+        return value, {"threshold": value, "source": str(path)}
+    if options.calibration is None:
+        return thresholds.saved_threshold(model_path, options.map_settings())
+    return _calibrate(denoiser, info, options, resolve(options.calibration, "calibration scans"), out_dir,
+                      failures, seed)
+
+
+def _write_case(r: CaseMaps, options: AnomalySection, threshold: float | None, out_dir: Path,
+                inputs: Path) -> tuple[list[Path], torch.Tensor | None]:
+    """Every file of one case, and its flagged voxels (``None`` without a threshold)."""
+    case, protected = r.case, [inputs]
+    factor = restore_factor(r.prepared, _units(options))
+    heatmap = r.score * factor
+
+    def path(kind: str, ext: str = "nii.gz") -> Path:
+        return outputs.result_path(out_dir, case.name, kind, ext)
+
+    written = [outputs.write_like(heatmap, case.image, path("heatmap"), protected=protected),
+               outputs.write_like(r.healthy, case.image, path("healthy"), protected=protected)]
+    if options.reconstruction.samples > 1:
+        written.append(outputs.write_like(r.spread * restore_factor(r.prepared, "difference"), case.image,
+                                          path("uncertainty"), protected=protected))
+    if options.dicom and case.source.kind == "dicom":
+        written += _dicom_heatmap(heatmap, case, out_dir, inputs)
+    flagged = None
+    if threshold is not None:
+        flagged = (r.score > threshold) & (r.prepared.input_foreground > 0.5)
+        written.append(outputs.write_like(flagged.to(torch.uint8), case.image, path("anomaly_mask"),
+                                          protected=protected))
+    contours = {k: v for k, v in (("lesion", case.label), ("flagged", flagged)) if v is not None}
+    written.append(outputs.overlay_png(
+        case.image, heatmap, contours or None, path("overlay", "png"), title=f"{case.name}: anomaly map",
+        units="|residual| (input units)", n_slices=options.overlay_slices,
+        threshold=None if threshold is None else threshold * factor, protected=protected))
+    return written, flagged
+
+
+def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: AnomalySection | None = None, *,
+           seed: int = 0, device: str | torch.device = "cpu", resolve=None, **changes: Any) -> TaskResult:
+    """Anomaly heatmaps for the scans at ``inputs`` (see the module docstring for what is written).
+
+    Args:
+        model: weights (``.safetensors`` with its ``.json``, or a folder).
+        inputs: scans: a NIfTI file or folder, DICOM, or a JSON datalist (``image``, ``label``, ``mask``).
+        out_dir: the output folder.
+        options: the ``anomaly`` section (default: its defaults); ``changes`` are applied to it, options of
+            ``reconstruction`` and ``map`` given by their own names (``t_levels=[0.3]``).
+        seed: noise seed.
+        device: where the model runs.
+        resolve: ``resolve(path, what) -> Path`` for the section's relative paths (default: as given).
+
+    Returns:
+        The ``TaskResult``: outputs, inputs, the ``scores.csv`` rows, metrics, threshold, failures, summary.
+
+    Raises:
+        ValueError: an unknown or invalid option.
+        ModelError, DataError: the model or the inputs cannot be used.
+    """
+    from medidiff.runtime import resolve_device
+    from medidiff.weights import load_denoiser
+
+    options = (options or AnomalySection()).updated(**changes)
+    resolve = resolve or (lambda p, what: None if p is None else Path(p))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = device if isinstance(device, torch.device) else resolve_device(str(device))
+    model_path = Path(model)
+    denoiser, info = load_denoiser(model_path, device=device)
+    if info.data_prep.size is None:
+        from medidiff.errors import ModelError
+
+        raise ModelError("model.json has no data_prep.size: cannot prepare scans for this model",
+                         where=model_path, fix="train it with a medidiff recipe (which records data_prep).")
+    if options.reconstruction.noise != info.noise.kind:
+        log.warning("the model was trained with %s noise, detection uses %s noise", info.noise.kind,
+                    options.reconstruction.noise)
+    failures = FailureLog(out_dir)
+    thr, thr_record = _threshold(denoiser, info, options, model_path, out_dir, failures, seed, resolve)
+    inputs_path = Path(inputs)
+    sources = find_cases(inputs_path, select=options.select, mask=resolve(options.mask, "mask"),
+                         label=resolve(options.labels, "labels"))
+    written_all, rows, evaluated, read = [], [], {}, []
+    for source in tqdm(sources, desc="cases", disable=not options.progress):
+        try:
+            r = analyse(denoiser, info, load_case(source), options, seed=seed)
+            written, flagged = _write_case(r, options, thr, out_dir, inputs_path)
+        except MedidiffError as e:
+            failures.record(source.name, e)
+            log.warning("skipped %s: %s", source.name, e)
+            continue
+        written_all += written
+        read += r.case.files
+        fg = r.prepared.input_foreground
+        rows.append({"case": r.case.name, "score": maps.case_score(r.score, fg, top_k=options.top_k),
+                     "max": float(r.score.max()), "n_voxels_flagged": int(flagged.sum()) if flagged is not None else "",
+                     "mean_spread": r.mean_spread if options.reconstruction.samples > 1 else "",
+                     "time_s": round(r.time_s, 3), "nfe": r.nfe})
+        if r.case.label is not None:
+            evaluated[r.case.name] = {"scores": r.score, "labels": r.case.label, "mask": fg, "score": rows[-1]["score"]}
+    written_all.append(outputs.write_table(rows, out_dir / "scores.csv"))
+    settings = {"model": str(model_path), "inputs": str(inputs_path), "threshold": thr, "threshold_record": thr_record,
+                **options.model_dump(mode="json", exclude={"model", "inputs", "threshold"}),
+                "model_noise": info.noise.kind, "model_step": info.step,
+                "data_prep": info.data_prep.model_dump(mode="json", exclude={"slices"}, exclude_none=True)}
+    written_all.append(outputs.write_json(settings, out_dir / "detection.json"))
+    if thr_record.get("source") is not None and (out_dir / thresholds.THRESHOLDS_FILE).is_file():
+        written_all.append(out_dir / thresholds.THRESHOLDS_FILE)
+    metrics = None
+    if evaluated:
+        metrics = detection_metrics(evaluated, threshold=thr)
+        metrics["dice_best_label"] = thresholds.ORACLE_LABEL
+        metrics["nfe_per_slice"] = healthy_nfe(options.reconstruction, process=denoiser.process)
+        written_all.append(outputs.write_json(metrics, out_dir / "metrics.json"))
+    if rows:
+        written_all.append(write_report(out_dir, rows, metrics, settings))
+    if len(failures):
+        written_all.append(failures.path)
+    summary = f"{len(rows)} case(s) analysed, {len(failures)} skipped"
+    if metrics:
+        summary += (f"; voxel AUROC {metrics['auroc']:.3f}, AUPRC {metrics['auprc']:.3f}, "
+                    f"Dice {metrics.get('dice', float('nan')):.3f} (threshold at FPR {options.fpr:g}), "
+                    f"{thresholds.ORACLE_LABEL} {metrics['dice_best']:.3f}")
+    log.info("%s", summary)
+    return TaskResult(outputs=written_all, inputs=[model_path, *read], rows=rows, metrics=metrics,
+                      summary=summary, failures=len(failures), extra={"threshold": thr})

@@ -1,0 +1,36 @@
+"""Writing results: files and tables, NIfTI volumes with the input's geometry, DICOM series, figures.
+
+Modules: ``files`` (safe case names, atomic writes, text, JSON, CSV), ``volumes`` (NIfTI with the
+input's affine), ``dicom`` (a derived DICOM series beside a DICOM input), ``figures`` (PNG overlays).
+Results are moved back onto an input's grid by ``medidiff.cases.restore`` before they are written.
+"""
+
+from .dicom import write_dicom_series
+from .figures import overlay_png, relevant_slices
+from .files import (
+    atomic_write,
+    check_not_input,
+    result_path,
+    safe_case_name,
+    write_json,
+    write_table,
+    write_text,
+)
+from .volumes import affine_of, spatial_shape, write_like, write_nifti
+
+__all__ = [
+    "affine_of",
+    "atomic_write",
+    "check_not_input",
+    "overlay_png",
+    "relevant_slices",
+    "result_path",
+    "safe_case_name",
+    "spatial_shape",
+    "write_dicom_series",
+    "write_json",
+    "write_like",
+    "write_nifti",
+    "write_table",
+    "write_text",
+]
