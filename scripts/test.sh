@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 .venv/bin/ruff check medidiff tests benchmarks scripts
+.venv/bin/lint-imports  # the layers of ARCHITECTURE.md (contracts in .importlinter)
 .venv/bin/python -m pytest -q "$@"

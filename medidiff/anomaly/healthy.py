@@ -36,7 +36,9 @@ import torch
 from pydantic import ValidationError
 
 from medidiff.core import ensemble, samplers
+from medidiff.core.guidance import Projection
 from medidiff.core.noise import noise_like
+from medidiff.core.operators import MaskOperator
 from medidiff.core.processes import Process
 
 from .config import HealthyOptions
@@ -183,8 +185,7 @@ def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None =
                 kept = torch.ones((len(items), 1, *spatial), dtype=x.dtype, device=x.device)
                 for b, j in enumerate((items % n_tiles).tolist()):
                     kept[(b, slice(None), *tiles[j][1])] = 0
-                def hook(x0_hat, x_t, t, kept=kept, clean=clean):
-                    return torch.where(kept > 0, clean, x0_hat)
+                hook = Projection(MaskOperator(kept), clean * kept)  # replacement by a masking operator
             eps = noise_like(clean, o.noise, gens, **o.noise_options)
             x_t = process.noised(clean, torch.full((len(items),), t_start, dtype=x.dtype, device=x.device), eps)
             return sample_fn(denoiser, x_t, process, n_steps, t_start=t_start, hook=hook, generator=gens)
