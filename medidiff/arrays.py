@@ -1,4 +1,4 @@
-"""Conversion of tensors, MONAI MetaTensors and array-likes to plain NumPy arrays."""
+"""Conversion of tensors, MONAI MetaTensors and array-likes to plain tensors and NumPy arrays (no metadata)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,27 @@ from typing import Any
 
 import numpy as np
 import torch
+
+__all__ = ["plain", "to_numpy"]
+
+
+def plain(a: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A plain tensor: a MetaTensor's data without its metadata, an array or sequence as a tensor.
+
+    Args:
+        a: a tensor (MetaTensor or not), NumPy array, number or sequence.
+        dtype: cast to this type when given (no copy when it already has it).
+
+    Returns:
+        A ``torch.Tensor`` sharing memory with ``a`` where it can (same device).
+    """
+    if hasattr(a, "as_tensor"):
+        t = a.as_tensor()
+    elif isinstance(a, np.ndarray):
+        t = torch.as_tensor(np.ascontiguousarray(a))  # negative strides (flipped arrays) are not tensors
+    else:
+        t = torch.as_tensor(a)
+    return t if dtype is None else t.to(dtype)
 
 
 def to_numpy(a: Any) -> np.ndarray:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .arrays import plain
 from .data.discover import Source, discover, load, load_companion
 from .data.foreground import foreground
 from .data.transforms import (
@@ -61,11 +62,6 @@ log = logging.getLogger("medidiff.cases")
 
 #: How a scan's intensities are mapped to the network scale (``intensity_scaling``).
 INTENSITY_MODES = ("match", "own", "model")
-
-
-def plain(t: Any) -> torch.Tensor:
-    """A plain tensor: a MetaTensor's data without its metadata (other tensors as they are)."""
-    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
 
 
 @dataclass

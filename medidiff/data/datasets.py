@@ -15,16 +15,12 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset, GridPatchDataset, PatchIter, PersistentDataset
 from monai.transforms import Compose, RandSpatialCropSamplesd
-from monai.utils import convert_to_tensor
 
+from medidiff.arrays import plain
 from medidiff.errors import DataError
 
 #: Voxels above this share of a volume's robust range (from its minimum) count as foreground.
 FOREGROUND_SHARE = 0.05
-
-
-def _plain(x: Any) -> torch.Tensor:
-    return convert_to_tensor(x, track_meta=False, dtype=torch.float32)
 
 
 def foreground_of(volume: torch.Tensor, share: float = FOREGROUND_SHARE) -> torch.Tensor:
@@ -37,7 +33,7 @@ def foreground_of(volume: torch.Tensor, share: float = FOREGROUND_SHARE) -> torc
     Returns:
         A bool tensor of the spatial shape.
     """
-    v = _plain(volume)
+    v = plain(volume, torch.float32)
     low = v.min()
     high = torch.quantile(v.flatten()[:: max(1, v.numel() // 1_000_000)], 0.995)
     return (v > low + share * (high - low)).any(dim=0)
@@ -73,8 +69,8 @@ class SliceDataset(torch.utils.data.Dataset):
             raise DataError(f"{len(labels)} label volumes for {len(volumes)} volumes")
         if masks is not None and len(masks) != len(volumes):
             raise DataError(f"{len(masks)} masks for {len(volumes)} volumes")
-        self.volumes = [_plain(v) for v in volumes]
-        self.labels = None if labels is None else [_plain(v) for v in labels]
+        self.volumes = [plain(v, torch.float32) for v in volumes]
+        self.labels = None if labels is None else [plain(v, torch.float32) for v in labels]
         self.axis = axis
         self.transform = transform
         self.index: list[tuple[int, int]] = []
@@ -82,7 +78,7 @@ class SliceDataset(torch.utils.data.Dataset):
             if vol.ndim != 4:
                 raise DataError(f"volume {i} has shape {tuple(vol.shape)}, expected (C, X, Y, Z)",
                                 fix="add a channel axis: volume[None].")
-            fg = foreground_of(vol) if masks is None else _plain(masks[i]).reshape(vol.shape[1:]) > 0
+            fg = foreground_of(vol) if masks is None else plain(masks[i], torch.float32).reshape(vol.shape[1:]) > 0
             share = fg.float().mean(dim=tuple(d for d in range(3) if d != axis))
             self.index += [(i, int(k)) for k in torch.nonzero(share >= min_foreground).flatten()]
 
@@ -177,5 +173,5 @@ def grid_patch_dataset(
     Returns:
         The dataset.
     """
-    return GridPatchDataset(data=[np.asarray(_plain(x)) for x in images],
+    return GridPatchDataset(data=[np.asarray(plain(x, torch.float32)) for x in images],
                             patch_iter=PatchIter(patch_size=tuple(patch_size), mode="constant"))
