@@ -17,9 +17,7 @@ from typing import Any
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
-    AsDiscreted,
     Compose,
-    CopyItemsd,
     CropForegroundd,
     EnsureTyped,
     LoadImaged,
@@ -39,12 +37,10 @@ from monai.transforms.utils_pytorch_numpy_unification import percentile
 
 from medidiff.core.utils import bcast
 
+from .foreground import foreground
+
 #: Suffix of the key under which ``ScaleToUnitd`` records its range: ``"image" -> "image_scaling"``.
 SCALING_SUFFIX = "_scaling"
-#: CT voxels above this many HU count as foreground (the body) by default.
-CT_BODY_HU = -500.0
-#: MRI voxels above this share of the robust range count as foreground by default.
-MRI_FOREGROUND_SHARE = 0.05
 
 
 class ScaleToUnitd(MapTransform):
@@ -94,6 +90,21 @@ class ScaleToUnitd(MapTransform):
                 a_max = a_min + 1.0
             d[key] = ScaleIntensityRange(a_min, a_max, self.b_min, self.b_max, clip=self.clip)(img)
             d[f"{key}{SCALING_SUFFIX}"] = {"a_min": a_min, "a_max": a_max, "b_min": self.b_min, "b_max": self.b_max}
+        return d
+
+
+class Foregroundd(MapTransform):
+    """The foreground mask of ``source`` under ``key`` (``medidiff.data.foreground.foreground``: the one rule)."""
+
+    def __init__(self, source: str, key: str):
+        super().__init__([source])
+        self.source, self.key = source, key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        mask = foreground(d[self.source])
+        image = d[self.source]
+        d[self.key] = type(image)(mask, meta=image.meta) if hasattr(image, "meta") else mask
         return d
 
 
@@ -153,7 +164,7 @@ def preset(
     Steps: ``LoadImaged`` (with channel first; skipped if ``load=False`` for data already read as
     ``(C, *spatial)``) -> ``Orientationd(axcodes)`` -> ``Spacingd(pixdim)`` -> ``ScaleToUnitd`` (MRI:
     ``percentiles`` -> ``[-1, 1]``, unclipped; CT: ``hu_window`` -> ``[-1, 1]``, clipped) -> foreground
-    mask under ``foreground_key`` (MRI: above 5 % of the robust range; CT: above -500 HU) -> with the
+    mask under ``foreground_key`` (``medidiff.data.foreground``) -> with the
     mask, ``CropForegroundd`` to its bounding box (which centres it on the grid) ->
     ``ResizeWithPadOrCropd(spatial_size)`` (images padded with -1, masks with 0) -> for training:
     ``RandAffined`` (rotation up to 0.1 rad, scale 5 %, shift up to 4 voxels), optional ``RandFlipd``
@@ -199,14 +210,10 @@ def preset(
                               mode=["bilinear"] * len(keys) + ["nearest"] * len(labels)))
     if modality == "ct":
         steps.append(ScaleToUnitd(keys, window=hu_window, clip=True))
-        low, high = float(hu_window[0]), float(hu_window[1])
-        threshold = -1.0 + 2.0 * (max(CT_BODY_HU, low) - low) / (high - low)
     else:
         steps.append(ScaleToUnitd(keys, percentiles=percentiles, clip=False))
-        threshold = -1.0 + 2.0 * MRI_FOREGROUND_SHARE
     if foreground:
-        steps += [CopyItemsd(keys[0], names=foreground_key),
-                  AsDiscreted(foreground_key, threshold=threshold, dtype=torch.float32)]
+        steps.append(Foregroundd(keys[0], foreground_key))
         # centre the foreground's bounding box on the grid, as detection does for new scans
         steps.append(foreground_crop(spatial_keys, foreground_key, spatial_size))
     steps.append(ResizeWithPadOrCropd(keys, spatial_size, mode="constant", value=-1.0))
