@@ -89,6 +89,9 @@ def equispaced_mask(num_cols: int, acceleration: float = 4, center_fraction: flo
         a boolean tensor of shape ``(num_cols,)``.
     """
     n_low = _check(acceleration, center_fraction, num_cols)
+    if n_low * acceleration >= num_cols:
+        raise ValueError(f"the centre ({n_low} of {num_cols} columns) leaves no equispaced lines at acceleration "
+                         f"{acceleration}; lower center_fraction")
     rng = _rng(seed)
     adjusted = (acceleration * (n_low - num_cols)) / (n_low * acceleration - num_cols)
     if offset is None:

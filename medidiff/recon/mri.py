@@ -160,26 +160,31 @@ def birdcage_maps(shape: tuple[int, ...], n_coils: int = 8, radius: float = 1.5,
 
 
 def calibration_size(mask: torch.Tensor) -> tuple[int, int]:
-    """Size ``(rows, cols)`` of the fully sampled rectangle around the k-space centre of an ``(..., H, W)`` mask."""
+    """Size ``(rows, cols)`` of a fully sampled rectangle around the k-space centre ``(H//2, W//2)`` of a mask.
+
+    Grown from the centre by square rings, then one row or column at a time while the new edge is fully
+    sampled (greedy); a 1D column mask gives ``(H, centre columns)``.
+    """
     m = mask.bool().reshape(-1, *mask.shape[-2:]).all(dim=0) if mask.ndim > 2 else mask.bool()
     h, w = m.shape
-    cy, cx = h // 2, w // 2
-    if not m[cy, cx]:
+    y0, x0 = y1, x1 = h // 2, w // 2
+    if not m[y0, x0]:
         return 0, 0
-    ry = 1
-    rx = 1
-    # grow the rectangle symmetrically while it stays fully sampled
-    while True:
+    while (y0 > 0 and x0 > 0 and y1 < h - 1 and x1 < w - 1
+           and bool(m[y0 - 1:y1 + 2, x0 - 1:x1 + 2].all())):  # square rings first
+        y0, x0, y1, x1 = y0 - 1, x0 - 1, y1 + 1, x1 + 1
+    grew = True
+    while grew:  # then one side at a time while the new edge is fully sampled
         grew = False
-        if cx - rx >= 0 and cx + rx < w and bool(m[cy - ry + 1:cy + ry, cx - rx:cx + rx + 1].all()):
-            rx += 1
-            grew = True
-        if cy - ry >= 0 and cy + ry < h and bool(m[cy - ry:cy + ry + 1, cx - rx + 1:cx + rx].all()):
-            ry += 1
-            grew = True
-        if not grew:
-            break
-    return 2 * ry - 1, 2 * rx - 1
+        if x0 > 0 and bool(m[y0:y1 + 1, x0 - 1].all()):
+            x0, grew = x0 - 1, True
+        if x1 < w - 1 and bool(m[y0:y1 + 1, x1 + 1].all()):
+            x1, grew = x1 + 1, True
+        if y0 > 0 and bool(m[y0 - 1, x0:x1 + 1].all()):
+            y0, grew = y0 - 1, True
+        if y1 < h - 1 and bool(m[y1 + 1, x0:x1 + 1].all()):
+            y1, grew = y1 + 1, True
+    return y1 - y0 + 1, x1 - x0 + 1
 
 
 def estimate_maps(kspace: torch.Tensor, mask: torch.Tensor | None = None, calib: int | None = None,
