@@ -209,3 +209,19 @@ def test_the_spread_between_samples_is_written_as_an_uncertainty_map(tmp_path, t
     low, high = np.percentile(image[brain > 0], [0.5, 99.5])
     mean_spread = float(result.rows[0]["mean_spread"])
     assert values[brain > 0].mean() == pytest.approx(mean_spread * (high - low) / 2, rel=1e-3)
+
+
+def test_algorithm_errors_become_recipe_errors_naming_the_key(tmp_path, tiny_model):
+    from medidiff import recipes, runs
+    from medidiff.errors import RecipeError
+
+    image, brain, affine = _volume((16, 16, 2))
+    _write(tmp_path / "a.nii.gz", image, affine)
+    section = {"model": str(tiny_model), "inputs": str(tmp_path / "a.nii.gz"), "progress": False,
+               "reconstruction": {"sampler": "warp", "n_samples": 1}}
+    recipe = recipes.parse_recipe({"task": "anomaly", "device": "cpu", "anomaly": section})
+    with pytest.raises(RecipeError) as info:
+        runs.run(recipe, tmp_path / "out")
+    assert info.value.where == "anomaly.reconstruction.sampler" and "warp" in str(info.value)
+    with pytest.raises(RecipeError, match="anomaly.reconstruction.n_samples"):
+        recipes.parse_recipe({"task": "anomaly", "anomaly": section | {"reconstruction": {"n_samples": 0}}})

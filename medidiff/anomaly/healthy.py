@@ -161,7 +161,10 @@ def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None =
         raise ValueError(f"expected images (B, C, *spatial) with 2 or 3 spatial dims, got {x.ndim} dims")
     x = x.clamp(-1.0, 1.0)  # the model's range; the residual is taken against the unclipped scan
     process = process if process is not None else denoiser.process
-    sample_fn = samplers.get_sampler("ddim" if o.method == "invert" else o.sampler)
+    try:
+        sample_fn = samplers.get_sampler("ddim" if o.method == "invert" else o.sampler)
+    except ValueError as e:
+        raise ValueError(f"sampler: {e}") from None
     spatial = tuple(x.shape[2:])
     if o.method == "patch":
         size = o.patch_size if o.patch_size is not None else [math.ceil(s / 2) for s in spatial]
