@@ -1,0 +1,257 @@
+"""Reading DICOM headers: files and DICOMDIRs, telling images from other objects, grouping files into
+series, and each series' summary and file-safe name.
+
+Only headers are read here (pixel data stays on disk); ``medidiff.data.dicom_geometry`` turns the headers
+of a series into a volume's geometry and ``medidiff.data.dicom`` reads the pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.fileset import FileSet
+
+from medidiff.errors import DataError
+
+__all__ = [
+    "DICOMDIR_SOP_CLASS",
+    "PIXEL_KEYWORDS",
+    "REEXPORT_FIX",
+    "SeriesInfo",
+    "dicomdir_files",
+    "frame_count",
+    "group_series",
+    "image_problem",
+    "int_or",
+    "is_dicomdir",
+    "read_dataset",
+    "read_header",
+    "series_name",
+    "sop_class_name",
+    "summarize",
+]
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+REEXPORT_FIX = "export the series again from the scanner or PACS, or remove this file from the input."
+# Values larger than this are not read when scanning headers (pixel data is read later, by load).
+_DEFER_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """A summary of one DICOM series, free of anything that identifies a patient.
+
+    Attributes:
+        uid: SeriesInstanceUID ("" when absent).
+        number: SeriesNumber (0 when absent).
+        modality: Modality, e.g. "CT" or "MR" ("OT" when absent).
+        description: SeriesDescription ("" when absent); shown to the user, never used in file names.
+        sop_class: the SOP class name, e.g. "Enhanced CT Image Storage".
+        files: number of files.
+        images: number of 2D images (slices or frames).
+        rows: Rows of the first image.
+        columns: Columns of the first image.
+    """
+
+    uid: str
+    number: int
+    modality: str
+    description: str
+    sop_class: str
+    files: int
+    images: int
+    rows: int
+    columns: int
+
+
+def read_header(path: str | Path) -> Dataset:
+    """Reads a DICOM file's header (large values, such as pixel data, are left on disk).
+
+    Args:
+        path: the file.
+
+    Returns:
+        The pydicom dataset.
+
+    Raises:
+        DataError: the path is missing, unreadable, not DICOM, or damaged.
+    """
+    return read_dataset(Path(path), header_only=True)
+
+
+def read_dataset(path: str | Path, *, header_only: bool = False) -> Dataset:
+    """Reads a DICOM file, turning every way it can fail into a ``DataError`` that names the file.
+
+    Args:
+        path: the file.
+        header_only: leave large values (such as pixel data) on disk.
+
+    Returns:
+        The pydicom dataset.
+
+    Raises:
+        DataError: the path is missing, unreadable, not DICOM, or damaged.
+    """
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise DataError("is a broken symbolic link.", where=path, fix="point the link at an existing file.")
+    if path.is_dir():
+        raise DataError("is a folder where a DICOM file was expected.", where=path,
+                        fix="pass the folder itself as the input, or point at one file.")
+    try:
+        if header_only:
+            return pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+        return pydicom.dcmread(path)
+    except InvalidDicomError as err:
+        raise DataError("is not a DICOM file (no 'DICM' marker).", where=path,
+                        fix="remove it from the input, or point at the DICOM files only.") from err
+    except FileNotFoundError as err:
+        raise DataError("does not exist.", where=path, fix="check the path.") from err
+    except OSError as err:
+        raise DataError(f"cannot be read ({err.strerror or err}).", where=path,
+                        fix="check that it is a readable file.") from err
+    except Exception as err:  # pydicom raises many types on damaged files
+        raise DataError(f"is a damaged DICOM file ({type(err).__name__}: {err}).", where=path,
+                        fix=REEXPORT_FIX) from err
+
+
+def image_problem(ds: Dataset) -> str | None:
+    """Says why a DICOM dataset is not an image medidiff can read, or None if it is one.
+
+    Args:
+        ds: a dataset (header only is enough).
+
+    Returns:
+        A short reason ("a DICOMDIR index, not an image", "no pixel data (Basic Text SR Storage)"), or None.
+    """
+    if is_dicomdir(ds):
+        return "is a DICOMDIR index, not an image"
+    if not any(k in ds for k in PIXEL_KEYWORDS) or "Rows" not in ds or "Columns" not in ds:
+        return f"has no pixel data ({sop_class_name(ds)}); it is not an image"
+    return None
+
+
+def is_dicomdir(ds: Dataset) -> bool:
+    """Whether a dataset is a DICOMDIR (a media index that references other files)."""
+    meta = getattr(ds, "file_meta", None)
+    return meta is not None and meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS
+
+
+def sop_class_name(ds: Dataset) -> str:
+    """The name of a dataset's SOP class (e.g. "CT Image Storage")."""
+    uid = ds.get("SOPClassUID")
+    return uid.name if uid is not None else "unknown SOP class"
+
+
+def group_series(paths: Iterable[Path]) -> tuple[dict[str, list[tuple[Path, Dataset]]], list[tuple[Path, str]]]:
+    """Reads headers and groups image files by SeriesInstanceUID.
+
+    Args:
+        paths: candidate files.
+
+    Returns:
+        ``(series, skipped)``: ``series`` maps a SeriesInstanceUID to its ``(path, header)`` pairs
+        (sorted by path); ``skipped`` lists ``(path, reason)`` for files that are not DICOM images.
+    """
+    series: dict[str, list[tuple[Path, Dataset]]] = {}
+    skipped: list[tuple[Path, str]] = []
+    for path in paths:
+        try:
+            ds = read_header(path)
+        except DataError as err:
+            skipped.append((Path(path), err.message))
+            continue
+        reason = image_problem(ds)
+        if reason:
+            skipped.append((Path(path), reason))
+            continue
+        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((Path(path), ds))
+    for members in series.values():
+        members.sort(key=lambda item: str(item[0]))
+    return series, skipped
+
+
+def dicomdir_files(path: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Lists the files a DICOMDIR references, using pydicom's FileSet.
+
+    Args:
+        path: the DICOMDIR file.
+
+    Returns:
+        ``(files, skipped)``: existing referenced files, and ``(path, reason)`` for missing ones.
+
+    Raises:
+        DataError: the DICOMDIR cannot be read.
+    """
+    path = Path(path)
+    ds = read_dataset(path, header_only=False)
+    try:
+        fileset = FileSet(ds)
+        refs = [Path(instance.path) for instance in fileset]
+    except Exception as err:
+        raise DataError(f"is a DICOMDIR that cannot be read ({err}).", where=path,
+                        fix="pass the folder of DICOM files instead of the DICOMDIR.") from err
+    files = [p for p in refs if p.is_file()]
+    skipped = [(p, "is listed in the DICOMDIR but missing") for p in refs if not p.is_file()]
+    return files, skipped
+
+
+def summarize(members: Sequence[tuple[Path, Dataset]]) -> SeriesInfo:
+    """Builds the :class:`SeriesInfo` of one series from its headers.
+
+    Args:
+        members: ``(path, header)`` pairs of one series.
+
+    Returns:
+        The series summary.
+    """
+    ds = members[0][1]
+    images = sum(frame_count(d) for _, d in members)
+    return SeriesInfo(
+        uid=str(ds.get("SeriesInstanceUID", "")),
+        number=int_or(ds.get("SeriesNumber"), 0),
+        modality=str(ds.get("Modality", "") or "OT"),
+        description=str(ds.get("SeriesDescription", "") or ""),
+        sop_class=sop_class_name(ds),
+        files=len(members),
+        images=images,
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+    )
+
+
+def series_name(info: SeriesInfo) -> str:
+    """A file-safe case name for a series: ``s<number>_<modality>_<hash of the series UID>``.
+
+    It carries no patient name, date or free text from the tags, so it is safe in file names.
+
+    Args:
+        info: the series summary.
+
+    Returns:
+        e.g. ``"s003_CT_1f2e3d4c"``.
+    """
+    modality = re.sub(r"[^A-Za-z0-9]", "", info.modality) or "OT"
+    digest = hashlib.sha1(info.uid.encode()).hexdigest()[:8]
+    return f"s{info.number:03d}_{modality}_{digest}"
+
+
+def int_or(value, default: int) -> int:
+    """``int(value)``, or ``default`` when it has none."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def frame_count(ds: Dataset) -> int:
+    """Number of 2D images in a file (``NumberOfFrames``, at least 1)."""
+    return max(int_or(ds.get("NumberOfFrames"), 1), 1)
