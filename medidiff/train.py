@@ -10,27 +10,26 @@ Exact resume: the data order is a function of ``(seed, epoch)`` (``DistributedSa
 and noise of step ``s`` on rank ``r`` come from a generator seeded with ``(seed, r, s)``, and checkpoints
 hold the model, EMA, optimizer, scheduler, scaler, the global RNG states of every rank and the position
 in the epoch. ``run_recipe`` is the ``train`` task: it builds data, network and process from a recipe.
+
+Beside it: ``train_config`` (the ``training`` section, the learning-rate schedule, ``TrainResult``),
+``train_checkpoints`` (checkpoint files) and ``train_data`` (datasets, the batch stream); re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import math
 import os
-import re
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from .core import noise as core_noise
 from .core.denoiser import Denoiser
@@ -39,7 +38,18 @@ from .core.losses import diffusion_loss
 from .core.processes import Process
 from .errors import TrainingError
 from .outputs import atomic_write, write_table
-from .runtime import Dist, derived_seed, init_distributed, resolve_device, rng_state, seed_everything, set_rng_state
+from .runtime import derived_seed, init_distributed, resolve_device, rng_state, seed_everything, set_rng_state
+from .train_checkpoints import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_FORMAT,
+    check_resumable,
+    checkpoint_paths,
+    find_checkpoint,
+    weights_checksum,
+    write_checkpoint,
+)
+from .train_config import TrainingConfig, TrainResult, lr_factor
+from .train_data import BatchStream, checked_data_prep
 from .weights import WEIGHTS_NAME, save_model
 
 __all__ = [
@@ -56,201 +66,15 @@ __all__ = [
 
 log = logging.getLogger("medidiff.train")
 
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_FORMAT = 1
 #: Test hook: after writing the checkpoint of this step, rank 0 sleeps (so a test can kill it there).
 PAUSE_ENV = "MEDIDIFF_TEST_PAUSE_AFTER_STEP"
-_CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 
-
-class TrainingConfig(BaseModel):
-    """The ``training`` section of a recipe.
-
-    Attributes:
-        steps: optimizer steps in all.
-        batch_size: images per micro-batch on each process.
-        grad_accum_steps: micro-batches per optimizer step.
-        lr: peak learning rate of AdamW.
-        lr_schedule: ``cosine`` (decay to ``lr * lr_min_ratio``) or ``constant`` after the warm-up.
-        lr_warmup_steps: steps of linear warm-up from 0.
-        lr_min_ratio: final learning rate of the cosine, as a share of ``lr``.
-        weight_decay: AdamW weight decay.
-        adam_betas: AdamW betas.
-        grad_clip: largest gradient norm (``null`` for no clipping).
-        precision: ``auto`` (bf16 on CUDA, fp32 on a CPU), ``fp32``, ``bf16`` or ``fp16`` (CUDA, with a
-            gradient scaler).
-        ema_decay: EMA decay (``null`` for no EMA).
-        ema_warmup: ramp the EMA decay up over the first steps.
-        save_ema: write the EMA weights (not the raw ones) to ``model.safetensors``.
-        loss_weighting: ``uniform`` or ``min_snr``.
-        min_snr_gamma: the Min-SNR clipping value.
-        noise: training noise, ``gaussian`` or ``simplex``.
-        noise_options: options of the noise (e.g. simplex octaves), passed to ``medidiff.core.noise``.
-        log_every: steps between log lines and TensorBoard points.
-        val_every: steps between validation losses (0: only at the end).
-        sample_every: steps between sample images (0: none).
-        sample_count: images per sample grid.
-        sample_steps: DDIM steps for the sample images.
-        checkpoint_every: steps between checkpoints (0: only at the end).
-        keep_checkpoints: how many recent checkpoints to keep.
-        resume: continue from the latest checkpoint in the output folder (start afresh if there is none).
-        stop_after: end the run cleanly after this step (with a checkpoint), e.g. for time-limited jobs.
-        tensorboard: write TensorBoard logs to ``tb/``.
-        progress: show a progress bar.
-        compile: ``torch.compile`` the network (CUDA).
-        channels_last: channels-last memory format on CUDA.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: PositiveInt = 1000
-    batch_size: PositiveInt = 8
-    grad_accum_steps: PositiveInt = 1
-    lr: PositiveFloat = 2e-4
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
-    lr_warmup_steps: int = Field(0, ge=0)
-    lr_min_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: PositiveFloat | None = 1.0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    ema_decay: float | None = Field(0.999, ge=0.0, lt=1.0)
-    ema_warmup: bool = True
-    save_ema: bool = True
-    loss_weighting: Literal["uniform", "min_snr"] = "uniform"
-    min_snr_gamma: PositiveFloat = 5.0
-    noise: Literal["gaussian", "simplex"] = "gaussian"
-    noise_options: dict[str, Any] = Field(default_factory=dict)
-    log_every: PositiveInt = 50
-    val_every: int = Field(500, ge=0)
-    sample_every: int = Field(0, ge=0)
-    sample_count: PositiveInt = 4
-    sample_steps: PositiveInt = 20
-    checkpoint_every: int = Field(500, ge=0)
-    keep_checkpoints: PositiveInt = 2
-    resume: bool = False
-    stop_after: PositiveInt | None = None
-    tensorboard: bool = True
-    progress: bool = True
-    compile: bool = False
-    channels_last: bool = True
-
-
-@dataclass
-class TrainResult:
-    """What ``fit`` leaves behind.
-
-    Attributes:
-        out_dir: the run's folder.
-        step: the last step done.
-        history: per-step ``step``, ``loss``, ``lr`` and the ``val_step``, ``val_loss``, ``val_loss_ema`` lists.
-        weights: path of ``model.safetensors``.
-        checkpoint: path of the last checkpoint.
-        checksum: SHA-256 of the trained (raw) weights; under DDP every rank's is checked equal.
-        world_size: number of processes that trained.
-        outputs: files written (for the manifest's checksums; rank 0 only).
-        inputs: input files read (set by ``run_recipe``).
-        replica_checksums: every rank's ``checksum`` (all equal, or training fails).
-    """
-
-    out_dir: Path
-    step: int
-    history: dict[str, list]
-    weights: Path | None
-    checkpoint: Path | None
-    checksum: str
-    world_size: int = 1
-    outputs: list[Path] = field(default_factory=list)
-    inputs: list[Path] = field(default_factory=list)
-    replica_checksums: list[str] = field(default_factory=list)
+_Batches = BatchStream  # the batch stream's earlier name, still importable from here
 
 
 # -- pure pieces -----------------------------------------------------------------------------------
-def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
-    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then cosine decay or constant.
-
-    Args:
-        step: optimizer steps done so far.
-        warmup: warm-up steps (the factor rises as ``(step + 1) / warmup``).
-        total: all steps of the run.
-        schedule: ``cosine`` or ``constant``.
-        min_ratio: the cosine's final factor.
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def weights_checksum(module: nn.Module) -> str:
-    """SHA-256 over a module's state dict (names, dtypes, shapes and bytes), to compare replicas."""
-    h = hashlib.sha256()
-    for name, value in module.state_dict().items():
-        t = value.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def _draw_noise(x0: torch.Tensor, kind: str, generator: torch.Generator, options: dict) -> torch.Tensor:
     return core_noise.noise_like(x0, kind, generator, **options)
-
-
-class _Batches:
-    """Endless batches in an order fixed by ``(seed, epoch)``; ``position`` counts batches into the epoch."""
-
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, dist_: Dist, num_workers: int = 0,
-                 epoch: int = 0, position: int = 0):
-        self.sampler = DistributedSampler(dataset, num_replicas=dist_.world_size, rank=dist_.rank, shuffle=True,
-                                          seed=seed, drop_last=True)
-        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
-        self.per_epoch = len(self.sampler) // batch_size
-        if self.per_epoch == 0:
-            raise TrainingError(
-                f"{len(dataset)} training images are too few for batches of {batch_size} on {dist_.world_size} "
-                "process(es)", where="training.batch_size", fix="lower training.batch_size or add data.")
-        self.epoch, self.position, self._it = epoch, position, None
-
-    def _start(self) -> None:
-        self.sampler.set_epoch(self.epoch)
-        order = list(self.sampler)
-        chunks = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.position, self.per_epoch)]
-        self._it = iter(DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.num_workers))
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self.position >= self.per_epoch:
-            self.epoch, self.position, self._it = self.epoch + 1, 0, None
-        if self._it is None:
-            self._start()
-        self.position += 1
-        return next(self._it)
-
-
-def _checkpoint_paths(out_dir: Path) -> list[tuple[int, Path]]:
-    folder = out_dir / CHECKPOINT_DIR
-    found = []
-    if folder.is_dir():
-        for p in folder.iterdir():
-            m = _CKPT_RE.match(p.name)
-            if m:
-                found.append((int(m.group(1)), p))
-    return sorted(found, reverse=True)
-
-
-def find_checkpoint(out_dir: str | Path) -> tuple[Path, dict] | None:
-    """The newest readable checkpoint in ``out_dir/checkpoints`` and its contents (``None`` if there is none).
-
-    Unreadable files (e.g. cut short by a crash outside ``atomic_write``) are skipped with a warning;
-    the temporary files of interrupted writes never match the ``step_*.pt`` names.
-    """
-    for _, path in _checkpoint_paths(Path(out_dir)):
-        try:
-            return path, torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped
-            log.warning("skipping unreadable checkpoint %s (%s)", path, e)
-    return None
 
 
 def _write_png(path: Path, image: torch.Tensor) -> None:
@@ -270,20 +94,6 @@ def _grid(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(list(x), dim=-1)
 
 
-def _checked_prep(data_prep: dict | None) -> dict:
-    """The ``data_prep`` record, validated before training starts (not when the weights are first saved)."""
-    from pydantic import ValidationError
-
-    from .modelinfo import DataPrep
-
-    try:
-        return DataPrep.model_validate(dict(data_prep or {"source": "unknown"})).model_dump(mode="json",
-                                                                                           exclude_none=True)
-    except ValidationError as e:
-        raise TrainingError(f"the data source's data_prep record is invalid: {e.errors()[0]['msg']}",
-                            fix="see medidiff.modelinfo.DataPrep") from None
-
-
 # -- the engine ------------------------------------------------------------------------------------
 class _Engine:
     """One training run; ``fit`` builds and runs it. Methods are the stages of a step."""
@@ -295,7 +105,7 @@ class _Engine:
         self.num_workers = num_workers
         self.process, self.seed, self.device = process, seed, device
         self.train_set, self.val_set = train_set, val_set
-        self.data_prep, self.extra_meta = _checked_prep(data_prep), dict(extra_meta or {})
+        self.data_prep, self.extra_meta = checked_data_prep(data_prep), dict(extra_meta or {})
         cuda = device.type == "cuda"
         precision = config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32")
         if precision == "fp16" and not cuda:
@@ -337,7 +147,7 @@ class _Engine:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def _state(self, batches: _Batches, rngs: list) -> dict:
+    def _state(self, batches: BatchStream, rngs: list) -> dict:
         return {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
@@ -359,12 +169,8 @@ class _Engine:
 
     def restore(self, path: Path, state: dict) -> tuple[int, int]:
         """Load a checkpoint; returns ``(epoch, position)`` of the data stream."""
-        mine = {"net_config": self.net.config, "process": self.process.config(), "prediction": self.prediction}
-        for key, value in mine.items():
-            if state.get(key) != value:
-                raise TrainingError(
-                    f"cannot resume: the checkpoint's {key} ({state.get(key)}) differs from the recipe's ({value})",
-                    where=path, fix="restore the recipe the run was started with, or train into a new --out folder.")
+        check_resumable(state, {"net_config": self.net.config, "process": self.process.config(),
+                                "prediction": self.prediction}, path)
         self.net.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
@@ -384,16 +190,12 @@ class _Engine:
         log.info("resumed from %s at step %d", path, self.step)
         return int(state["epoch"]), int(state["position"])
 
-    def save_checkpoint(self, batches: _Batches) -> None:
+    def save_checkpoint(self, batches: BatchStream) -> None:
         rngs = self._gather(rng_state(self.device))
         if not self.main:
             return
-        path = self.out_dir / CHECKPOINT_DIR / f"step_{self.step:07d}.pt"
-        with atomic_write(path) as tmp:
-            torch.save(self._state(batches, rngs), tmp)
+        path = write_checkpoint(self.out_dir, self.step, self._state(batches, rngs), self.cfg.keep_checkpoints)
         self.last_checkpoint = path
-        for _, old in _checkpoint_paths(self.out_dir)[self.cfg.keep_checkpoints:]:
-            old.unlink(missing_ok=True)
         self.save_weights()
         self.write_history()
         log.info("checkpoint %s", path)
@@ -439,7 +241,7 @@ class _Engine:
                                   gamma=self.cfg.min_snr_gamma, noise=eps, t=t)
         return loss, x0.shape[0]
 
-    def train_step(self, batches: _Batches) -> tuple[float, int]:
+    def train_step(self, batches: BatchStream) -> tuple[float, int]:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss and images seen."""
         cfg = self.cfg
         self.net.train()
@@ -482,7 +284,7 @@ class _Engine:
         return value, images * self.dist.world_size
 
     def _fail(self, what: str) -> None:
-        last = self.last_checkpoint or (_checkpoint_paths(self.out_dir) or [(0, None)])[0][1]
+        last = self.last_checkpoint or (checkpoint_paths(self.out_dir) or [(0, None)])[0][1]
         kept = f" The last good checkpoint, {last}, is intact." if last else ""
         raise TrainingError(
             f"{what}; training stopped.{kept}", where=self.out_dir,
@@ -556,7 +358,7 @@ class _Engine:
         cfg = self.cfg
         epoch = position = 0
         found = find_checkpoint(self.out_dir) if cfg.resume else None
-        if found is None and not cfg.resume and _checkpoint_paths(self.out_dir):
+        if found is None and not cfg.resume and checkpoint_paths(self.out_dir):
             raise TrainingError("the output folder already holds checkpoints", where=self.out_dir,
                                 fix="continue that run with --resume (training.resume: true), or use a new --out.")
         if found is not None:
@@ -566,7 +368,7 @@ class _Engine:
             if cfg.resume:
                 log.info("no checkpoint in %s: starting a new run", self.out_dir)
             seed_everything(derived_seed(self.seed, self.dist.rank))
-        batches = _Batches(self.train_set, cfg.batch_size, self.seed, self.dist, self.num_workers, epoch, position)
+        batches = BatchStream(self.train_set, cfg.batch_size, self.seed, self.dist, self.num_workers, epoch, position)
         sample_shape, sample_cond = self._sample_inputs() if cfg.sample_every else ((), None)
         if self.main and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -12,7 +12,9 @@ optional "cond": (Cc, *spatial)}``. This module turns a recipe's ``data`` sectio
   validation cases are the datalist's own, or a seeded share of the cases.
 
 Tasks add sources with ``register_source``; ``build_data`` returns a ``DataBundle`` that also carries
-the ``data_prep`` record saved beside the weights.
+the ``data_prep`` record saved beside the weights (``checked_data_prep`` validates one before training).
+``BatchStream`` is what the engine draws batches from: an order fixed by ``(seed, epoch)``, split between
+DDP processes, that resumes exactly from a checkpoint's position.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
-from torch.utils.data import Dataset, Subset
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .data.augment import Augmented
-from .errors import RecipeError
+from .errors import RecipeError, TrainingError
+from .modelinfo import DataPrep
+from .runtime import Dist
 
 __all__ = [
     "DataConfig",
@@ -38,6 +42,8 @@ __all__ = [
     "register_source",
     "build_data",
     "split",
+    "BatchStream",
+    "checked_data_prep",
     "synthetic_images",
 ]
 
@@ -150,6 +156,57 @@ class DataBundle:
     cond_channels: int = 0
     data_prep: dict[str, Any] = field(default_factory=dict)
     inputs: list[Path] = field(default_factory=list)
+
+
+class BatchStream:
+    """Endless batches in an order fixed by ``(seed, epoch)``; ``position`` counts batches into the epoch.
+
+    Each process of a DDP run draws its own share (``DistributedSampler``, incomplete batches dropped);
+    a stream built with a checkpoint's ``epoch`` and ``position`` continues exactly where it stopped.
+
+    Raises:
+        TrainingError: the dataset is too small for one batch per process.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, dist_: Dist, num_workers: int = 0,
+                 epoch: int = 0, position: int = 0):
+        self.sampler = DistributedSampler(dataset, num_replicas=dist_.world_size, rank=dist_.rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.per_epoch = len(self.sampler) // batch_size
+        if self.per_epoch == 0:
+            raise TrainingError(
+                f"{len(dataset)} training images are too few for batches of {batch_size} on {dist_.world_size} "
+                "process(es)", where="training.batch_size", fix="lower training.batch_size or add data.")
+        self.epoch, self.position, self._it = epoch, position, None
+
+    def _start(self) -> None:
+        self.sampler.set_epoch(self.epoch)
+        order = list(self.sampler)
+        chunks = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.position, self.per_epoch)]
+        self._it = iter(DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.num_workers))
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.position >= self.per_epoch:
+            self.epoch, self.position, self._it = self.epoch + 1, 0, None
+        if self._it is None:
+            self._start()
+        self.position += 1
+        return next(self._it)
+
+
+def checked_data_prep(data_prep: dict | None) -> dict:
+    """The ``data_prep`` record, validated before training starts (not when the weights are first saved).
+
+    Raises:
+        TrainingError: the record does not fit ``medidiff.modelinfo.DataPrep``.
+    """
+    try:
+        return DataPrep.model_validate(dict(data_prep or {"source": "unknown"})).model_dump(mode="json",
+                                                                                           exclude_none=True)
+    except ValidationError as e:
+        raise TrainingError(f"the data source's data_prep record is invalid: {e.errors()[0]['msg']}",
+                            fix="see medidiff.modelinfo.DataPrep") from None
 
 
 def split(dataset: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:

@@ -1,0 +1,136 @@
+"""What a training run is told and what it returns: the ``training`` recipe section, the learning-rate
+schedule (linear warm-up, then cosine or constant) and ``TrainResult``.
+
+These are plain values, importable without the engine (``medidiff.train``), which re-exports them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+__all__ = ["TrainingConfig", "TrainResult", "lr_factor"]
+
+
+class TrainingConfig(BaseModel):
+    """The ``training`` section of a recipe.
+
+    Attributes:
+        steps: optimizer steps in all.
+        batch_size: images per micro-batch on each process.
+        grad_accum_steps: micro-batches per optimizer step.
+        lr: peak learning rate of AdamW.
+        lr_schedule: ``cosine`` (decay to ``lr * lr_min_ratio``) or ``constant`` after the warm-up.
+        lr_warmup_steps: steps of linear warm-up from 0.
+        lr_min_ratio: final learning rate of the cosine, as a share of ``lr``.
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        grad_clip: largest gradient norm (``null`` for no clipping).
+        precision: ``auto`` (bf16 on CUDA, fp32 on a CPU), ``fp32``, ``bf16`` or ``fp16`` (CUDA, with a
+            gradient scaler).
+        ema_decay: EMA decay (``null`` for no EMA).
+        ema_warmup: ramp the EMA decay up over the first steps.
+        save_ema: write the EMA weights (not the raw ones) to ``model.safetensors``.
+        loss_weighting: ``uniform`` or ``min_snr``.
+        min_snr_gamma: the Min-SNR clipping value.
+        noise: training noise, ``gaussian`` or ``simplex``.
+        noise_options: options of the noise (e.g. simplex octaves), passed to ``medidiff.core.noise``.
+        log_every: steps between log lines and TensorBoard points.
+        val_every: steps between validation losses (0: only at the end).
+        sample_every: steps between sample images (0: none).
+        sample_count: images per sample grid.
+        sample_steps: DDIM steps for the sample images.
+        checkpoint_every: steps between checkpoints (0: only at the end).
+        keep_checkpoints: how many recent checkpoints to keep.
+        resume: continue from the latest checkpoint in the output folder (start afresh if there is none).
+        stop_after: end the run cleanly after this step (with a checkpoint), e.g. for time-limited jobs.
+        tensorboard: write TensorBoard logs to ``tb/``.
+        progress: show a progress bar.
+        compile: ``torch.compile`` the network (CUDA).
+        channels_last: channels-last memory format on CUDA.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 8
+    grad_accum_steps: PositiveInt = 1
+    lr: PositiveFloat = 2e-4
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_min_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: PositiveFloat | None = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    ema_decay: float | None = Field(0.999, ge=0.0, lt=1.0)
+    ema_warmup: bool = True
+    save_ema: bool = True
+    loss_weighting: Literal["uniform", "min_snr"] = "uniform"
+    min_snr_gamma: PositiveFloat = 5.0
+    noise: Literal["gaussian", "simplex"] = "gaussian"
+    noise_options: dict[str, Any] = Field(default_factory=dict)
+    log_every: PositiveInt = 50
+    val_every: int = Field(500, ge=0)
+    sample_every: int = Field(0, ge=0)
+    sample_count: PositiveInt = 4
+    sample_steps: PositiveInt = 20
+    checkpoint_every: int = Field(500, ge=0)
+    keep_checkpoints: PositiveInt = 2
+    resume: bool = False
+    stop_after: PositiveInt | None = None
+    tensorboard: bool = True
+    progress: bool = True
+    compile: bool = False
+    channels_last: bool = True
+
+
+@dataclass
+class TrainResult:
+    """What ``fit`` leaves behind.
+
+    Attributes:
+        out_dir: the run's folder.
+        step: the last step done.
+        history: per-step ``step``, ``loss``, ``lr`` and the ``val_step``, ``val_loss``, ``val_loss_ema`` lists.
+        weights: path of ``model.safetensors``.
+        checkpoint: path of the last checkpoint.
+        checksum: SHA-256 of the trained (raw) weights; under DDP every rank's is checked equal.
+        world_size: number of processes that trained.
+        outputs: files written (for the manifest's checksums; rank 0 only).
+        inputs: input files read (set by ``run_recipe``).
+        replica_checksums: every rank's ``checksum`` (all equal, or training fails).
+    """
+
+    out_dir: Path
+    step: int
+    history: dict[str, list]
+    weights: Path | None
+    checkpoint: Path | None
+    checksum: str
+    world_size: int = 1
+    outputs: list[Path] = field(default_factory=list)
+    inputs: list[Path] = field(default_factory=list)
+    replica_checksums: list[str] = field(default_factory=list)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then cosine decay or constant.
+
+    Args:
+        step: optimizer steps done so far.
+        warmup: warm-up steps (the factor rises as ``(step + 1) / warmup``).
+        total: all steps of the run.
+        schedule: ``cosine`` or ``constant``.
+        min_ratio: the cosine's final factor.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
