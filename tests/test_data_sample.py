@@ -60,9 +60,7 @@ def test_brain_slices_select_brain_and_resize():
 
 
 def test_missing_data_dir_raises_with_fix(monkeypatch, tmp_path):
-    import medidiff
-
-    monkeypatch.setattr(medidiff, "__file__", str(tmp_path / "pkg" / "__init__.py"))
+    monkeypatch.setattr(sample, "CHECKOUT", tmp_path / "pkg")
     with pytest.raises(DataError, match="Fix: .*make_sample_data"):
         sample.data_dir()
 
