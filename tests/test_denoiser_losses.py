@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from medidiff.core.denoiser import PARAMETRISATIONS, Denoiser, eps_from_x0, score_from_x0, target_for
+from medidiff.core.denoiser import (
+    PARAMETRISATIONS,
+    Denoiser,
+    eps_from_x0,
+    score_from_x0,
+    target_for,
+    x0_from_output,
+)
 from medidiff.core.ema import EMA
 from medidiff.core.losses import diffusion_loss, snr_weight
 from medidiff.core.processes import DDPM, VESDE, VPSDE, SubVPSDE
@@ -77,6 +84,28 @@ def test_min_snr_weights():
     torch.testing.assert_close(snr_weight("eps", alpha, sigma, "uniform"), torch.ones(3))
     with pytest.raises(ValueError, match="unknown weighting"):
         snr_weight("eps", alpha, sigma, "snr")
+
+
+@pytest.mark.parametrize("process", PROCESSES, ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize("prediction", PARAMETRISATIONS)
+@pytest.mark.parametrize("gamma", [5.0, 1e9], ids=["gamma5", "unclipped"])
+def test_min_snr_weight_is_the_x0_error_weighting_for_every_process(process, prediction, gamma):
+    """Min-SNR's definition (Hang et al. 2023, eq. 5): the weighted target error equals ``min(SNR, gamma)`` times
+    the squared error of the ``x0_hat`` the output implies, per sample, whatever the process and target."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.tensor([0.002, 0.05, 0.3, 0.7, 1.0], dtype=torch.float64)
+    x0 = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64)
+    alpha, sigma = process.marginal(t)
+    a, s = bcast(alpha, x0), bcast(sigma, x0)
+    x_t = a * x0 + s * eps
+    target = target_for(prediction, x0, eps, a, s)
+    out = target + 0.1 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    target_err = ((out - target) ** 2).flatten(1).mean(1)
+    x0_err = ((x0_from_output(prediction, out, x_t, a, s) - x0) ** 2).flatten(1).mean(1)
+    weight = snr_weight(prediction, alpha, sigma, "min_snr", gamma)
+    torch.testing.assert_close(weight * target_err, ((alpha / sigma) ** 2).clamp(max=gamma) * x0_err,
+                               rtol=1e-9, atol=0)
 
 
 def test_loss_of_a_zero_network_is_the_target_energy():

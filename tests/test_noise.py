@@ -165,6 +165,31 @@ def test_frequency_sets_cells_per_side():
         assert 0.5 * f <= peak <= 2.5 * f, (f, peak)
 
 
+# --- simplex: the octave sum -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("persistence", [0.5, 0.8])
+def test_octaves_are_weighted_by_powers_of_persistence(monkeypatch, persistence):
+    """With each octave's lattice noise replaced by the constant ``10^k``, the unnormalised sum is exactly
+    ``sum_k p^k 10^k / sum_k p^k``, and octave ``k`` is sampled at ``frequency * 2^k`` cells per longest side."""
+    import medidiff.core.simplex as lattice
+
+    spacing = []
+
+    def constant_octave(coords, perm):
+        k = len(spacing)
+        spacing.append((coords[-1][0, 1] - coords[-1][0, 0]).item())  # one pixel along the last axis
+        return torch.full_like(coords[0], 10.0**k)
+
+    monkeypatch.setattr(lattice, "lattice_noise", constant_octave)
+    out = simplex((2, 1, 16, 8), octaves=3, persistence=persistence, frequency=2.0, normalise=False,
+                  generator=gen(0), dtype=torch.float64)
+    weights = [persistence**k for k in range(3)]
+    expected = sum(w * 10.0**k for k, w in enumerate(weights)) / sum(weights)
+    torch.testing.assert_close(out, torch.full_like(out, expected), rtol=1e-12, atol=0)
+    assert spacing == pytest.approx([2 / 16, 4 / 16, 8 / 16], rel=1e-6)
+
+
 # --- simplex: the lattice against a scalar oracle -------------------------------------------------
 
 

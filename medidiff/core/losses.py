@@ -26,9 +26,29 @@ def snr_weight(prediction: str, alpha: torch.Tensor, sigma: torch.Tensor, weight
                gamma: float = 5.0) -> torch.Tensor:
     """Per-sample loss weights ``(B,)`` for a parametrisation and weighting.
 
-    Min-SNR weights the x0-error by ``min(SNR, gamma)``; dividing by the factor that relates each
-    target's error to the x0-error gives ``min(SNR, gamma) / SNR`` for ``eps`` and ``score``,
-    ``min(SNR, gamma)`` for ``x0`` and ``min(SNR, gamma) / (SNR + 1)`` for ``v``.
+    Min-SNR-gamma (Hang et al. 2023, eq. 5) weights the x0-error ``|x0_hat - x0|^2`` by ``min(SNR, gamma)``,
+    ``SNR = alpha^2 / sigma^2``. A network's target error maps to the x0-error by a fixed factor: with
+    ``x_t = alpha x0 + sigma eps``,
+
+    - ``eps`` (and ``score``, whose target is ``-eps``): ``x0_hat - x0 = -(sigma / alpha) (eps_hat - eps)``,
+      factor ``1 / SNR``;
+    - ``x0``: factor 1;
+    - ``v = alpha eps - sigma x0``: ``x0_hat = (alpha x_t - sigma v_hat) / (alpha^2 + sigma^2)``, so
+      ``x0_hat - x0 = -sigma (v_hat - v) / (alpha^2 + sigma^2)``, factor
+      ``sigma^2 / (alpha^2 + sigma^2)^2 = 1 / ((SNR + 1) (alpha^2 + sigma^2))``.
+
+    The weight on the target's squared error is ``min(SNR, gamma)`` times that factor, for every process
+    (for variance-preserving ones ``alpha^2 + sigma^2 = 1`` and the ``v`` weight is ``min(SNR, gamma) / (SNR + 1)``).
+
+    Args:
+        prediction: the network's parametrisation (``eps``, ``x0``, ``v``, ``score``).
+        alpha: signal scales ``(B,)``.
+        sigma: noise levels ``(B,)``.
+        weighting: ``uniform`` or ``min_snr``.
+        gamma: the Min-SNR clipping value.
+
+    Returns:
+        Weights ``(B,)``.
     """
     if weighting == "uniform":
         return torch.ones_like(alpha)
@@ -41,7 +61,7 @@ def snr_weight(prediction: str, alpha: torch.Tensor, sigma: torch.Tensor, weight
     if prediction == "x0":
         return clipped
     if prediction == "v":
-        return clipped / (snr + 1)
+        return clipped / ((snr + 1) * (alpha**2 + sigma**2))
     raise ValueError(f"unknown parametrisation {prediction!r}")
 
 

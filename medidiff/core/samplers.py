@@ -9,20 +9,25 @@
   step goes to ``t = 0``, where the sample is the denoised estimate.
 - ``hook(x0_hat, x_t, t)`` may return a corrected ``x0_hat`` after every network evaluation (data
   consistency, guidance); ``callback(info)`` sees each step's ``i``, ``t``, ``x`` and ``x0_hat``.
+- A hook with a true attribute ``needs_grad`` (gradient guidance) gets ``x0_hat`` computed under
+  autograd from ``x_t.requires_grad_()``, so it can differentiate a loss on ``x0_hat`` with respect to
+  ``x_t``; its result is detached. Still one network evaluation per denoiser call.
 - ``generator``: one ``torch.Generator`` or a list with one per sample (per-sample seeds).
 - ``progress=True`` shows a progress bar.
 
-Samplers run without autograd; a hook that needs gradients enables them itself.
+Samplers run without autograd (``torch.no_grad``) except for such a hook's denoiser calls.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from .denoiser import score_from_x0
 from .noise import gaussian_like
 from .processes import Process
 from .utils import bcast
@@ -37,6 +42,7 @@ __all__ = [
     "heun",
     "dpm_solver_2m",
     "ddim_invert",
+    "langevin_step_size",
     "SAMPLERS",
     "get_sampler",
     "nfe",
@@ -47,8 +53,18 @@ Hook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # -- shared pieces ---------------------------------------------------------------------------------
 def _denoise(denoiser, x: torch.Tensor, t: float, hook: Hook | None) -> torch.Tensor:
-    """Evaluate the denoiser at scalar time ``t`` (broadcast to the batch, on ``x``'s device) and apply the hook."""
+    """Evaluate the denoiser at scalar time ``t`` (broadcast to the batch, on ``x``'s device) and apply the hook.
+
+    A hook with ``needs_grad = True`` is called as ``hook(x0_hat, x_in, t)`` with ``x_in`` a leaf copy of
+    ``x`` that requires grad and ``x0_hat`` computed from it under ``torch.enable_grad()`` (overriding the
+    samplers' ``no_grad``), so the hook may take ``torch.autograd.grad`` of a loss on ``x0_hat`` with respect
+    to ``x_in``; the corrected ``x0_hat`` it returns is detached.
+    """
     tb = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
+    if hook is not None and getattr(hook, "needs_grad", False):
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            return hook(denoiser(x_in, tb), x_in, tb).detach()
     x0 = denoiser(x, tb)
     if hook is not None:
         x0 = hook(x0, x, tb)
@@ -59,11 +75,6 @@ def _marginals(process: Process, times) -> tuple[list[float], list[float]]:
     """``(alpha, sigma)`` at each of ``times`` as Python floats (float64 maths, computed once per grid)."""
     alpha, sigma = process.marginal(torch.as_tensor(times, dtype=torch.float64))
     return alpha.tolist(), sigma.tolist()
-
-
-def _score(x: torch.Tensor, x0: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
-    """Score of the noisy marginal implied by ``x0_hat`` (Tweedie's formula)."""
-    return (alpha * x0 - x) / sigma**2
 
 
 def _ddim_step(x, x0, a_t: float, s_t: float, a_s: float, s_s: float, eta: float, generator) -> torch.Tensor:
@@ -112,7 +123,7 @@ def _em_update(grid: _Grid, generator) -> Callable:
         t, dt = grid.t[i], grid.t[i] - grid.t[i + 1]
         drift, diffusion = grid.process.sde(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
         g = bcast(diffusion, x)
-        score = _score(x, x0, grid.alpha[i], grid.sigma[i])
+        score = score_from_x0(x, x0, grid.alpha[i], grid.sigma[i])
         return x - (drift - g**2 * score) * dt + g * math.sqrt(dt) * gaussian_like(x, generator)
 
     return update
@@ -121,12 +132,43 @@ def _em_update(grid: _Grid, generator) -> Callable:
 def _langevin(denoiser, x, t: float, alpha: float, sigma: float, hook, generator, step_size) -> torch.Tensor:
     """One Langevin move ``x + eps * score + sqrt(2 eps) z`` at time ``t``.
 
-    ``step_size`` is a number or a function ``(score, z) -> (B,)`` of per-sample steps.
+    ``step_size`` is a number or a function ``(score, z) -> eps`` (a number).
     """
-    score = _score(x, _denoise(denoiser, x, t, hook), alpha, sigma)
+    score = score_from_x0(x, _denoise(denoiser, x, t, hook), alpha, sigma)
     z = gaussian_like(x, generator)
-    eps = bcast(step_size(score, z), x) if callable(step_size) else step_size
-    return x + eps * score + (2 * eps) ** 0.5 * z
+    eps = step_size(score, z) if callable(step_size) else step_size
+    return x + eps * score + math.sqrt(2 * eps) * z
+
+
+def langevin_step_size(score: torch.Tensor, z: torch.Tensor, snr: float, alpha: float = 1.0) -> float:
+    """The Langevin corrector's step ``eps = 2 alpha (snr ||z|| / ||score||)^2`` (Song et al. 2021, Algorithm 5).
+
+    As in score_sde's ``LangevinCorrector``, ``||z||`` and ``||score||`` are the per-sample norms averaged
+    over the batch, so every sample takes the same step (per-sample norms of small images make the ratio
+    noisy and the samples too wide).
+
+    Args:
+        score: the score at the current state, ``(B, C, *spatial)``.
+        z: the standard normal noise of the move, shaped like ``score``.
+        snr: the corrector's signal-to-noise ratio ``r``.
+        alpha: ``alpha_i = 1 - beta_i`` of the step (1 for variance-exploding processes).
+
+    Returns:
+        The step size, a Python float.
+    """
+    z_norm = z.flatten(1).norm(dim=1).mean().item()
+    s_norm = score.flatten(1).norm(dim=1).mean().item()
+    return 2 * alpha * (snr * z_norm / max(s_norm, 1e-30)) ** 2
+
+
+def _counts(fn: Callable) -> Callable:
+    """Attach ``count(steps, **options) -> network evaluations`` to a sampler (used by ``nfe``)."""
+
+    def attach(sampler: Callable) -> Callable:
+        sampler.count_nfe = fn
+        return sampler
+
+    return attach
 
 
 # -- samplers --------------------------------------------------------------------------------------
@@ -167,14 +209,19 @@ def euler_maruyama(denoiser, x, process, steps, *, t_start=1.0, hook=None, callb
                       update=_em_update(g, generator))
 
 
+@_counts(lambda steps, n_corrector, **_: steps * (n_corrector + 1))
 @torch.no_grad()
 def predictor_corrector(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
                         snr: float = 0.16, n_corrector: int = 1, grid: str = "uniform",
                         progress: bool = False) -> torch.Tensor:
-    """Predictor-corrector sampling (Song et al. 2021, Algorithms 2-3): Langevin corrector, then reverse SDE.
+    """Predictor-corrector sampling (Song et al. 2021, Algorithms 2-3 and 5): Langevin corrector, then reverse SDE.
 
-    The corrector's step size is ``2 (snr * |z| / |score|)^2`` per sample; the predictor is an
-    Euler-Maruyama step of the reverse SDE. Network evaluations: ``steps * (n_corrector + 1)``.
+    At each time ``t_i`` the corrector makes ``n_corrector`` Langevin moves of step
+    ``eps = 2 alpha_i (snr ||z|| / ||score||)^2`` (norms averaged over the batch, see
+    ``langevin_step_size``), with ``alpha_i = (alpha(t_i) / alpha(t_{i+1}))^2``: ``1 - beta_i`` of the
+    discretised VP, sub-VP and DDPM processes, 1 for VE. The predictor is an Euler-Maruyama step of the
+    reverse SDE. The batch-mean step couples the samples of a batch (as in score_sde). Network
+    evaluations: ``steps * (n_corrector + 1)``.
 
     Args:
         snr: the corrector's signal-to-noise ratio.
@@ -182,11 +229,12 @@ def predictor_corrector(denoiser, x, process, steps, *, t_start=1.0, hook=None, 
     """
     g = _Grid(process, steps, t_start, grid)
 
-    def step_size(score, z):
-        ratio = z.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp(min=1e-12)
-        return 2 * (snr * ratio) ** 2
-
     def correct(i, x):
+        alpha_i = (g.alpha[i] / g.alpha[i + 1]) ** 2
+
+        def step_size(score, z):
+            return langevin_step_size(score, z, snr, alpha_i)
+
         for _ in range(n_corrector):
             x = _langevin(denoiser, x, g.t[i], g.alpha[i], g.sigma[i], hook, generator, step_size)
         return x
@@ -195,6 +243,7 @@ def predictor_corrector(denoiser, x, process, steps, *, t_start=1.0, hook=None, 
                       update=_em_update(g, generator), before=correct)
 
 
+@_counts(lambda steps, n_inner, **_: steps * n_inner + 1)
 @torch.no_grad()
 def annealed_langevin(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
                       n_inner: int = 10, step_lr: float = 0.5, grid: str = "uniform",
@@ -252,6 +301,7 @@ def euler(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None,
                    progress=progress, second_order=False)
 
 
+@_counts(lambda steps, **_: 2 * steps - 1)
 def heun(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
          grid: str = "uniform", progress: bool = False) -> torch.Tensor:
     """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1).
@@ -274,8 +324,8 @@ def dpm_solver_2m(denoiser, x, process, steps, *, t_start=1.0, hook=None, callba
     lam = [math.log(a / s) for a, s in zip(g.alpha[:-1], g.sigma[:-1])]
     previous: list = []  # (x0_hat, h) of the last step
 
-    def update(i, x, x0):
-        h = lam[i + 1] - lam[i] if g.t[i + 1] > 0 else math.inf
+    def update(i, x, x0):  # never called for the last step (to t = 0)
+        h = lam[i + 1] - lam[i]
         d = x0
         if previous:
             x0_prev, h_prev = previous.pop()
@@ -339,13 +389,25 @@ def get_sampler(name: str) -> Callable:
 
 
 def nfe(name: str, steps: int, **kw) -> int:
-    """Network evaluations a sampler makes for ``steps`` steps (for reports and budgets)."""
-    if name == "heun":
-        return 2 * steps - 1
-    if name == "predictor_corrector":
-        return steps * (kw.get("n_corrector", 1) + 1)
-    if name == "annealed_langevin":
-        return steps * kw.get("n_inner", 10) + 1
-    return steps
+    """Network evaluations a sampler makes for ``steps`` steps (for reports and budgets).
+
+    Options not given take the sampler's own defaults (read from its signature); samplers without a
+    ``count_nfe`` attribute make one evaluation per step.
+
+    Args:
+        name: sampler name.
+        steps: its ``steps`` argument.
+        **kw: its keyword options (``n_corrector``, ``n_inner``...).
+
+    Returns:
+        The count.
+    """
+    fn = get_sampler(name)
+    count = getattr(fn, "count_nfe", None)
+    if count is None:
+        return steps
+    options = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
+    return count(steps, **{**options, **kw})
 
 
