@@ -183,3 +183,14 @@ def test_compose_runs_hooks_in_order_and_needs_grad():
     out = hook(_denoiser(x_in, torch.ones(1, dtype=D64)), x_in, torch.ones(1, dtype=D64))
     assert torch.allclose(op(out), yy, atol=1e-12)
     assert not math.isnan(float(out.sum()))
+
+
+@pytest.mark.parametrize("hook_kind", ["projection", "cg"])
+def test_data_consistent_sampling_through_ddim(hook_kind):
+    """A DDIM run with a data-consistency hook ends on the measurements (the last step returns the hooked x0_hat)."""
+    process = VPSDE()
+    op, y, _ = _mri_problem(shape=(8, 8), seed=4)
+    hook = Projection(op, y) if hook_kind == "projection" else ConjugateGradient(op, y, iters=2)
+    x = torch.randn(2, 2, 8, 8, generator=_g(13), dtype=D64)
+    out = samplers.ddim(_denoiser, x, process, 3, hook=hook)
+    assert torch.allclose(op(out), y, atol=1e-10)
