@@ -141,7 +141,6 @@ def test_dps_through_ddim_equals_the_dps_update():
         calls.append(x.requires_grad)  # the sampler runs the denoiser under autograd for a needs_grad hook
         return _denoiser(x, t)
 
-
     out = samplers.ddim(denoiser, x_start, process, steps, hook=hook)
     assert calls == [True] * steps  # one network evaluation per step, with autograd
 
