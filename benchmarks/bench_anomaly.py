@@ -22,28 +22,33 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from medidiff.anomaly import thresholds
+from medidiff.anomaly.config import HealthyOptions, MapOptions
+from medidiff.anomaly.healthy import healthy_nfe, patch_tiles, reconstruct_healthy
+from medidiff.anomaly.maps import anomaly_map
+from medidiff.cases import find_cases, load_case, plain, prepare
+from medidiff.data import sample
+from medidiff.data.transforms import scale_to_unit
+from medidiff.metrics import detection_metrics
+from medidiff.modelinfo import ModelInfo
+from medidiff.outputs import write_json, write_text
+from medidiff.weights import load_denoiser, load_meta
 
-from medidiff.anomaly import maps, thresholds  # noqa: E402
-from medidiff.anomaly.healthy import healthy_nfe, patch_tiles, reconstruct_healthy  # noqa: E402
-from medidiff.anomaly.pipeline import _datalist_masks, _load_on_grid, prepare_case  # noqa: E402
-from medidiff.data import sample  # noqa: E402
-from medidiff.data.discover import discover, load  # noqa: E402
-from medidiff.data.transforms import scale_to_unit  # noqa: E402
-from medidiff.io import to_input_grid  # noqa: E402
-from medidiff.metrics import detection_metrics  # noqa: E402
-from medidiff.weights import load_denoiser  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: demo data, weights and results
 FPR = 0.05
 DEFAULT = "ddim1_t50_x24"  # the setting of recipes/demo.yaml and medidiff detect's defaults
-MAP = {"kind": "abs", "median_size": 5, "sigma": 1.0, "erode_iterations": 2, "spread_floor": 0.2}
+#: What every row starts from: one reconstruction per level unless a row asks for more seeds.
+BASE = HealthyOptions(n_samples=1)
+#: The map of every row unless a row says otherwise: |residual| weighted by the spread between seeds,
+#: 5x5 median filter, Gaussian smoothing (sigma 1 voxel), brain mask eroded by 2 voxels.
+MAP = MapOptions(residual="abs", spread_floor=0.2, median_size=5, smooth_sigma=1.0, erode=2)
+#: Each row: its label and what it changes of ``BASE`` (``HealthyOptions`` names), with ``map`` (changes of
+#: ``MAP``) and ``prep`` (``intensity`` of ``medidiff.cases.prepare``, ``clip`` the scan to [-1, 1]).
 SETTINGS = {
     "ddim10_t25": ("DDIM-10 from t_L 0.25", {"sampler": "ddim", "steps": 10, "t_levels": [0.25]}),
     "ddim10_t50": ("DDIM-10 from t_L 0.5", {"sampler": "ddim", "steps": 10, "t_levels": [0.5]}),
@@ -76,7 +81,7 @@ SETTINGS = {
     "ddim3_t50_x8_plain": ("DDIM-3 from t_L 0.5, median of 8 seeds; plain map (no uncertainty weighting, no "
                            "Gaussian smoothing)",
                            {"sampler": "ddim", "steps": 3, "t_levels": [0.5], "n_samples": 8,
-                            "map": {"sigma": 0.0, "spread_floor": None}}),
+                            "map": {"smooth_sigma": 0.0, "spread_floor": None}}),
     "ddim3_t50_x8_smooth": ("DDIM-3 from t_L 0.5, median of 8 seeds; smoothed map without uncertainty weighting",
                             {"sampler": "ddim", "steps": 3, "t_levels": [0.5], "n_samples": 8,
                              "map": {"spread_floor": None}}),
@@ -87,39 +92,31 @@ BASELINES = {
 }
 
 
-def load_cases(listing: Path, prep: dict, intensity: str = "match", clip: bool = False) -> list[dict]:
+def load_cases(listing: Path, info: ModelInfo, intensity: str = "match", clip: bool = False) -> list[dict]:
     """The prepared slices of each case of a datalist: network-scale stack, brain mask, labels, template stack.
 
-    ``intensity`` is ``prepare_case``'s scaling; ``clip`` limits the stack to ``[-1, 1]`` (so the residual
-    loses what lies beyond the model's range).
+    ``intensity`` is ``medidiff.cases.prepare``'s scaling; ``clip`` limits the stack to ``[-1, 1]`` (so the
+    residual loses what lies beyond the model's range).
     """
-    masks = _datalist_masks(listing)
-    template = sample.brain_volume().as_tensor()[0]
+    template = plain(sample.brain_volume())[0]
     cases = []
-    for source in discover(listing):
-        image = load(source)
-        mask = _load_on_grid(masks[Path(source.paths[0]).resolve()], image, "mask")
-        label = _load_on_grid(Path(source.label), image, "label")[0] if source.label else torch.zeros(image.shape[1:])
-        case = prepare_case(image, prep, mask=mask, intensity=intensity)
-        if tuple(case.prepared.shape[1:]) != tuple(image.shape[1:]):
-            raise SystemExit("the benchmark expects the demo cases on the model's grid")
+    for source in find_cases(listing):
+        case = load_case(source)
+        image = case.image
         z0 = _slab_start(image)
-        x = case.prepared.as_tensor().float().movedim(3, 0)  # (Z, 1, X, Y)
+        near = torch.stack([template[..., z0 + k - 1:z0 + k + 2:2].mean(-1) for k in range(image.shape[3])], -1)
+        label = case.label if case.label is not None else torch.zeros((1, *image.shape[1:]))
+        # preparation centres the brain on the model's grid: labels and template move with the scan
+        prepared = prepare(case, info.data_prep, spatial_dims=info.spatial_dims, intensity=intensity,
+                           extra={"label": label, "template": near[None]})
+        if tuple(prepared.image.shape[1:]) != tuple(image.shape[1:]) or info.data_prep.slicing_axis not in (None, 2):
+            raise SystemExit("the benchmark expects the demo cases on the model's grid, sliced axially")
+        x = plain(prepared.image).float().movedim(3, 0)  # (Z, 1, X, Y)
         x = x.clamp(-1.0, 1.0) if clip else x
-        fg = case.prepared_fg.as_tensor().movedim(3, 0)
-        z = torch.arange(image.shape[3])
-        near = torch.stack([template[..., z0 + k - 1:z0 + k + 2:2].mean(-1) for k in z.tolist()], -1)
-        # preparation centres the brain on the grid: labels and template follow the scan onto that grid
-        label = _on_prepared(label, image, case.prepared, "nearest")
-        near = _on_prepared(scale_to_unit(near, case.scaling), image, case.prepared, "bilinear")
-        cases.append({"name": source.name, "x": x, "fg": fg, "labels": label.movedim(2, 0)[:, None],
-                      "template": near.movedim(2, 0)[:, None]})
+        near = scale_to_unit(prepared.extra["template"], prepared.scaling)
+        cases.append({"name": case.name, "x": x, "fg": prepared.foreground.movedim(3, 0),
+                      "labels": prepared.extra["label"].movedim(3, 0), "template": near.movedim(3, 0)})
     return cases
-
-
-def _on_prepared(volume: torch.Tensor, image, prepared, mode: str) -> torch.Tensor:
-    """A ``(X, Y, Z)`` volume on the scan's grid moved onto the prepared grid (by the two affines)."""
-    return to_input_grid(volume[None], prepared, image, mode=mode).as_tensor()[0]
 
 
 def _slab_start(image) -> int:
@@ -143,33 +140,31 @@ def evaluate(maps_by_case: dict, cases: list[dict], calib_maps: list, calib: lis
 
 def run_setting(denoiser, options: dict, cases: list[dict], calib: list[dict], seed: int, batch_size: int
                 ) -> tuple[dict, dict]:
-    options = dict(options)
-    map_options = MAP | options.pop("map", {})
-    options.pop("prep", None)
+    changes = {k: v for k, v in options.items() if k not in ("map", "prep")}
+    opts = HealthyOptions(**{**BASE.model_dump(), **changes, "batch_size": batch_size})
+    map_options = MapOptions(**{**MAP.model_dump(), **options.get("map", {})})
 
     def heal(group):
         stack = torch.cat([c["x"] for c in group])
         keep = torch.cat([c["fg"] for c in group]).flatten(1).mean(1) >= 0.01
         healthy, spread = stack.clone(), torch.zeros_like(stack)
         start = time.perf_counter()
-        healthy[keep], spread[keep] = reconstruct_healthy(denoiser, stack[keep], seed=seed, batch_size=batch_size,
-                                                          **options)
+        healthy[keep], spread[keep] = reconstruct_healthy(denoiser, stack[keep], opts, seed=seed)
         elapsed = time.perf_counter() - start
         out, first = {}, 0
         for c in group:
             n = c["x"].shape[0]
-            out[c["name"]] = maps.anomaly_map(c["x"], healthy[first:first + n], mask=c["fg"],
-                                              spread=spread[first:first + n], **map_options)
+            out[c["name"]] = anomaly_map(c["x"], healthy[first:first + n], map_options, mask=c["fg"],
+                                         spread=spread[first:first + n], spatial_dims=2)
             first += n
         return out, elapsed, int(keep.sum())
 
     test_maps, seconds, n_slices = heal(cases)
     calib_maps, _, _ = heal(calib)
     metrics = evaluate(test_maps, cases, list(calib_maps.values()), calib)
-    tiles = len(patch_tiles((80, 96), options.get("patch_size", [40, 48]))) if options.get("method") == "patch" else 1
-    nfe = healthy_nfe(method=options.get("method", "partial"), t_levels=options["t_levels"],
-                      sampler=options.get("sampler", "ddim"), steps=options["steps"],
-                      n_samples=options.get("n_samples", 1), n_patches=tiles, process=denoiser.process)
+    plane = tuple(cases[0]["x"].shape[2:])
+    tiles = len(patch_tiles(plane, opts.patch_size or [-(-s // 2) for s in plane])) if opts.method == "patch" else 1
+    nfe = healthy_nfe(opts, n_patches=tiles, process=denoiser.process)
     return metrics, {"nfe": nfe, "s_per_slice": seconds / max(n_slices, 1)}
 
 
@@ -177,8 +172,8 @@ def run_baseline(name: str, cases: list[dict], calib: list[dict]) -> tuple[dict,
     def heal(c):
         return neighbours(c["x"]) if name == "neighbours_scan" else c["template"]
 
-    test_maps = {c["name"]: maps.anomaly_map(c["x"], heal(c), mask=c["fg"], **MAP) for c in cases}
-    calib_maps = [maps.anomaly_map(c["x"], heal(c), mask=c["fg"], **MAP) for c in calib]
+    test_maps = {c["name"]: anomaly_map(c["x"], heal(c), MAP, mask=c["fg"], spatial_dims=2) for c in cases}
+    calib_maps = [anomaly_map(c["x"], heal(c), MAP, mask=c["fg"], spatial_dims=2) for c in calib]
     return evaluate(test_maps, cases, calib_maps, calib), {"nfe": 0, "s_per_slice": 0.0}
 
 
@@ -198,20 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rewrite:
         saved = json.loads(args.out.with_suffix(".json").read_text())
-        _, meta = load_denoiser(Path(saved["model"]))
-        write_report(args, meta, saved["rows"])
+        write_report(args, load_meta(Path(saved["model"])), saved["rows"])
         return 0
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    denoiser, meta = load_denoiser(args.model)
-    prep = meta["data_prep"]
+    denoiser, info = load_denoiser(args.model)
     prepared: dict[tuple, tuple] = {}
 
     def cases_for(how: dict) -> tuple[list[dict], list[dict]]:
         key = (how.get("intensity", "match"), how.get("clip", False))
         if key not in prepared:
-            prepared[key] = (load_cases(args.cases, prep, *key), load_cases(args.calibration, prep, *key))
+            prepared[key] = (load_cases(args.cases, info, *key), load_cases(args.calibration, info, *key))
         return prepared[key]
 
     keys = args.only.split(",") if args.only else [*BASELINES, *SETTINGS]
@@ -227,14 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         row = {"key": key, "setting": label, **{k: metrics[k] for k in ("auroc", "auprc", "dice", "dice_best")}, **cost}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        write_report(args, meta, rows)  # after every row: a long run leaves its partial table behind
-        from medidiff.io import write_json
-
-        write_json({"model": str(args.model), "step": meta.get("step"), "rows": rows}, rows_file)
+        write_report(args, info, rows)  # after every row: a long run leaves its partial table behind
+        write_json({"model": str(args.model), "step": info.step, "rows": rows}, rows_file)
     return 0
 
 
-def write_report(args: argparse.Namespace, meta: dict, rows: list[dict]) -> None:
+def write_report(args: argparse.Namespace, info: ModelInfo, rows: list[dict]) -> None:
     """Write the markdown table of the rows so far."""
 
     reference = next((r for r in rows if r["key"] == "ddpm250_t25"), None)
@@ -242,8 +233,8 @@ def write_report(args: argparse.Namespace, meta: dict, rows: list[dict]) -> None
         "# Anomaly detection on the demo cases",
         "",
         f"Model: `{args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model}` "
-        f"(training step {meta.get('step')}, {meta.get('noise', {}).get('kind', 'gaussian')} noise, "
-        f"{meta['net']['channels']} channels). Cases: `data/demo/cases.json` (3 scans with 9 inserted lesions "
+        f"(training step {info.step}, {info.noise.kind} noise, {info.net['channels']} channels). "
+        "Cases: `data/demo/cases.json` (3 scans with 9 inserted lesions "
         "and 1 healthy scan, 8 axial slices each, held out of training); threshold calibrated at a "
         f"{FPR:.0%} voxel false-positive rate on `data/demo/calibration.json`. Scans scaled by matching their "
         "middle foreground quantiles to the training data's, the residual taken against the unclipped scan "
@@ -295,8 +286,6 @@ def write_report(args: argparse.Namespace, meta: dict, rows: list[dict]) -> None
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    from medidiff.io import write_text
-
     write_text("\n".join(lines), args.out)
 
 
