@@ -67,7 +67,8 @@ class DataConfig(BaseModel):
     """The ``data`` section of a recipe.
 
     Attributes:
-        source: ``synthetic``, ``sample:brain`` or a folder/file path.
+        source: ``synthetic``, ``sample:brain`` (the bundled 2 mm brain), ``sample:mni152`` and ``sample:ct``
+            (patches for priors, ``medidiff.train_patches``) or a folder/file path.
         spatial_dims: 2 or 3.
         size: image size per spatial axis (multiples of ``2 ** (levels - 1)`` of the U-Net).
         channels: image channels of synthetic data.
@@ -375,7 +376,19 @@ def _path(cfg: DataConfig, seed: int) -> DataBundle:
 
 
 #: Named data sources; anything else is taken as a path.
-SOURCES: dict[str, Callable[[DataConfig, int], DataBundle]] = {"synthetic": _synthetic, "sample:brain": _brain}
+def _patches(name: str) -> Callable[[DataConfig, int], DataBundle]:
+    """A source of ``medidiff.train_patches`` (patch priors), imported when used."""
+
+    def build(cfg: DataConfig, seed: int) -> DataBundle:
+        from . import train_patches
+
+        return getattr(train_patches, name)(cfg, seed)
+
+    return build
+
+
+SOURCES: dict[str, Callable[[DataConfig, int], DataBundle]] = {
+    "synthetic": _synthetic, "sample:brain": _brain, "sample:mni152": _patches("mni152"), "sample:ct": _patches("ct")}
 
 
 def register_source(name: str, build: Callable[[DataConfig, int], DataBundle]) -> None:

@@ -33,4 +33,4 @@ def test_torchrun_two_cpu_ranks_agree(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000003.pt", "step_0000006.pt"]
     assert (out / "train.log").read_text().count("checkpoint ") == 2
     denoiser, meta = load_denoiser(out)
-    assert meta["step"] == 6
+    assert meta.step == 6

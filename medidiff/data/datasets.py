@@ -93,6 +93,54 @@ class SliceDataset(torch.utils.data.Dataset):
         return self.transform(d) if self.transform is not None else d
 
 
+class RandomPatches(torch.utils.data.Dataset):
+    """Random square patches of 2D images, ``{"image": (C, *size)}``, mostly on the foreground.
+
+    A prior learned on patches applies to images of any size (a convolutional network sees local
+    statistics; Hu et al. 2024, "Learning image priors through patch-based diffusion models"). Each item
+    draws an image and an offset; up to ``tries`` offsets are drawn until the patch's foreground share
+    reaches ``min_foreground``. Images smaller than a patch are padded with ``background``.
+
+    Args:
+        images: ``(C, H, W)`` tensors on the network scale (any sizes).
+        size: the patch size ``(h, w)``.
+        length: items per epoch.
+        min_foreground: least share of voxels above ``background`` in a patch.
+        background: the background value (``-1``).
+        seed: ``None`` draws from torch's global generator (checkpointed by the training engine, so runs
+            resume exactly); a number makes item ``i`` the same every time (a fixed validation set).
+        tries: offsets drawn per item before the last is kept.
+    """
+
+    def __init__(self, images: Sequence[torch.Tensor], size: Sequence[int], length: int, *,
+                 min_foreground: float = 0.2, background: float = -1.0, seed: int | None = None, tries: int = 20):
+        if not images:
+            raise ValueError("no images to cut patches from")
+        h, w = (int(v) for v in size)
+        self.images = []
+        for image in images:
+            x = plain(image, torch.float32)
+            pad = (0, max(0, w - x.shape[-1]), 0, max(0, h - x.shape[-2]))
+            self.images.append(torch.nn.functional.pad(x, pad, value=background) if any(pad) else x)
+        self.size, self.length, self.min_foreground = (h, w), int(length), float(min_foreground)
+        self.background, self.seed, self.tries = float(background), seed, int(tries)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        g = None if self.seed is None else torch.Generator().manual_seed(self.seed * 1_000_003 + int(index))
+        h, w = self.size
+        for _ in range(self.tries):
+            x = self.images[int(torch.randint(len(self.images), (1,), generator=g))]
+            top = int(torch.randint(x.shape[-2] - h + 1, (1,), generator=g))
+            left = int(torch.randint(x.shape[-1] - w + 1, (1,), generator=g))
+            patch = x[:, top:top + h, left:left + w]
+            if float((patch > self.background + 1e-3).float().mean()) >= self.min_foreground:
+                break
+        return {"image": patch.clone()}
+
+
 def cached_dataset(
     data: Sequence[Any],
     transform: Callable | None = None,
