@@ -31,7 +31,7 @@ from pydantic import (
 from .anomaly.config import AnomalySection
 from .core.processes import Process, make_process
 from .errors import RecipeError
-from .train import TrainingConfig
+from .train_config import TrainingConfig
 from .train_data import DataConfig
 
 __all__ = [
