@@ -52,6 +52,10 @@ class ModelConfig(BaseModel):
     Image and conditioning channels and the spatial dimensions come from the data.
 
     Attributes:
+        arch: ``diffusion_unet`` (MONAI's ``DiffusionModelUNet``, a denoiser) or ``unet`` (MONAI's deterministic
+            ``UNet`` segmenting the conditioning image, ``medidiff.nets.build_segmentation_unet``: trained with
+            ``training.objective: segmentation``, ``prediction: x0``; it uses ``channels`` and
+            ``num_res_blocks`` as residual units per level only).
         channels: feature channels per level; image sizes must be divisible by ``2 ** (levels - 1)``.
         attention_levels: self-attention per level.
         num_res_blocks: residual blocks per level.
@@ -64,6 +68,7 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    arch: Literal["diffusion_unet", "unet"] = "diffusion_unet"
     channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 64])
     attention_levels: list[bool] = Field(default_factory=lambda: [False, False, True])
     num_res_blocks: PositiveInt = 1
@@ -74,6 +79,10 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
+        if self.arch == "unet":
+            if self.prediction != "x0":
+                raise ValueError("model.arch unet predicts the mask itself: set model.prediction: x0")
+            return self
         if len(self.attention_levels) != len(self.channels):
             raise ValueError(f"attention_levels has {len(self.attention_levels)} entries for "
                              f"{len(self.channels)} channels entries")
@@ -90,8 +99,12 @@ class ModelConfig(BaseModel):
 
     def build(self, *, spatial_dims: int, in_channels: int, cond_channels: int = 0):
         """The network, for images of ``in_channels`` (plus ``cond_channels``) in ``spatial_dims`` dimensions."""
-        from .nets import build_unet
+        from .nets import build_segmentation_unet, build_unet
 
+        if self.arch == "unet":
+            return build_segmentation_unet(spatial_dims=spatial_dims, in_channels=in_channels,
+                                           cond_channels=cond_channels, channels=self.channels,
+                                           num_res_units=self.num_res_blocks)
         return build_unet(spatial_dims=spatial_dims, in_channels=in_channels, cond_channels=cond_channels,
                           channels=self.channels, attention_levels=self.attention_levels,
                           num_res_blocks=self.num_res_blocks, num_head_channels=self.num_head_channels,

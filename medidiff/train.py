@@ -1,7 +1,8 @@
 """The one training engine for every task: a network, a process and a dataset in; weights out.
 
 ``fit`` trains a denoiser on a ``Dataset`` of dicts ``{"image": (C, *spatial) in [-1, 1], optional
-"cond": (Cc, *spatial)}`` with the denoising loss of ``medidiff.core.losses``. It does AdamW with linear
+"cond": (Cc, *spatial)}`` with the denoising loss of ``medidiff.core.losses`` (or the segmentation loss of a
+deterministic network: ``training.objective``, ``medidiff.train_objectives``). It does AdamW with linear
 warm-up then a cosine or constant learning rate, gradient clipping and accumulation, bf16 autocast on
 CUDA, EMA, a validation loss at fixed times and noise, sample images, TensorBoard, a progress bar,
 atomic checkpoints and exact resume, and DDP under ``torchrun`` (rank 0 does the I/O).
@@ -34,7 +35,6 @@ from torch.utils.data import DataLoader, Dataset
 from .core import noise as core_noise
 from .core.denoiser import Denoiser
 from .core.ema import EMA
-from .core.losses import diffusion_loss
 from .core.processes import Process
 from .errors import TrainingError
 from .outputs import atomic_write, write_table
@@ -50,6 +50,7 @@ from .train_checkpoints import (
 )
 from .train_config import TrainingConfig, TrainResult, lr_factor
 from .train_data import BatchStream, checked_data_prep
+from .train_objectives import check_objective, objective_loss
 from .weights import WEIGHTS_NAME, save_model
 
 __all__ = [
@@ -237,8 +238,7 @@ class _Engine:
         t = self.process.sample_time(x0.shape[0], generator=generator, device=self.device)
         eps = _draw_noise(x0, self.cfg.noise, generator, self.cfg.noise_options)
         with self._autocast():
-            loss = diffusion_loss(denoiser, x0, cond=cond, weighting=self.cfg.loss_weighting,
-                                  gamma=self.cfg.min_snr_gamma, noise=eps, t=t)
+            loss = objective_loss(self.cfg, denoiser, x0, cond, noise=eps, t=t)
         return loss, x0.shape[0]
 
     def train_step(self, batches: BatchStream) -> tuple[float, int]:
@@ -421,7 +421,6 @@ class _Engine:
                            self.dist.world_size, replica_checksums=list(sums))
 
 
-
 def fit(
     net: nn.Module,
     process: Process,
@@ -496,6 +495,7 @@ def run_recipe(recipe: Any, out_dir: str | Path) -> TrainResult:
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank
     net = recipe.model.build(spatial_dims=recipe.data.spatial_dims, in_channels=bundle.channels,
                              cond_channels=bundle.cond_channels)
+    check_objective(recipe.training.objective, net.config, bundle.cond_channels)
     result = fit(net, recipe.process.build(), bundle.train, config=recipe.training, out_dir=out_dir,
                  prediction=recipe.model.prediction, val_set=bundle.val, seed=recipe.seed, device=recipe.device,
                  data_prep=bundle.data_prep, num_workers=recipe.data.num_workers)

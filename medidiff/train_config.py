@@ -35,6 +35,8 @@ class TrainingConfig(BaseModel):
         ema_decay: EMA decay (``null`` for no EMA).
         ema_warmup: ramp the EMA decay up over the first steps.
         save_ema: write the EMA weights (not the raw ones) to ``model.safetensors``.
+        objective: ``denoising`` (the diffusion loss; every diffusion model) or ``segmentation`` (Dice + cross
+            entropy of a deterministic segmentation network, ``model.arch: unet``; ``medidiff.train_objectives``).
         loss_weighting: ``uniform`` or ``min_snr``.
         min_snr_gamma: the Min-SNR clipping value.
         noise: training noise, ``gaussian`` or ``simplex``.
@@ -70,6 +72,7 @@ class TrainingConfig(BaseModel):
     ema_decay: float | None = Field(0.999, ge=0.0, lt=1.0)
     ema_warmup: bool = True
     save_ema: bool = True
+    objective: Literal["denoising", "segmentation"] = "denoising"
     loss_weighting: Literal["uniform", "min_snr"] = "uniform"
     min_snr_gamma: PositiveFloat = 5.0
     noise: Literal["gaussian", "simplex"] = "gaussian"

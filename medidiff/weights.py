@@ -119,14 +119,14 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .nets import build_unet
+    from .nets import build_network
 
     weights_path, config_path = _paths(path)
     meta = load_meta(path)
     if not weights_path.is_file():
         raise ModelError("weights file not found", where=weights_path)
     try:
-        net = build_unet(**meta.net)
+        net = build_network(**meta.net)
         process = make_process(**meta.process)
         denoiser = Denoiser(net, process, meta.prediction, scale_input=meta.scale_input)
     except (TypeError, ValueError) as e:

@@ -1,0 +1,84 @@
+"""What the training engine minimises: the denoising loss, or a deterministic segmentation loss.
+
+``training.objective`` picks one:
+
+- ``denoising``: ``medidiff.core.losses.diffusion_loss`` (every diffusion model, conditional or not);
+- ``segmentation``: Dice + cross entropy (Milletari et al. 2016, eq. 1 for the soft Dice; MONAI's
+  ``DiceCELoss``, batch-wise Dice so healthy slices with empty masks count) of a deterministic network
+  (``medidiff.nets.SegmentationUNet``) that segments the item's ``cond`` image; the item's ``image`` is the
+  mask on the model's ``[-1, 1]`` scale (one channel: foreground; several: one-hot classes). The same
+  pairs train the conditional diffusion model, so the two are compared on the same data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .core.losses import diffusion_loss
+from .errors import RecipeError
+
+__all__ = ["OBJECTIVES", "objective_loss", "segmentation_loss", "check_objective"]
+
+OBJECTIVES = ("denoising", "segmentation")
+
+
+def segmentation_loss(net, masks: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Dice + cross entropy of a segmentation network's logits against masks on the ``[-1, 1]`` scale.
+
+    Args:
+        net: called as ``net(x, None, logits=True)`` with ``x`` the (zero) state and the image concatenated.
+        masks: ``(B, C, *spatial)`` in ``[-1, 1]``: ``C = 1`` foreground, else one-hot classes.
+        image: ``(B, Cc, *spatial)`` the conditioning image.
+
+    Returns:
+        The scalar loss.
+    """
+    from monai.losses import DiceCELoss
+
+    target = (masks > 0).float()
+    logits = net(torch.cat([torch.zeros_like(masks), image.to(masks.dtype)], dim=1), None, logits=True)
+    binary = masks.shape[1] == 1
+    loss = DiceCELoss(sigmoid=binary, softmax=not binary, batch=True)
+    return loss(logits.float(), target)
+
+
+def objective_loss(config: Any, denoiser, x0: torch.Tensor, cond: torch.Tensor | None, *, noise: torch.Tensor,
+                   t: torch.Tensor) -> torch.Tensor:
+    """The loss of one batch under ``config.objective`` (a ``TrainingConfig``).
+
+    Args:
+        config: the ``training`` section (``objective``, ``loss_weighting``, ``min_snr_gamma``).
+        denoiser: the model (``denoiser.net`` is the network, DDP-wrapped or compiled as trained).
+        x0: the batch's images ``(B, C, *spatial)`` (masks for a segmentation model).
+        cond: its conditioning channels (the image segmented), or ``None``.
+        noise: the noise of the denoising loss.
+        t: the times of the denoising loss.
+
+    Returns:
+        The scalar loss.
+    """
+    if config.objective == "segmentation":
+        return segmentation_loss(denoiser.net, x0, cond)
+    return diffusion_loss(denoiser, x0, cond=cond, weighting=config.loss_weighting, gamma=config.min_snr_gamma,
+                          noise=noise, t=t)
+
+
+def check_objective(objective: str, net_config: dict, cond_channels: int) -> None:
+    """Refuse a recipe whose objective, network and data do not go together.
+
+    Raises:
+        RecipeError: a segmentation objective without a segmentation network or without image pairs, or a
+            segmentation network trained as a denoiser.
+    """
+    deterministic = net_config.get("arch") == "unet"
+    if objective == "segmentation" and not deterministic:
+        raise RecipeError("training.objective segmentation trains a deterministic network", where="model.arch",
+                          fix="set model.arch: unet (and model.prediction: x0).")
+    if objective != "segmentation" and deterministic:
+        raise RecipeError("model.arch unet is a deterministic segmentation network, not a denoiser",
+                          where="training.objective", fix="set training.objective: segmentation.")
+    if objective == "segmentation" and cond_channels < 1:
+        raise RecipeError("a segmentation network needs image and mask pairs", where="data.labels",
+                          fix="use data.source: sample:lesions, or a labelled dataset with data.labels set.")
