@@ -2,8 +2,13 @@
 
 The JSON is one ``medidiff.modelinfo.ModelInfo``: everything needed to rebuild the denoiser without the
 recipe (the network config, the process config, the parametrisation) and how its training data were
-prepared (``data_prep``), which every task repeats on new data. Weights are read with safetensors
-only: nothing is ever unpickled.
+prepared (``data_prep``), which every task repeats on new data.
+
+Weights files are untrusted input. They are read with safetensors only, whatever their extension: a
+file that is a Python pickle or a ``torch.save`` archive (``.pt``, ``.pth``, ``.ckpt``, or renamed
+``.safetensors``) is refused before any of it is parsed, since unpickling can run arbitrary code. When a
+run manifest lies beside the weights (``manifest.json`` of the training run, or ``<stem>.manifest.json``)
+or a ``<file>.sha256``, the file's SHA-256 must match it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from .errors import ModelError
 from .modelinfo import FORMAT, ModelInfo, parse_model_info
 from .outputs import atomic_write, write_json
 
-__all__ = ["save_model", "load_denoiser", "load_meta", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT"]
+__all__ = ["save_model", "load_denoiser", "load_meta", "check_weights_file", "WEIGHTS_NAME", "CONFIG_NAME",
+           "FORMAT"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model.json"
@@ -85,6 +91,79 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     return path, path.with_suffix(".json")
 
 
+_PICKLE_FIX = ("medidiff never unpickles weights (a pickle can run any code). If you trust its source, load it "
+               "in PyTorch yourself and save the state_dict with safetensors (safetensors.torch.save_file) and "
+               "its model.json; otherwise discard it.")
+
+
+def _not_safetensors(path: Path) -> str | None:
+    """Why a file is not a safetensors file (a pickle, a zip archive...), or ``None`` when it looks like one."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return f"is a Python pickle (protocol {head[1]}), not safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return "is a zip archive (torch.save's format, which holds a pickle), not safetensors"
+    if len(head) < 9:
+        return f"is too short ({len(head)} bytes) to be a safetensors file"
+    size = int.from_bytes(head[:8], "little")
+    if head[8:9] != b"{" or size < 2 or 8 + size > path.stat().st_size:
+        return "is not a safetensors file (no safetensors header; it may be a pickle or a legacy torch file)"
+    return None
+
+
+def _expected_digest(weights: Path) -> tuple[str, Path] | None:
+    """The SHA-256 recorded for ``weights`` beside it, and where, or ``None`` when nothing records it."""
+    sidecar = weights.with_name(weights.name + ".sha256")
+    if sidecar.is_file():
+        text = sidecar.read_text(encoding="utf-8", errors="replace").split()
+        return (text[0].lower() if text else "", sidecar)
+    for manifest in (weights.with_name("manifest.json"), weights.with_name(weights.stem + ".manifest.json")):
+        try:
+            outputs = json.loads(manifest.read_text(encoding="utf-8")).get("outputs") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(outputs, dict):
+            continue
+        digest = outputs.get(weights.name)
+        candidates = [v for k, v in outputs.items() if str(k).endswith(".safetensors")]
+        if digest is None and manifest.name != "manifest.json" and len(candidates) == 1:
+            digest = candidates[0]  # a run's model.safetensors, renamed with its manifest
+        if digest is not None:
+            return str(digest).lower(), manifest
+    return None
+
+
+def check_weights_file(path: str | Path) -> str:
+    """Check an untrusted weights file before it is read: safetensors only, and its recorded checksum.
+
+    Args:
+        path: a weights folder or file.
+
+    Returns:
+        The file's SHA-256 (hex).
+
+    Raises:
+        ModelError: the file is missing, a pickle or other non-safetensors file (never unpickled), or it
+            does not match the SHA-256 in the manifest or ``.sha256`` file beside it.
+    """
+    from .manifest import sha256_file
+
+    weights, _ = _paths(path)
+    if not weights.is_file():
+        raise ModelError("weights file not found", where=weights)
+    reason = _not_safetensors(weights)
+    if reason:
+        raise ModelError(f"{reason}; it was not loaded.", where=weights, fix=_PICKLE_FIX)
+    digest = sha256_file(weights)
+    expected = _expected_digest(weights)
+    if expected is not None and expected[0] != digest:
+        raise ModelError(f"its SHA-256 {digest[:16]}... differs from {expected[0][:16]}... recorded in "
+                         f"{expected[1].name}: the file was changed or damaged.", where=weights,
+                         fix="get the weights again from their source (or remove the stale record).")
+    return digest
+
+
 def load_meta(path: str | Path) -> ModelInfo:
     """The ``model.json`` of a weights folder or ``.safetensors`` file, validated.
 
@@ -110,11 +189,14 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple
             ``.json`` of the same stem beside it.
         device: where to put the network.
 
+    The file is checked first (:func:`check_weights_file`): pickles are refused unread.
+
     Returns:
         ``(denoiser, info)``: the denoiser in eval mode and its ``ModelInfo``.
 
     Raises:
-        ModelError: a file is missing or corrupt, or the weights do not fit the config.
+        ModelError: a file is missing, corrupt, a pickle, fails its recorded checksum, or the weights do not
+            fit the config.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -122,9 +204,8 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple
     from .nets import build_network
 
     weights_path, config_path = _paths(path)
+    check_weights_file(path)
     meta = load_meta(path)
-    if not weights_path.is_file():
-        raise ModelError("weights file not found", where=weights_path)
     try:
         net = build_network(**meta.net)
         process = make_process(**meta.process)

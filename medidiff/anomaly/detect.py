@@ -21,6 +21,12 @@ and for the run ``scores.csv``, ``thresholds.json`` and ``detection.json`` (sett
 calibration scans or a threshold, one saved beside the model is used, see ``thresholds.saved_threshold``),
 ``metrics.json`` and ``report.md`` when labels are given, ``failures.csv`` for skipped cases. Thresholds
 and metrics use the map on the model's ``[-1, 1]`` scale, the same for every scan.
+
+The loop over cases (and over calibration scans) is ``medidiff.batch.Batch``'s: under ``torchrun`` the
+cases are shared out between the ranks (each loads the model; calibration is sharded too and its
+threshold computed once, on rank 0, and broadcast), a case's completion is recorded once all its files are
+written, a run started again skips complete cases, and rank 0 writes the run's tables from every case's
+record.
 """
 
 from __future__ import annotations
@@ -32,12 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from medidiff import outputs
+from medidiff.batch import Batch, BatchResult, CaseOutput, fingerprint
 from medidiff.cases import Case, Prepared, find_cases, load_case, plain, prepare, restore, slicewise
 from medidiff.data.batch import FailureLog
-from medidiff.errors import DataError, MedidiffError
+from medidiff.errors import DataError
 from medidiff.metrics import detection_metrics
 from medidiff.modelinfo import ModelInfo
 from medidiff.results import TaskResult
@@ -136,22 +142,39 @@ def _dicom_heatmap(heatmap: torch.Tensor, case: Case, out_dir: Path, inputs: Pat
         return []
 
 
-def _calibrate(denoiser, info: ModelInfo, options: AnomalySection, path: Path, out_dir: Path, failures: FailureLog,
-               seed: int) -> tuple[float, dict[str, Any]]:
-    """Calibrate the threshold on the healthy scans at ``path`` (written as ``thresholds.json``)."""
-    values, fgs, names = [], [], []
-    for source in tqdm(find_cases(path, select=options.select), desc="calibration", disable=not options.progress,
-                       leave=False):
-        try:
-            result = analyse(denoiser, info, load_case(source), options, seed=seed)
-        except MedidiffError as e:
-            failures.record(f"calibration:{source.name}", e)
-            continue
-        values.append(result.score)
-        fgs.append(result.prepared.input_foreground)
-        names.append(source.name)
-    if not values:
-        raise DataError("no calibration scan could be used", where=path, fix="see failures.csv.")
+def _calibrate(denoiser, info: ModelInfo, options: AnomalySection, path: Path, out_dir: Path, batch: Batch,
+               seed: int, digest: str) -> tuple[float, dict[str, Any], list[dict[str, str]]]:
+    """Calibrate the threshold on the healthy scans at ``path`` (sharded; written as ``thresholds.json``).
+
+    Returns:
+        ``(threshold, record, failures)`` on every rank (computed on rank 0, broadcast).
+    """
+
+    def one(source) -> CaseOutput:
+        r = analyse(denoiser, info, load_case(source), options, seed=seed)
+        return CaseOutput(files=[], row={"case": r.case.name},
+                          arrays={"score": r.score, "fg": r.prepared.input_foreground})
+
+    key = fingerprint({"stage": "calibration", "model": digest, "seed": seed, "settings": options.map_settings()})
+    got = batch.run(find_cases(path, select=options.select), one, key=key, stage="calibration")
+    outcome: tuple = (None, None, [], "")
+    if got is not None:
+        failures = [{**f, "case": f"calibration:{f['case']}"} for f in got.failures]
+        outcome = (None, None, failures, "no calibration scan could be used")
+        if got.rows:
+            outcome = (*_calibration_threshold(options, path, got, out_dir), failures, "")
+    value, record, failures, error = batch.broadcast(outcome)
+    if error:
+        raise DataError(error, where=path, fix="see failures.csv.")
+    return value, record, failures
+
+
+def _calibration_threshold(options: AnomalySection, path: Path, got: BatchResult, out_dir: Path
+                           ) -> tuple[float, dict[str, Any]]:
+    """The threshold at ``options.fpr`` over the gathered calibration maps, saved as ``thresholds.json``."""
+    names = [row["case"] for row in got.rows]
+    values = [got.arrays[n]["score"] for n in names]
+    fgs = [got.arrays[n]["fg"] for n in names]
     fpr = float(options.fpr)
     rates = sorted({0.01, 0.05, 0.10, fpr})
     levels = thresholds.calibrate_many(values, fgs, fprs=rates)
@@ -166,20 +189,24 @@ def _calibrate(denoiser, info: ModelInfo, options: AnomalySection, path: Path, o
 
 
 def _threshold(denoiser, info: ModelInfo, options: AnomalySection, model_path: Path, out_dir: Path,
-               failures: FailureLog, seed: int, resolve) -> tuple[float | None, dict[str, Any]]:
-    """The threshold: given, calibrated on healthy scans, or saved with the model (in that order)."""
+               batch: Batch, seed: int, resolve, digest: str) -> tuple[float | None, dict[str, Any], list[dict]]:
+    """The threshold: given, calibrated on healthy scans, or saved with the model (in that order).
+
+    Returns:
+        ``(threshold, record, calibration failures)``.
+    """
     if options.threshold is not None:
         try:
             value = float(options.threshold)
-            return value, {"threshold": value, "source": "given"}
+            return value, {"threshold": value, "source": "given"}, []
         except ValueError:
             path = resolve(options.threshold, "threshold file")
         value = thresholds.load_threshold(path)
-        return value, {"threshold": value, "source": str(path)}
+        return value, {"threshold": value, "source": str(path)}, []
     if options.calibration is None:
-        return thresholds.saved_threshold(model_path, options.map_settings())
+        return (*thresholds.saved_threshold(model_path, options.map_settings()), [])
     return _calibrate(denoiser, info, options, resolve(options.calibration, "calibration scans"), out_dir,
-                      failures, seed)
+                      batch, seed, digest)
 
 
 def _write_case(r: CaseMaps, options: AnomalySection, threshold: float | None, out_dir: Path,
@@ -234,7 +261,7 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
         ModelError, DataError: the model or the inputs cannot be used.
     """
     from medidiff.runtime import resolve_device
-    from medidiff.weights import load_denoiser
+    from medidiff.weights import check_weights_file, load_denoiser
 
     options = (options or AnomalySection()).updated(**changes)
     resolve = resolve or (lambda p, what: None if p is None else Path(p))
@@ -251,30 +278,42 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
     if options.reconstruction.noise != info.noise.kind:
         log.warning("the model was trained with %s noise, detection uses %s noise", info.noise.kind,
                     options.reconstruction.noise)
-    failures = FailureLog(out_dir)
-    thr, thr_record = _threshold(denoiser, info, options, model_path, out_dir, failures, seed, resolve)
-    inputs_path = Path(inputs)
-    sources = find_cases(inputs_path, select=options.select, mask=resolve(options.mask, "mask"),
-                         label=resolve(options.labels, "labels"))
-    written_all, rows, evaluated, read = [], [], {}, []
-    for source in tqdm(sources, desc="cases", disable=not options.progress):
-        try:
+    digest = check_weights_file(model_path)
+    with Batch(out_dir, device, progress=options.progress) as batch:
+        thr, thr_record, calibration_failures = _threshold(denoiser, info, options, model_path, out_dir, batch,
+                                                           seed, resolve, digest)
+        inputs_path = Path(inputs)
+        sources = find_cases(inputs_path, select=options.select, mask=resolve(options.mask, "mask"),
+                             label=resolve(options.labels, "labels"))
+
+        def one(source) -> CaseOutput:
             r = analyse(denoiser, info, load_case(source), options, seed=seed)
             written, flagged = _write_case(r, options, thr, out_dir, inputs_path)
-        except MedidiffError as e:
-            failures.record(source.name, e)
-            log.warning("skipped %s: %s", source.name, e)
-            continue
-        written_all += written
-        read += r.case.files
-        fg = r.prepared.input_foreground
-        rows.append({"case": r.case.name, "score": maps.case_score(r.score, fg, top_k=options.top_k),
-                     "max": float(r.score.max()), "n_voxels_flagged": int(flagged.sum()) if flagged is not None else "",
-                     "mean_spread": r.mean_spread if options.reconstruction.samples > 1 else "",
-                     "time_s": round(r.time_s, 3), "nfe": r.nfe})
-        if r.case.label is not None:
-            evaluated[r.case.name] = {"scores": r.score, "labels": r.case.label, "mask": fg, "score": rows[-1]["score"]}
-    written_all.append(outputs.write_table(rows, out_dir / "scores.csv"))
+            fg = r.prepared.input_foreground
+            row = {"case": r.case.name, "score": maps.case_score(r.score, fg, top_k=options.top_k),
+                   "max": float(r.score.max()), "n_voxels_flagged": int(flagged.sum()) if flagged is not None else "",
+                   "mean_spread": r.mean_spread if options.reconstruction.samples > 1 else "",
+                   "time_s": round(r.time_s, 3), "nfe": r.nfe}
+            arrays = {} if r.case.label is None else {"score": r.score, "labels": r.case.label, "mask": fg}
+            return CaseOutput(files=written, row=row, arrays=arrays, inputs=r.case.files)
+
+        settings = options.model_dump(mode="json", exclude={"model", "inputs", "threshold", "calibration",
+                                                            "labels", "mask", "progress"})
+        key = fingerprint({"stage": "cases", "model": digest, "seed": seed, "threshold": thr, "settings": settings})
+        got = batch.run(sources, one, key=key)
+        if got is None:
+            return TaskResult(summary=f"rank {batch.rank} of {batch.world_size}: its cases are written; rank 0 "
+                                      "writes the run's tables")
+        return _summarise(got, calibration_failures, denoiser, info, options, model_path, inputs_path, out_dir,
+                          thr, thr_record)
+
+
+def _summarise(got: BatchResult, calibration_failures: list[dict], denoiser, info: ModelInfo,
+               options: AnomalySection, model_path: Path, inputs_path: Path, out_dir: Path, thr: float | None,
+               thr_record: dict[str, Any]) -> TaskResult:
+    """The run's tables from every case's record (rank 0): scores, settings, metrics, report, failures."""
+    rows = got.rows
+    written_all = [*got.files, outputs.write_table(rows, out_dir / "scores.csv")]
     settings = {"model": str(model_path), "inputs": str(inputs_path), "threshold": thr, "threshold_record": thr_record,
                 **options.model_dump(mode="json", exclude={"model", "inputs", "threshold"}),
                 "model_noise": info.noise.kind, "model_step": info.step,
@@ -282,6 +321,9 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
     written_all.append(outputs.write_json(settings, out_dir / "detection.json"))
     if thr_record.get("source") is not None and (out_dir / thresholds.THRESHOLDS_FILE).is_file():
         written_all.append(out_dir / thresholds.THRESHOLDS_FILE)
+    evaluated = {row["case"]: {"scores": got.arrays[row["case"]]["score"], "labels": got.arrays[row["case"]]["labels"],
+                               "mask": got.arrays[row["case"]]["mask"], "score": row["score"]}
+                 for row in rows if "labels" in got.arrays.get(row["case"], {})}
     metrics = None
     if evaluated:
         metrics = detection_metrics(evaluated, threshold=thr)
@@ -290,13 +332,17 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
         written_all.append(outputs.write_json(metrics, out_dir / "metrics.json"))
     if rows:
         written_all.append(write_report(out_dir, rows, metrics, settings))
+    failures = FailureLog(out_dir)
+    failures.extend([*calibration_failures, *got.failures])
     if len(failures):
         written_all.append(failures.path)
     summary = f"{len(rows)} case(s) analysed, {len(failures)} skipped"
+    if got.resumed:
+        summary += f" ({got.resumed} complete from an earlier run)"
     if metrics:
         summary += (f"; voxel AUROC {metrics['auroc']:.3f}, AUPRC {metrics['auprc']:.3f}, "
                     f"Dice {metrics.get('dice', float('nan')):.3f} (threshold at FPR {options.fpr:g}), "
                     f"{thresholds.ORACLE_LABEL} {metrics['dice_best']:.3f}")
     log.info("%s", summary)
-    return TaskResult(outputs=written_all, inputs=[model_path, *read], rows=rows, metrics=metrics,
+    return TaskResult(outputs=written_all, inputs=[model_path, *got.inputs], rows=rows, metrics=metrics,
                       summary=summary, failures=len(failures), extra={"threshold": thr})

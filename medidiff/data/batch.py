@@ -55,6 +55,17 @@ class FailureLog:
         self.rows.append(dict(zip(COLUMNS, (case, str(file or ""), message, fix or ""))))
         self._write()
 
+    def extend(self, rows: Iterable[dict[str, str]]) -> None:
+        """Adds already formed rows (``case``, ``file``, ``error``, ``fix``) and writes ``failures.csv`` once.
+
+        Args:
+            rows: failure rows, e.g. gathered from every rank's case records (``medidiff.batch``).
+        """
+        added = [{k: str(row.get(k, "") or "") for k in COLUMNS} for row in rows]
+        if added:
+            self.rows += added
+            self._write()
+
     def _write(self) -> None:
         write_table(self.rows, self.path)
 
