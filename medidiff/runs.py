@@ -4,7 +4,8 @@
 on first use: tasks never import this module) and calls it with the task's own section, the seed and the
 device; ``train(recipe, out_dir)`` runs the training engine. Every run's folder gets the resolved
 ``recipe.yaml`` (only the sections that apply to the task), a ``manifest.json`` (versions, seed, recipe
-hash, checksums of inputs and outputs) and a log named for the task (``train.log``, ``anomaly.log``).
+hash, checksums of inputs and outputs) and a log named for the task (``train.log``, ``anomaly.log``). Rank 0
+holds the folder's lock (``medidiff.outputs.lock``) for the whole run, so two runs never interleave.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from .errors import MedidiffError, RecipeError
 from .manifest import Manifest, sha256_file
 from .outputs import write_text
+from .outputs.lock import RunLock
 from .recipes import Recipe
 from .runtime import env_rank, resolve_device
 
@@ -49,6 +51,12 @@ def _execute(recipe: Recipe, out_dir: str | Path, fn: Callable[[Path], Any]) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     if env_rank()[0] != 0:
         return fn(out_dir)
+    with RunLock(out_dir):  # one run at a time in a folder; rank 0 holds it
+        return _recorded(recipe, out_dir, fn)
+
+
+def _recorded(recipe: Recipe, out_dir: Path, fn: Callable[[Path], Any]) -> Any:
+    """Run ``fn`` with the run folder's ``recipe.yaml``, log and manifest (rank 0, holding the lock)."""
     text = recipe.to_yaml()
     write_text(text, out_dir / RECIPE_NAME)
     handler = logging.FileHandler(out_dir / LOG_NAME.format(task=recipe.task), encoding="utf-8")
