@@ -1,7 +1,8 @@
 """The ``medidiff`` command: ``info``, ``inspect``, ``convert``, ``train``, ``run`` and ``detect``.
 
 Errors of the ``MedidiffError`` family print as one message on stderr (with the traceback only under
-``--debug``) and exit with status 2. Recipe commands share ``--out``, ``--device``, ``--set``, ``--seed``
+``--debug``) and exit with status 2; a batch run in which some cases failed (listed in ``failures.csv``)
+exits with status 3 (see ``EXIT_CODES``). Recipe commands share ``--out``, ``--device``, ``--set``, ``--seed``
 and ``--resume``; these become recipe overrides, applied before validation.
 """
 
@@ -20,6 +21,13 @@ __all__ = ["main", "build_parser"]
 
 #: Exit status for user-facing errors (bad recipe, bad data, bad model file).
 EXIT_ERROR = 2
+#: Exit status of a run that finished but skipped some cases (listed in ``<out>/failures.csv``).
+EXIT_FAILURES = 3
+#: Every exit status, as the help text lists them.
+EXIT_CODES = (f"exit status: 0 all done; 1 an internal error (a bug: please report it); {EXIT_ERROR} an error "
+              f"(bad recipe, data or model file; the message says which and how to fix it); {EXIT_FAILURES} "
+              "the run finished but some cases failed (see failures.csv in the output folder); 130 interrupted. "
+              "Under torchrun, the launcher exits 1 when any rank does not exit 0.")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medidiff",
         description="Diffusion models for CT and MRI: reconstruction, segmentation with uncertainty and "
                     "anomaly detection, driven by YAML recipes.",
+        epilog=EXIT_CODES,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -63,10 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the model a recipe describes")
     _recipe_options(p)
 
-    p = sub.add_parser("run", help="run a recipe end to end, whatever its task")
+    p = sub.add_parser("run", help="run a recipe end to end, whatever its task", epilog=EXIT_CODES)
     _recipe_options(p)
 
-    p = sub.add_parser("detect", help="anomaly heatmaps for the scans at a path (healthy reconstruction)")
+    p = sub.add_parser("detect", help="anomaly heatmaps for the scans at a path (healthy reconstruction)",
+                       epilog=EXIT_CODES)
     p.add_argument("--model", required=True, help="weights: a .safetensors file (its .json beside it) or a folder")
     p.add_argument("--input", required=True, help="a NIfTI file or folder, DICOM, or a JSON datalist")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -125,7 +135,7 @@ def _recipe_command(args: argparse.Namespace) -> int:
     if summary:
         print(summary)
     print(f"results in {out}")
-    return 0
+    return _status(result)
 
 
 def _detect_command(args: argparse.Namespace) -> int:
@@ -147,7 +157,12 @@ def _detect_command(args: argparse.Namespace) -> int:
     result = runs.run(recipe, args.out)
     print(result.summary)
     print(f"results in {args.out}")
-    return 0
+    return _status(result)
+
+
+def _status(result) -> int:
+    """``EXIT_FAILURES`` when some cases failed (reported by rank 0 alone, which gathers them), else 0."""
+    return EXIT_FAILURES if getattr(result, "failures", 0) else 0
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -178,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0, or 2 for a ``MedidiffError``.
+        The exit status: 0, 2 for a ``MedidiffError``, 3 when some cases failed (see ``EXIT_CODES``).
     """
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
