@@ -158,7 +158,10 @@ def cg_solve(op: LinearOperator, y: torch.Tensor | None = None, *, rho: float | 
     """Batched conjugate gradients on ``(A^H A + rho I) x = A^H y + rho z`` (Hestenes & Stiefel 1952).
 
     Every sample runs its own CG (per-sample step sizes); a sample whose residual is below ``tol``
-    relative to its right-hand side stops moving.
+    relative to its right-hand side stops moving, and so does one whose residual has reached rounding
+    level (``10 eps`` of the dtype relative to the right-hand side): there CG breaks down (a step of
+    ``r^H r / p^H A p`` with both at rounding level), e.g. after converging exactly in as many steps as the
+    normal operator has distinct eigenvalues (a real image under a single-coil Cartesian mask: two).
 
     Args:
         op: the operator ``A``.
@@ -193,7 +196,8 @@ def cg_solve(op: LinearOperator, y: torch.Tensor | None = None, *, rho: float | 
     r = rhs - apply(x)
     p = r.clone()
     rr = sq_norm(r)
-    stop = (tol * tol) * sq_norm(rhs)
+    floor = 10 * torch.finfo(r.real.dtype if r.is_complex() else r.dtype).eps
+    stop = max(tol, floor) ** 2 * sq_norm(rhs)
     for k in range(iters):
         active = rr > stop
         if not bool(active.any()):
