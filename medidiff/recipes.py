@@ -322,8 +322,19 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise RecipeError(f"not valid YAML: {e}", where=path) from None
+        raise RecipeError(_yaml_message(e), where=path,
+                          fix="write the recipe as plain YAML data (see the examples in recipes/).") from None
     return parse_recipe(raw, source=path, overrides=overrides)
+
+
+def _yaml_message(error: Exception) -> str:
+    """What is wrong with a recipe's YAML, naming the line (a ``!!python`` tag is refused, never run)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    line = f"line {mark.line + 1}: " if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if isinstance(error, yaml.constructor.ConstructorError) and "tag" in str(problem):
+        return f"{line}{problem}: recipes are read with a safe loader, which builds no Python objects"
+    return f"{line}not valid YAML ({problem})"
 
 
 def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
