@@ -9,7 +9,9 @@ optional "cond": (Cc, *spatial)}``. This module turns a recipe's ``data`` sectio
 - a path: anything ``medidiff.data.discover`` finds (DICOM series, NIfTI files, datalists), prepared
   by ``medidiff.data.transforms.preset`` (orientation, spacing, intensity to ``[-1, 1]``, pad/crop) and
   cut into slices along ``data.slice_axis`` for 2D (``medidiff.data.datasets.SliceDataset``). The
-  validation cases are the datalist's own, or a seeded share of the cases.
+  validation cases are the datalist's own, or a seeded share of the cases;
+- with ``data.labels``: image and label pairs for segmentation models (``medidiff.train_segment``): a
+  labelled path (datalists, nnU-Net folders) or ``sample:lesions`` (generated lesions, several raters).
 
 Tasks add sources with ``register_source``; ``build_data`` returns a ``DataBundle`` that also carries
 the ``data_prep`` record saved beside the weights (``checked_data_prep`` validates one before training).
@@ -36,6 +38,7 @@ from .runtime import Dist
 
 __all__ = [
     "DataConfig",
+    "LabelsConfig",
     "DataBundle",
     "TensorDataset",
     "SOURCES",
@@ -63,12 +66,41 @@ class AugmentConfig(BaseModel):
     gamma: float = Field(0.15, ge=0.0)
 
 
+class LabelsConfig(BaseModel):
+    """Label maps a segmentation model generates, the image its condition (``data.labels``; ``medidiff.train_segment``).
+
+    Attributes:
+        classes: class names, background first; two classes give one mask channel, more give one-hot channels.
+        raters: ``sample:lesions``: annotations per case (raters outlining at different contrast levels).
+        rater_levels: their lowest and highest relative contrast level.
+        boundary_mm: each outline's random border wobble (standard deviation, mm).
+        lesions: least and most lesions per slice.
+        radius_mm: lesion radius range in mm.
+        contrast: lesion contrast range (relative to the tissue; bright and dark lesions alike).
+        healthy_fraction: share of the generated cases without lesions.
+        variants: lesion draws per brain slice.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    classes: list[str] = Field(default_factory=lambda: ["background", "lesion"], min_length=2)
+    raters: PositiveInt = 3
+    rater_levels: tuple[float, float] = (0.3, 0.7)
+    boundary_mm: float = Field(0.5, ge=0.0)
+    lesions: tuple[PositiveInt, PositiveInt] = (1, 3)
+    radius_mm: tuple[PositiveFloat, PositiveFloat] = (2.5, 10.0)
+    contrast: tuple[PositiveFloat, PositiveFloat] = (0.2, 0.6)
+    healthy_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    variants: PositiveInt = 6
+
+
 class DataConfig(BaseModel):
     """The ``data`` section of a recipe.
 
     Attributes:
         source: ``synthetic``, ``sample:brain`` (the bundled 2 mm brain), ``sample:mni152`` and ``sample:ct``
-            (patches for priors, ``medidiff.train_patches``) or a folder/file path.
+            (patches for priors, ``medidiff.train_patches``), ``sample:lesions`` (brain slices with generated
+            lesions and several raters' masks, ``medidiff.train_segment``) or a folder/file path.
         spatial_dims: 2 or 3.
         size: image size per spatial axis (multiples of ``2 ** (levels - 1)`` of the U-Net).
         channels: image channels of synthetic data.
@@ -85,6 +117,8 @@ class DataConfig(BaseModel):
         holdout: ``[start, stop)`` ranges of slice indices left out of training (``sample:brain``), e.g.
             the slab the demo cases are cut from.
         augment: random training augmentation (``null`` for none).
+        labels: train a segmentation model on image and label pairs (``sample:lesions``, or a path whose
+            cases have labels: datalists, nnU-Net ``imagesTr``/``labelsTr``); ``null``: images only.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -105,6 +139,7 @@ class DataConfig(BaseModel):
     min_foreground: float = Field(0.1, ge=0.0, le=1.0)
     holdout: list[tuple[int, int]] = Field(default_factory=list)
     augment: AugmentConfig | None = None
+    labels: LabelsConfig | None = None
 
     @model_validator(mode="after")
     def _size_matches_dims(self) -> DataConfig:
@@ -375,20 +410,25 @@ def _path(cfg: DataConfig, seed: int) -> DataBundle:
     return DataBundle(train, val, channels, data_prep=prep, inputs=inputs)
 
 
-#: Named data sources; anything else is taken as a path.
-def _patches(name: str) -> Callable[[DataConfig, int], DataBundle]:
-    """A source of ``medidiff.train_patches`` (patch priors), imported when used."""
+def _lazy(module: str, name: str) -> Callable[[DataConfig, int], DataBundle]:
+    """A source defined in another module (``train_patches``: patch priors; ``train_segment``: image and label
+    pairs), imported when used."""
 
     def build(cfg: DataConfig, seed: int) -> DataBundle:
-        from . import train_patches
+        import importlib
 
-        return getattr(train_patches, name)(cfg, seed)
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)(cfg, seed)
 
     return build
 
 
+#: Named data sources; anything else is taken as a path.
 SOURCES: dict[str, Callable[[DataConfig, int], DataBundle]] = {
-    "synthetic": _synthetic, "sample:brain": _brain, "sample:mni152": _patches("mni152"), "sample:ct": _patches("ct")}
+    "synthetic": _synthetic, "sample:brain": _brain, "sample:mni152": _lazy("train_patches", "mni152"),
+    "sample:ct": _lazy("train_patches", "ct"),
+    "sample:lesions": _lazy("train_segment", "lesions")}
+#: Named sources that give image and label pairs (``data.labels``).
+LABELLED_SOURCES = {"sample:lesions"}
 
 
 def register_source(name: str, build: Callable[[DataConfig, int], DataBundle]) -> None:
@@ -406,4 +446,9 @@ def build_data(cfg: DataConfig, seed: int) -> DataBundle:
     Returns:
         The training and validation datasets with their channels and ``data_prep`` record.
     """
-    return SOURCES.get(cfg.source, _path)(cfg, seed)
+    if cfg.source in SOURCES:
+        if cfg.labels is not None and cfg.source not in LABELLED_SOURCES:
+            raise RecipeError(f"data source {cfg.source!r} has no labels", where="data.labels",
+                              fix=f"remove data.labels, or use {sorted(LABELLED_SOURCES)} or a labelled dataset.")
+        return SOURCES[cfg.source](cfg, seed)
+    return (_lazy("train_segment", "paired") if cfg.labels is not None else _path)(cfg, seed)
