@@ -29,6 +29,7 @@ from .dicom_headers import (
     frame_count,
     group_series,
     image_problem,
+    int_or,
     is_dicomdir,
     read_dataset,
     read_header,
@@ -36,6 +37,7 @@ from .dicom_headers import (
     sop_class_name,
     summarize,
 )
+from .limits import check_image_size
 
 __all__ = [
     "DECODER_FIX",
@@ -102,6 +104,21 @@ def _pixels(ds: Dataset, path: Path) -> np.ndarray:
     return arr
 
 
+def _check_claimed_size(members: Sequence[tuple[Path, Dataset]], where: str | Path) -> None:
+    """Refuse a series whose headers claim more pixels than the size limit, before geometry or decoding.
+
+    Each file's ``Rows x Columns x NumberOfFrames x SamplesPerPixel`` is checked (naming the file), then the
+    volume's total as read (float32).
+    """
+    total = 0
+    for path, ds in members:
+        dims = [frame_count(ds), int_or(ds.get("Rows"), 0), int_or(ds.get("Columns"), 0),
+                int_or(ds.get("SamplesPerPixel"), 1) or 1]
+        check_image_size(dims, 4, path, "an image (frames x Rows x Columns x samples)")
+        total += frame_count(ds) * dims[1] * dims[2] * dims[3]
+    check_image_size([total], 4, where, "a series (all its pixels)")
+
+
 def read_series(paths: Sequence[str | Path], where: str | Path | None = None
                 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Reads one DICOM series (single- or multi-frame files) into a volume.
@@ -128,6 +145,7 @@ def read_series(paths: Sequence[str | Path], where: str | Path | None = None
         if reason:
             raise DataError(f"{reason}.", where=path, fix="point at image files only.")
         members.append((path, ds))
+    _check_claimed_size(members, where)
     uids = {str(ds.get("SeriesInstanceUID", "")) for _, ds in members}
     if len(uids) > 1:
         raise DataError(f"mixes {len(uids)} series.", where=where,

@@ -18,6 +18,8 @@ from nibabel.filebasedimages import ImageFileError
 
 from medidiff.errors import DataError
 
+from .limits import check_image_size, max_image_bytes
+
 __all__ = ["NIFTI_SUFFIXES", "is_nifti", "nifti_geometry", "nifti_stem", "read_nifti"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -50,24 +52,35 @@ def _open(path: Path) -> nib.Nifti1Image:
     if path.stat().st_size == 0:
         raise DataError("is an empty file (0 bytes).", where=path, fix=_REEXPORT)
     try:
-        return nib.load(path)
+        img = nib.load(path)
+        shape = img.header.get_data_shape()
     except _DAMAGED as err:
         raise DataError(f"is not a readable NIfTI file ({type(err).__name__}: {err}).", where=path,
                         fix=_REEXPORT) from err
+    check_image_size(shape, 4, path, "an image")  # the header's claim, before any voxel is read
+    return img
 
 
 def _open_verified(path: Path) -> nib.Nifti1Image:
     """Opens a NIfTI file; a ``.gz`` file is decompressed whole first so that its CRC is checked.
 
     nibabel alone stops reading at the end of the voxel data, so damage inside a gzip stream can go
-    unnoticed; reading to the end of the stream makes gzip verify the checksum.
+    unnoticed; reading to the end of the stream makes gzip verify the checksum. A stream that inflates to
+    more than the image size limit (a "gzip bomb") is refused as it is read.
     """
     img = _open(path)
     if not str(path).lower().endswith(".gz"):
         return img
+    header = img.header
+    expected = max(int(header.get_data_offset()), 352) + int(np.prod(header.get_data_shape(), dtype=np.float64)
+                                                    * header.get_data_dtype().itemsize)
+    limit = min(max_image_bytes(), expected + (expected >> 4) + (64 << 20))  # room for extensions, trailing bytes
     try:
         with gzip.open(path, "rb") as handle:
-            raw = handle.read()
+            raw = handle.read(limit + 1)
+            if len(raw) > limit:
+                raise DataError(f"inflates to more than {limit} bytes where its header claims {expected}; it "
+                                "was not read further (a damaged file or a gzip bomb).", where=path, fix=_REEXPORT)
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"is a corrupt gzip file ({type(err).__name__}: {err}).", where=path,
                         fix=_REEXPORT) from err
