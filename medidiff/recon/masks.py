@@ -7,9 +7,12 @@ fully sampled centre of ``round(num_cols * center_fraction)`` columns (fastMRI's
 compare against masks recorded from fastmri 0.3.0). fastmri itself is not a dependency: its wheel pulls in
 pytorch-lightning, torchvision and pandas for these few lines.
 
-2D masks (for 3D Cartesian or 2D research settings) draw each k-space point independently with a
-Gaussian variable density, scaled to hit the acceleration, and keep a fully sampled calibration square
-(Lustig, Donoho & Pauly 2007, sec. 4: variable-density random undersampling).
+2D masks (for 3D Cartesian or 2D research settings) keep a fully sampled calibration square and either
+draw each k-space point independently with a Gaussian variable density, scaled to hit the acceleration
+(Lustig, Donoho & Pauly 2007, sec. 4: variable-density random undersampling), or place points by
+variable-density Poisson-disc sampling (:func:`poisson_mask`): no two points closer than a radius that
+grows with the distance from the centre (Bridson 2007's dart throwing with a variable radius; as in
+Lustig's and sigpy's ``poisson``), which spreads the samples more evenly than independent draws.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["random_mask", "equispaced_mask", "gaussian_mask", "column_mask", "make_mask", "center_lines",
-           "acceleration_of"]
+__all__ = ["random_mask", "equispaced_mask", "gaussian_mask", "poisson_mask", "column_mask", "make_mask",
+           "center_lines", "acceleration_of"]
 
 
 def _check(acceleration: float, center_fraction: float, num_cols: int) -> int:
@@ -142,6 +145,77 @@ def gaussian_mask(shape: tuple[int, int], acceleration: float = 8, calib: int = 
     return torch.from_numpy(rng.uniform(size=(h, w)) < p)
 
 
+def _poisson_points(h: int, w: int, r0: float, alpha: float, centre: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Dart throwing in the fixed random ``order``: a point is kept when no kept point lies within its radius.
+
+    The radius at ``(ky, kx)`` is ``r0 * (1 + alpha * r)`` pixels, ``r`` the distance from the centre in units of
+    the half-width; the calibration square is always kept and does not block other points.
+    """
+    ky = (np.arange(h) - h // 2) / (h / 2)
+    kx = (np.arange(w) - w // 2) / (w / 2)
+    radius = r0 * (1 + alpha * np.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2))
+    kept = centre.copy()
+    taken = np.zeros((h, w), dtype=bool)
+    reach = int(np.ceil(radius.max()))
+    for flat in order:
+        y, x = divmod(int(flat), w)
+        if kept[y, x]:
+            continue
+        rad = radius[y, x]
+        y0, y1, x0, x1 = max(0, y - reach), min(h, y + reach + 1), max(0, x - reach), min(w, x + reach + 1)
+        window = taken[y0:y1, x0:x1]
+        if window.any():
+            yy, xx = np.nonzero(window)
+            if bool(((yy + y0 - y) ** 2 + (xx + x0 - x) ** 2 < rad * rad).any()):
+                continue
+        kept[y, x] = taken[y, x] = True
+    return kept
+
+
+def poisson_mask(shape: tuple[int, int], acceleration: float = 8, calib: int = 16, seed: int | None = None,
+                 alpha: float = 2.0, tol: float = 0.03) -> torch.Tensor:
+    """2D variable-density Poisson-disc mask with a ``calib``-square centre (Bridson 2007; Lustig et al. 2007).
+
+    Points are thrown in one seeded random order and kept when no kept point lies within the local radius
+    ``r0 (1 + alpha r)``; ``r0`` is found by bisection on its logarithm so that the number of samples,
+    centre included, is ``H W / R`` within ``tol`` (relative).
+
+    Args:
+        shape: ``(H, W)`` of k-space.
+        acceleration: target acceleration ``R``.
+        calib: side of the fully sampled central square (0 for none).
+        seed: integer seed.
+        alpha: how fast the radius grows towards the edge of k-space (0: uniform Poisson disc).
+        tol: accepted relative error of the number of samples.
+
+    Returns:
+        a boolean tensor of shape ``(H, W)``.
+    """
+    h, w = shape
+    if acceleration < 1:
+        raise ValueError(f"acceleration must be >= 1, got {acceleration}")
+    if calib < 0 or calib > min(h, w) or calib * calib > h * w / acceleration:
+        raise ValueError(f"calib must lie in [0, {min(h, w)}] and fit the budget of acceleration {acceleration}, "
+                         f"got {calib}")
+    centre = np.zeros((h, w), dtype=bool)
+    y0, x0 = h // 2 - calib // 2, w // 2 - calib // 2
+    centre[y0:y0 + calib, x0:x0 + calib] = True
+    order = np.random.RandomState(seed).permutation(h * w)
+    target = h * w / acceleration
+    lo, hi = math.log(0.3), math.log(max(h, w))  # log r0: more points at lo, fewer at hi
+    best = None
+    for _ in range(30):
+        mid = 0.5 * (lo + hi)
+        mask = _poisson_points(h, w, math.exp(mid), alpha, centre, order)
+        n = int(mask.sum())
+        if best is None or abs(n - target) < abs(int(best.sum()) - target):
+            best = mask
+        if abs(n - target) <= tol * target:
+            break
+        lo, hi = (lo, mid) if n < target else (mid, hi)
+    return torch.from_numpy(best)
+
+
 def column_mask(shape: tuple[int, ...], columns: torch.Tensor) -> torch.Tensor:
     """Expand a column mask ``(W,)`` over the rows: a float tensor ``(H, W)`` (``shape`` ends in ``H, W``)."""
     h, w = shape[-2], shape[-1]
@@ -152,14 +226,15 @@ def column_mask(shape: tuple[int, ...], columns: torch.Tensor) -> torch.Tensor:
 
 def make_mask(shape: tuple[int, ...], kind: str = "random", acceleration: float = 4,
               center_fraction: float | None = None, seed: int | None = None) -> torch.Tensor:
-    """A float ``(H, W)`` 0/1 k-space mask of one ``kind``: ``random``, ``equispaced`` (columns) or ``gaussian`` (2D).
+    """A float ``(H, W)`` 0/1 k-space mask: ``random``, ``equispaced`` (columns), ``gaussian`` or ``poisson`` (2D).
 
     Args:
         shape: k-space shape, ending in ``(H, W)``.
         kind: mask family.
         acceleration: target acceleration.
         center_fraction: fraction of central columns (default fastMRI's: 0.08 at 4x, 0.04 at 8x, else
-            ``0.32 / R``); for ``gaussian`` the calibration square's side is ``round(center_fraction * W)``.
+            ``0.32 / R``); for ``gaussian`` and ``poisson`` the calibration square's side is
+            ``round(center_fraction * W)``.
         seed: integer seed.
 
     Returns:
@@ -175,7 +250,9 @@ def make_mask(shape: tuple[int, ...], kind: str = "random", acceleration: float 
     if kind == "gaussian":
         calib = round(center_fraction * w)
         return gaussian_mask((h, w), acceleration, calib, seed).to(torch.float32)
-    raise ValueError(f"unknown mask kind {kind!r}; choose random, equispaced or gaussian")
+    if kind == "poisson":
+        return poisson_mask((h, w), acceleration, round(center_fraction * w), seed).to(torch.float32)
+    raise ValueError(f"unknown mask kind {kind!r}; choose random, equispaced, gaussian or poisson")
 
 
 def center_lines(columns: torch.Tensor) -> int:

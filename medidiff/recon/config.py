@@ -1,0 +1,207 @@
+"""The ``recon`` recipe section: one options object per stage, with the one set of defaults.
+
+``ReconSection`` is what a recipe's ``recon:`` holds and what ``medidiff reconstruct`` builds from its
+options. Its stages: ``measurement`` (``MeasurementOptions``: how measurements are simulated from images,
+or how measured k-space is masked), ``prior`` (``PriorOptions``: how the prior is applied to any image
+size, ``medidiff.recon.prior.AnySize``), ``solver`` (``SolverOptions``, passed to
+``medidiff.recon.solvers``) and ``baselines`` (``BaselineOptions``). Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, model_validator
+
+__all__ = ["MeasurementOptions", "PriorOptions", "SolverOptions", "BaselineOptions", "ReconSection", "route",
+           "DEFAULT_MODELS", "DEFAULT_STEPS"]
+
+#: The bundled prior of each modality, used when ``recon.model`` is not given.
+DEFAULT_MODELS = {"mri": "data/weights/mri_brain_2d.safetensors", "ct": "data/weights/ct_2d.safetensors"}
+#: Each solver's default number of steps (network evaluations: dds and dps 1 per step, pc 2, merge 1).
+DEFAULT_STEPS = {"dds": 50, "dps": 200, "pc": 500, "merge": 200}
+
+PathText = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MeasurementOptions(_Section):
+    """How measurements are made from images (retrospective simulation), or how full k-space is masked.
+
+    Attributes:
+        acceleration: MRI acceleration ``R``.
+        center_fraction: fully sampled centre (fastMRI's default: 0.08 at 4x, 0.04 at 8x).
+        mask: ``random`` or ``equispaced`` (fastMRI column masks), ``gaussian`` or ``poisson`` (2D variable
+            density; ``poisson`` is a variable-density Poisson-disc sampler, ``medidiff.recon.masks``).
+        coils: 1 for single coil, or the number of simulated birdcage coils.
+        known_maps: reconstruct simulated multi-coil data with the simulated maps (else: estimated ones).
+        noise: complex Gaussian k-space noise, relative to the largest k-space magnitude.
+        views: CT views over the arc.
+        limited_angle: CT arc in degrees (``null``: 180, sparse view).
+        dose: CT incident photons per detector bin (``null``: noiseless).
+    """
+
+    acceleration: float = Field(4.0, ge=1.0)
+    center_fraction: float | None = Field(None, ge=0.0, lt=1.0)
+    mask: Literal["random", "equispaced", "gaussian", "poisson"] = "random"
+    coils: PositiveInt = 1
+    known_maps: bool = False
+    noise: float = Field(0.0, ge=0.0)
+    views: PositiveInt = 60
+    limited_angle: float | None = Field(None, gt=0.0, le=180.0)
+    dose: float | None = Field(None, gt=0.0)
+
+
+class PriorOptions(_Section):
+    """How the prior is applied to images of any size (``medidiff.recon.prior.AnySize``).
+
+    Attributes:
+        mode: ``whole`` (pad to the U-Net's multiple, one piece) or ``patches`` (the training patch size).
+        overlap: pixels by which tiles overlap (``patches``).
+        shift: move the padding or the tiling by a random offset at every evaluation.
+        batch_size: tiles per network call (``patches``).
+    """
+
+    mode: Literal["whole", "patches"] = "whole"
+    overlap: int = Field(0, ge=0)
+    shift: bool = True
+    batch_size: PositiveInt = 32
+
+
+class SolverOptions(_Section):
+    """The diffusion solver (``medidiff.recon.solvers``) and its options.
+
+    Attributes:
+        name: ``dds`` (default), ``dps``, ``pc`` (score-MRI's predictor-corrector) or ``merge`` (Song et al.).
+        steps: sampler steps (``null``: the solver's default, ``DEFAULT_STEPS``).
+        t_start: start time; below 1 a warm start from the classical estimate (CCDF).
+        cg_iters, rho, eta: DDS's CG iterations, Tikhonov weight and DDIM noise (``eta`` also for DPS).
+        zeta: DPS's step size.
+        lam: the merge's weight of the measurements.
+        snr, n_corrector: the predictor-corrector's corrector.
+        z_tv: DiffusionMBIR's total-variation weight along the slices (0: slices independent).
+        batch_size: slices reconstructed together (all of a volume when ``z_tv > 0``).
+    """
+
+    name: Literal["dds", "dps", "pc", "merge"] = "dds"
+    steps: PositiveInt | None = None
+    t_start: float = Field(1.0, gt=0.0, le=1.0)
+    cg_iters: PositiveInt = 5
+    rho: float = Field(0.0, ge=0.0)
+    eta: float | None = Field(None, ge=0.0, le=1.0)
+    zeta: float = Field(1.0, ge=0.0)
+    lam: float = Field(0.9, ge=0.0, le=1.0)
+    snr: float = Field(0.16, gt=0.0)
+    n_corrector: PositiveInt = 1
+    z_tv: float = Field(0.0, ge=0.0)
+    batch_size: PositiveInt = 8
+
+    @property
+    def n_steps(self) -> int:
+        """The steps to run."""
+        return self.steps if self.steps is not None else DEFAULT_STEPS[self.name]
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the solver function (``steps`` included)."""
+        common = {"steps": self.n_steps, "t_start": self.t_start, "z_tv": self.z_tv}
+        eta = {} if self.eta is None else {"eta": self.eta}
+        extra = {"dds": {"cg_iters": self.cg_iters, "rho": self.rho, **eta}, "dps": {"zeta": self.zeta, **eta},
+                 "pc": {"snr": self.snr, "n_corrector": self.n_corrector}, "merge": {"lam": self.lam}}[self.name]
+        return {**common, **extra}
+
+
+class BaselineOptions(_Section):
+    """The classical reconstructions written beside the diffusion one.
+
+    Attributes:
+        tv: compute the total-variation reconstruction (``<case>_tv``).
+        tv_weight: its weight (``null``: the modality's documented ``baselines.TV_WEIGHT``).
+        tv_iters: ADMM iterations.
+    """
+
+    tv: bool = True
+    tv_weight: float | None = Field(None, ge=0.0)
+    tv_iters: PositiveInt = 100
+
+
+class ReconSection(_Section):
+    """The ``recon`` section: score-based MRI and CT reconstruction (``medidiff.recon``).
+
+    Relative paths are read from the working folder, else from the medidiff checkout.
+
+    Attributes:
+        modality: ``mri`` or ``ct``.
+        model: the prior (``null``: the bundled one for the modality, ``DEFAULT_MODELS``).
+        inputs: images (NIfTI, DICOM, a folder or datalist: measurements are simulated), fastMRI k-space
+            (``.h5``) or a sinogram (``.npz``).
+        slices: indices of the slices to reconstruct along the model's slicing axis (``null``: every slice
+            with at least ``min_foreground`` foreground); the others are written as 0.
+        min_foreground: least foreground share of a slice for it to be reconstructed.
+        measurement, prior, solver, baselines: the stages' options.
+        panel_slices: slices shown in each case's PNG panel.
+        select: DICOM series selection rule.
+        progress: show progress bars.
+    """
+
+    modality: Literal["mri", "ct"] = "mri"
+    model: PathText | None = None
+    inputs: PathText | None = None
+    slices: list[int] | None = None
+    min_foreground: float = Field(0.01, ge=0.0, le=1.0)
+    measurement: MeasurementOptions = Field(default_factory=MeasurementOptions)
+    prior: PriorOptions = Field(default_factory=PriorOptions)
+    solver: SolverOptions = Field(default_factory=SolverOptions)
+    baselines: BaselineOptions = Field(default_factory=BaselineOptions)
+    panel_slices: PositiveInt = 1
+    select: str = "all"
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _slices(self) -> ReconSection:
+        if self.slices is not None and any(s < 0 for s in self.slices):
+            raise ValueError(f"slices must be non-negative indices, got {self.slices}")
+        return self
+
+    @property
+    def model_path(self) -> str:
+        """The prior's path: ``model``, or the bundled one for the modality."""
+        return self.model if self.model is not None else DEFAULT_MODELS[self.modality]
+
+    def updated(self, **changes: Any) -> ReconSection:
+        """A copy with ``changes`` applied, a key of a stage given by its own name (``acceleration=8``).
+
+        Raises:
+            ValueError: an unknown key or an invalid value (pydantic's ``ValidationError``).
+        """
+        data = self.model_dump()
+        for key, value in changes.items():
+            section, _, name = route(key).rpartition(".")
+            node = data
+            for part in section.split(".") if section else []:
+                node = node[part]
+            node[name] = value
+        return ReconSection.model_validate(data)
+
+
+_STAGES = (("measurement", MeasurementOptions), ("solver", SolverOptions), ("prior", PriorOptions),
+           ("baselines", BaselineOptions))
+_ALIASES = {"solver": "solver.name", "prior_mode": "prior.mode"}
+
+
+def route(key: str) -> str:
+    """The dotted key of an option given by its own name: ``acceleration`` -> ``measurement.acceleration``.
+
+    ``solver`` is ``solver.name``; names shared by stages (``batch_size``) resolve to the solver's.
+    """
+    if key in _ALIASES:
+        return _ALIASES[key]
+    if "." not in key and key not in ReconSection.model_fields:
+        for section in ("solver", "measurement", "prior", "baselines"):
+            model = dict(_STAGES)[section]
+            if key in model.model_fields:
+                return f"{section}.{key}"
+    return key
