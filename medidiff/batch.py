@@ -219,7 +219,8 @@ class Batch:
         return record
 
     def _write_record(self, stage: str, name: str, record: dict) -> None:
-        write_json({"format": _RECORD_FORMAT, "case": name, **record}, self._record_path(stage, name))
+        write_json({"format": _RECORD_FORMAT, "case": name, "rank": self.rank, **record},
+                   self._record_path(stage, name))
 
     def record_done(self, stage: str, name: str, key: str, output: CaseOutput, inputs: list[Path]) -> dict:
         """Write a case's arrays, then its completion record (the last write: the case is complete)."""

@@ -110,6 +110,8 @@ class AnomalySection(_Section):
         top_k: share of the highest voxels averaged into the case score.
         overlay_slices: slices shown in each case's overlay PNG.
         dicom: for DICOM scans, also write the heatmap as a derived DICOM series.
+        deidentify: leave the patient's name, ID and birth date out of that series (the file names, logs,
+            reports and manifests never hold them).
         select: DICOM series selection rule.
         progress: show progress bars.
     """
@@ -128,6 +130,7 @@ class AnomalySection(_Section):
     top_k: float = Field(0.01, gt=0.0, le=1.0)
     overlay_slices: PositiveInt = 6
     dicom: bool = True
+    deidentify: bool = False
     select: str = "all"
     progress: bool = True
 

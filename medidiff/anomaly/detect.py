@@ -131,12 +131,13 @@ def restore_factor(prepared: Prepared, units: str) -> float:
     return step**2 if units == "squared" else step
 
 
-def _dicom_heatmap(heatmap: torch.Tensor, case: Case, out_dir: Path, inputs: Path) -> list[Path]:
+def _dicom_heatmap(heatmap: torch.Tensor, case: Case, out_dir: Path, inputs: Path, deidentify: bool) -> list[Path]:
     """The heatmap as a derived series beside a DICOM scan's own (none, with a warning, if it cannot be)."""
     try:
         return outputs.write_dicom_series(heatmap, case.image, case.source.paths,
                                           out_dir / f"{case.name}_heatmap_dicom",
-                                          description="medidiff anomaly heatmap", protected=[inputs])
+                                          description="medidiff anomaly heatmap", protected=[inputs],
+                                          deidentify=deidentify)
     except DataError as e:
         log.warning("%s: no DICOM heatmap (%s); the NIfTI heatmap is written", case.name, e)
         return []
@@ -225,7 +226,7 @@ def _write_case(r: CaseMaps, options: AnomalySection, threshold: float | None, o
         written.append(outputs.write_like(r.spread * restore_factor(r.prepared, "difference"), case.image,
                                           path("uncertainty"), protected=protected))
     if options.dicom and case.source.kind == "dicom":
-        written += _dicom_heatmap(heatmap, case, out_dir, inputs)
+        written += _dicom_heatmap(heatmap, case, out_dir, inputs, options.deidentify)
     flagged = None
     if threshold is not None:
         flagged = (r.score > threshold) & (r.prepared.input_foreground > 0.5)

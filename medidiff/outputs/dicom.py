@@ -36,6 +36,9 @@ _COPIED_TAGS = (
     "PatientPosition", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
     "SpacingBetweenSlices", "SliceLocation", "InstanceNumber", "Rows", "Columns",
 )
+#: Tags left out of a de-identified series (names, IDs, dates of birth, accession, physicians).
+IDENTIFYING_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientAge", "StudyID", "AccessionNumber",
+                    "ReferringPhysicianName", "StudyDate", "StudyTime", "StudyDescription")
 
 
 def write_dicom_series(
@@ -48,6 +51,7 @@ def write_dicom_series(
     units: str | None = None,
     series_number: int = 9900,
     protected: Iterable[PathLike] = (),
+    deidentify: bool = False,
 ) -> list[Path]:
     """Write a float map on the input grid as a derived DICOM series beside its DICOM source series.
 
@@ -67,6 +71,9 @@ def write_dicom_series(
         units: value units, written to ``RescaleType`` (e.g. ``"HU"``, ``"US"`` for unspecified).
         series_number: ``SeriesNumber`` of the new series.
         protected: input paths that must not be overwritten.
+        deidentify: leave out the patient's name, ID, birth date and the other ``IDENTIFYING_TAGS``
+            (the patient becomes ``ANONYMOUS``, ``PatientIdentityRemoved`` is ``YES``); geometry, study and
+            frame-of-reference UIDs are kept so the series still overlays its source.
 
     Returns:
         The written files, in source order.
@@ -107,12 +114,15 @@ def write_dicom_series(
 
         ds = Dataset()
         for tag in _COPIED_TAGS:
-            if tag in ds_src:
+            if tag in ds_src and not (deidentify and tag in IDENTIFYING_TAGS):
                 setattr(ds, tag, ds_src.data_element(tag).value)
         sop_class = ds_src.SOPClassUID
         if sop_class.name not in ("CT Image Storage", "MR Image Storage"):
             sop_class = pydicom.uid.SecondaryCaptureImageStorage
         ds.SOPClassUID = sop_class
+        if deidentify:
+            ds.PatientName, ds.PatientID, ds.PatientIdentityRemoved = "ANONYMOUS", "ANONYMOUS", "YES"
+            ds.DeidentificationMethod = "medidiff: patient name, ID, birth date, study dates, accession removed"
         ds.SOPInstanceUID = generate_uid()
         ds.SeriesInstanceUID = series_uid
         ds.SeriesNumber = series_number
