@@ -31,6 +31,7 @@ from pydantic import (
 from .anomaly.config import AnomalySection
 from .core.processes import Process, make_process
 from .errors import RecipeError
+from .recon.config import ReconSection
 from .train_config import TrainingConfig
 from .train_data import DataConfig
 
@@ -178,6 +179,7 @@ class Recipe(BaseModel):
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         data, model, process, training: what ``train`` uses (the sections of the same names).
         anomaly: the anomaly task's section.
+        recon: the recon task's section.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -191,6 +193,7 @@ class Recipe(BaseModel):
     process: ProcessConfig = Field(default_factory=ProcessConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     anomaly: AnomalySection | None = None
+    recon: ReconSection | None = None
 
     @field_validator("task")
     @classmethod
@@ -213,7 +216,7 @@ class Recipe(BaseModel):
 
 
 #: The sections each task runs on (besides task, description, seed, device).
-TASK_SECTIONS: dict[str, tuple[str, ...]] = {"anomaly": ("anomaly",)}
+TASK_SECTIONS: dict[str, tuple[str, ...]] = {"anomaly": ("anomaly",), "recon": ("recon",)}
 #: The sections training uses.
 TRAINING_SECTIONS = ("data", "model", "process", "training")
 
