@@ -1,11 +1,13 @@
 """Writing results: files and tables, NIfTI volumes with the input's geometry, DICOM series, figures.
 
 Modules: ``files`` (safe case names, atomic writes, text, JSON, CSV), ``volumes`` (NIfTI with the
-input's affine), ``dicom`` (a derived DICOM series beside a DICOM input), ``figures`` (PNG overlays).
+input's affine), ``dicom`` (a derived DICOM series beside a DICOM input), ``dicom_seg`` (a label map as
+DICOM SEG, highdicom), ``figures`` (PNG overlays).
 Results are moved back onto an input's grid by ``medidiff.cases.restore`` before they are written.
 """
 
 from .dicom import write_dicom_series
+from .dicom_seg import write_dicom_seg
 from .figures import overlay_png, relevant_slices
 from .files import (
     atomic_write,
@@ -27,6 +29,7 @@ __all__ = [
     "result_path",
     "safe_case_name",
     "spatial_shape",
+    "write_dicom_seg",
     "write_dicom_series",
     "write_json",
     "write_like",

@@ -1,7 +1,7 @@
 """A derived DICOM series written beside a DICOM input, slice for slice at the input's positions.
 
-Not implemented yet: DICOM SEG and Parametric Map objects (highdicom); ``write_dicom_series`` writes a
-derived CT/MR-like image series instead, which every viewer reads.
+``write_dicom_series`` writes a derived CT/MR-like image series, which every viewer reads; segmentations are
+written as DICOM SEG by ``medidiff.outputs.dicom_seg`` (highdicom). Parametric Maps are not written yet.
 """
 
 from __future__ import annotations
@@ -27,6 +27,30 @@ def _lps_positions(ds: Any) -> np.ndarray:
     dr, dc = (float(v) for v in ds.PixelSpacing)  # row spacing (between rows), column spacing
     r, c = np.meshgrid(np.arange(int(ds.Rows)), np.arange(int(ds.Columns)), indexing="ij")
     return ipp + c[..., None] * dc * iop[:3] + r[..., None] * dr * iop[3:]
+
+
+def values_on_slice(array: np.ndarray, inverse: np.ndarray, ds: Any, where: Any) -> np.ndarray:
+    """The values of a 3D ``array`` at every pixel of a single-frame DICOM slice, ``(rows, cols)``.
+
+    Args:
+        array: ``(X, Y, Z)`` on a grid whose voxel-to-RAS affine has the inverse ``inverse``.
+        inverse: that inverse (RAS to voxel).
+        ds: the slice's dataset (geometry tags).
+        where: the slice, for messages.
+
+    Raises:
+        DataError: the slice is multi-frame, lacks geometry, or does not lie on the grid.
+    """
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "ImagePositionPatient" not in ds:
+        raise DataError("only single-frame slices with ImagePositionPatient can be referenced", where=where,
+                        fix="write NIfTI output for multi-frame or non-image sources.")
+    ras = _lps_positions(ds) * np.array([-1.0, -1.0, 1.0])
+    ijk = ras @ inverse[:3, :3].T + inverse[:3, 3]
+    idx = np.rint(ijk).astype(np.int64)
+    if np.abs(ijk - idx).max() > 0.05 or (idx < 0).any() or (idx >= np.array(array.shape)).any():
+        raise DataError("a source slice does not lie on the result's grid", where=where,
+                        fix="map the result onto the input grid (to_input_grid) before writing DICOM.")
+    return array[idx[..., 0], idx[..., 1], idx[..., 2]]
 
 
 _COPIED_TAGS = (
@@ -100,16 +124,7 @@ def write_dicom_series(
     for k, src in enumerate(sources):
         ds_src = src if isinstance(src, Dataset) else pydicom.dcmread(src, stop_before_pixels=True)
         where = getattr(ds_src, "filename", None) or f"source slice {k}"
-        if int(ds_src.get("NumberOfFrames", 1) or 1) > 1 or "ImagePositionPatient" not in ds_src:
-            raise DataError("only single-frame slices with ImagePositionPatient can be referenced", where=where,
-                            fix="write NIfTI output for multi-frame or non-image sources.")
-        ras = _lps_positions(ds_src) * np.array([-1.0, -1.0, 1.0])
-        ijk = ras @ inverse[:3, :3].T + inverse[:3, 3]
-        idx = np.rint(ijk).astype(np.int64)
-        if np.abs(ijk - idx).max() > 0.05 or (idx < 0).any() or (idx >= np.array(array.shape)).any():
-            raise DataError("a source slice does not lie on the result's grid", where=where,
-                            fix="map the result onto the input grid (to_input_grid) before writing DICOM.")
-        values = array[idx[..., 0], idx[..., 1], idx[..., 2]]
+        values = values_on_slice(array, inverse, ds_src, where)
         stored = np.clip(np.rint((np.nan_to_num(values, nan=lo) - lo) / slope), 0, 65535).astype(np.uint16)
 
         ds = Dataset()
