@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from anomaly_helpers import FAST, save_tiny_model, volume, write_nifti
 
 from medidiff.anomaly import detect
 from medidiff.anomaly.thresholds import save_threshold
@@ -19,46 +20,21 @@ from medidiff.nets import build_unet
 from medidiff.weights import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = {"t_levels": [0.3], "steps": 2, "n_samples": 1, "progress": False, "median_size": 3, "erode": 0}
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    net = build_unet(spatial_dims=2, in_channels=1, channels=(8, 16), attention_levels=(False, False),
-                     norm_num_groups=8, num_head_channels=8)
-    prep = {"source": "test", "orientation": "RAS", "spacing_mm": [2.0, 2.0], "slicing_axis": 2, "size": [16, 16],
-            "intensity": {"method": "percentile", "percentiles": [0.5, 99.5], "low": 0.0, "high": 100.0}}
-    folder = tmp_path_factory.mktemp("model")
-    save_model(folder, net, make_process("ddpm", n_steps=50), "eps", {"data_prep": prep, "noise": {"kind": "gaussian"}})
-    return folder
-
-
-def _volume(shape, spacing=(2.0, 2.0, 2.0), flip=False, seed=0):
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
-    brain = (grid[:2] ** 2).sum(0) < 0.7
-    image = np.where(brain, 60 + 20 * rng.random(shape), 0).astype(np.float32)
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = [-10.0, 4.0, 7.0]
-    if flip:  # stored left-to-right: the pipeline must reorient and come back
-        affine[0, 0] *= -1
-    return image, brain.astype(np.uint8), affine
-
-
-def _write(path, array, affine):
-    nib.save(nib.Nifti1Image(array, affine), path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 def test_datalist_with_labels_masks_and_calibration(tmp_path, tiny_model):
-    image, brain, affine = _volume((16, 16, 4))
+    image, brain, affine = volume((16, 16, 4))
     label = np.zeros_like(brain)
     label[6:10, 6:10, 1:3] = 1
     lesioned = np.where(label > 0, image * 1.6, image)
     for name, arr in (("a.nii.gz", lesioned), ("a_label.nii.gz", label), ("a_mask.nii.gz", brain),
                       ("calib.nii.gz", image)):
-        _write(tmp_path / name, arr, affine)
+        write_nifti(tmp_path / name, arr, affine)
     (tmp_path / "list.json").write_text(json.dumps(
         {"test": [{"image": "a.nii.gz", "label": "a_label.nii.gz", "mask": "a_mask.nii.gz"}]}))
     out = tmp_path / "out"
@@ -88,8 +64,8 @@ def test_datalist_with_labels_masks_and_calibration(tmp_path, tiny_model):
 def test_other_grid_and_a_corrupt_file(tmp_path, tiny_model):
     scans = tmp_path / "scans"
     scans.mkdir()
-    image, _, affine = _volume((21, 13, 5), spacing=(1.5, 2.5, 3.0), flip=True)
-    _write(scans / "odd.nii.gz", image, affine)
+    image, _, affine = volume((21, 13, 5), spacing=(1.5, 2.5, 3.0), flip=True)
+    write_nifti(scans / "odd.nii.gz", image, affine)
     (scans / "broken.nii.gz").write_bytes(b"\x1f\x8b this is not a NIfTI file")
     out = tmp_path / "out"
     result = detect(tiny_model, scans, out, threshold=0.2, **FAST)
@@ -106,9 +82,9 @@ def test_other_grid_and_a_corrupt_file(tmp_path, tiny_model):
 
 
 def test_cli_detect(tmp_path, tiny_model, capsys):
-    image, brain, affine = _volume((16, 16, 3))
-    _write(tmp_path / "scan.nii.gz", image, affine)
-    _write(tmp_path / "brain.nii.gz", brain, affine)
+    image, brain, affine = volume((16, 16, 3))
+    write_nifti(tmp_path / "scan.nii.gz", image, affine)
+    write_nifti(tmp_path / "brain.nii.gz", brain, affine)
     out = tmp_path / "out"
     saved = save_threshold(tmp_path / "thresholds.json", 0.3, fpr=0.05)
     code = main(["detect", "--model", str(tiny_model), "--input", str(tmp_path / "scan.nii.gz"), "--out", str(out),
@@ -137,9 +113,9 @@ def test_a_threshold_saved_with_the_model_is_used_only_for_its_settings(tmp_path
 
     from medidiff.anomaly.thresholds import model_threshold_path
 
-    image, brain, affine = _volume((16, 16, 4))
-    _write(tmp_path / "a.nii.gz", image, affine)
-    _write(tmp_path / "a_mask.nii.gz", brain, affine)
+    image, brain, affine = volume((16, 16, 4))
+    write_nifti(tmp_path / "a.nii.gz", image, affine)
+    write_nifti(tmp_path / "a_mask.nii.gz", brain, affine)
     model = shutil.copytree(tiny_model, tmp_path / "model")
     calibrated = detect(model, tmp_path / "a.nii.gz", tmp_path / "c", calibration=tmp_path / "a.nii.gz",
                         mask=tmp_path / "a_mask.nii.gz", fpr=0.1, **FAST)
@@ -183,9 +159,9 @@ def test_a_3d_model_maps_a_volume_back_onto_its_grid(tmp_path):
             "intensity": {"method": "percentile", "percentiles": [0.5, 99.5]}}
     save_model(tmp_path / "m3d", net, make_process("ddpm", n_steps=50), "eps",
                {"data_prep": prep, "noise": {"kind": "gaussian"}})
-    image, brain, affine = _volume((20, 18, 10), spacing=(1.6, 2.0, 2.4), flip=True)
-    _write(tmp_path / "v.nii.gz", image, affine)
-    _write(tmp_path / "v_mask.nii.gz", brain, affine)
+    image, brain, affine = volume((20, 18, 10), spacing=(1.6, 2.0, 2.4), flip=True)
+    write_nifti(tmp_path / "v.nii.gz", image, affine)
+    write_nifti(tmp_path / "v_mask.nii.gz", brain, affine)
     result = detect(tmp_path / "m3d", tmp_path / "v.nii.gz", tmp_path / "out", mask=tmp_path / "v_mask.nii.gz",
                     **(FAST | {"erode": 1}))
     heat = nib.load(tmp_path / "out" / "v_heatmap.nii.gz")
@@ -196,9 +172,9 @@ def test_a_3d_model_maps_a_volume_back_onto_its_grid(tmp_path):
 
 
 def test_the_spread_between_samples_is_written_as_an_uncertainty_map(tmp_path, tiny_model):
-    image, brain, affine = _volume((16, 16, 4))
-    _write(tmp_path / "a.nii.gz", image, affine)
-    _write(tmp_path / "a_mask.nii.gz", brain, affine)
+    image, brain, affine = volume((16, 16, 4))
+    write_nifti(tmp_path / "a.nii.gz", image, affine)
+    write_nifti(tmp_path / "a_mask.nii.gz", brain, affine)
     result = detect(tiny_model, tmp_path / "a.nii.gz", tmp_path / "out", mask=tmp_path / "a_mask.nii.gz",
                     **(FAST | {"n_samples": 3}))
     spread = nib.load(tmp_path / "out" / "a_uncertainty.nii.gz")
@@ -215,8 +191,8 @@ def test_algorithm_errors_become_recipe_errors_naming_the_key(tmp_path, tiny_mod
     from medidiff import recipes, runs
     from medidiff.errors import RecipeError
 
-    image, brain, affine = _volume((16, 16, 2))
-    _write(tmp_path / "a.nii.gz", image, affine)
+    image, brain, affine = volume((16, 16, 2))
+    write_nifti(tmp_path / "a.nii.gz", image, affine)
     section = {"model": str(tiny_model), "inputs": str(tmp_path / "a.nii.gz"), "progress": False,
                "reconstruction": {"sampler": "warp", "n_samples": 1}}
     recipe = recipes.parse_recipe({"task": "anomaly", "device": "cpu", "anomaly": section})
