@@ -1,4 +1,4 @@
-"""The ``medidiff`` command: ``info``, ``inspect``, ``convert``, ``train``, ``run`` and ``detect``.
+"""The ``medidiff`` command: ``info``, ``inspect``, ``convert``, ``train``, ``run``, ``detect`` and ``reconstruct``.
 
 Errors of the ``MedidiffError`` family print as one message on stderr (with the traceback only under
 ``--debug``) and exit with status 2; a batch run in which some cases failed (listed in ``failures.csv``)
@@ -90,6 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set a detection option, e.g. --set t_levels=[0.25,0.5] (keys of the recipe's anomaly "
                         "section and of its reconstruction and map parts, by name; repeatable; values are YAML)")
     _common(p)
+
+    p = sub.add_parser("reconstruct", help="MRI or CT reconstruction from images (simulated measurements), "
+                       "fastMRI k-space (.h5) or sinograms (.npz)", epilog=EXIT_CODES)
+    p.add_argument("--input", required=True, help="images (NIfTI, DICOM, a folder or datalist), a fastMRI .h5 file "
+                   "or a sinogram .npz (sinogram, angles_deg, optional pixel_size_mm)")
+    p.add_argument("--modality", required=True, choices=("mri", "ct"))
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--model", help="the prior (default: data/weights/mri_brain_2d or ct_2d.safetensors)")
+    p.add_argument("--solver", choices=("dds", "dps", "pc", "merge"), help="diffusion solver (default: dds)")
+    p.add_argument("--steps", type=int, help="solver steps (default: the solver's own)")
+    for flag, kind, text in (("--acceleration", float, "MRI acceleration (default 4)"),
+                             ("--center-fraction", float, "MRI fully sampled centre fraction (fastMRI's default)"),
+                             ("--coils", int, "MRI simulated coils (default 1)"),
+                             ("--views", int, "CT views (default 60)"),
+                             ("--limited-angle", float, "CT arc in degrees (default 180: sparse view)"),
+                             ("--dose", float, "CT incident photons per detector bin (default: noiseless)")):
+        p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--mask", choices=("random", "equispaced", "gaussian", "poisson"),
+                   help="MRI mask: fastMRI random or equispaced columns, 2D gaussian or Poisson-disc (default random)")
+    p.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, help="seed of the simulated measurements and the solver")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a recon option by name, e.g. --set t_start=0.5 (repeatable; values are YAML)")
+    _common(p)
     return parser
 
 
@@ -160,6 +184,30 @@ def _detect_command(args: argparse.Namespace) -> int:
     return _status(result)
 
 
+def _reconstruct_command(args: argparse.Namespace) -> int:
+    from . import recipes, runs
+    from .recon.config import route
+
+    section = {"inputs": args.input, "modality": args.modality}
+    if args.model is not None:
+        section["model"] = args.model
+    flags = {"solver": args.solver, "steps": args.steps, "acceleration": args.acceleration,
+             "center_fraction": args.center_fraction, "mask": args.mask, "coils": args.coils, "views": args.views,
+             "limited_angle": args.limited_angle, "dose": args.dose}
+    overrides = [f"recon.{route(k)}={v}" for k, v in flags.items() if v is not None]
+    for item in args.overrides:
+        key = item.split("=", 1)[0]
+        top = key.split(".")[0]
+        overrides.append(item if top in ("recon", "seed", "device") else f"recon.{route(key)}{item[len(key):]}")
+    overrides += _overrides(argparse.Namespace(overrides=[], device=args.device, seed=args.seed, resume=False))
+    recipe = recipes.parse_recipe({"task": "recon", "recon": section}, source="medidiff reconstruct",
+                                  overrides=overrides)
+    result = runs.run(recipe, args.out)
+    print(result.summary)
+    print(f"results in {args.out}")
+    return _status(result)
+
+
 def _status(result) -> int:
     """``EXIT_FAILURES`` when some cases failed (reported by rank 0 alone, which gathers them), else 0."""
     return EXIT_FAILURES if getattr(result, "failures", 0) else 0
@@ -183,6 +231,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "detect":
         return _detect_command(args)
+    if args.command == "reconstruct":
+        return _reconstruct_command(args)
     return _recipe_command(args)
 
 
