@@ -105,7 +105,6 @@ def _integrate(name: str, denoiser, x, grid: _Grid, *, hook, callback, progress,
     ``x0_hat``, then move to ``t_{i+1}`` with ``x = update(i, x, x0_hat)``, or return ``x0_hat`` when
     ``t_{i+1} = 0``.
     """
-    x0 = x
     for i in tqdm(range(grid.steps), desc=name, disable=not progress, leave=False):
         if before is not None:
             x = before(i, x)
@@ -181,12 +180,18 @@ def ddim(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, 
         eta: scale of the fresh noise (0 deterministic, 1 the DDPM posterior variance).
         grid: time grid kind (``uniform``, ``quadratic``, ``logsnr``).
     """
+    return _ddim("ddim", denoiser, x, process, steps, t_start=t_start, hook=hook, callback=callback,
+                 generator=generator, eta=eta, grid=grid, progress=progress)
+
+
+def _ddim(name: str, denoiser, x, process, steps, *, t_start, hook, callback, generator, eta, grid,
+          progress) -> torch.Tensor:
     g = _Grid(process, steps, t_start, grid)
 
     def update(i, x, x0):
         return _ddim_step(x, x0, g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1], eta, generator)
 
-    return _integrate("ddim", denoiser, x, g, hook=hook, callback=callback, progress=progress, update=update)
+    return _integrate(name, denoiser, x, g, hook=hook, callback=callback, progress=progress, update=update)
 
 
 def ddpm(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
@@ -196,8 +201,9 @@ def ddpm(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, 
     With a ``DDPM`` process and ``steps == n_steps`` this is the original chain; fewer steps skip
     along the grid with the matching posterior.
     """
-    return ddim(denoiser, x, process, steps, t_start=t_start, hook=hook, callback=callback,
-                generator=generator, eta=1.0, grid=grid, progress=progress)
+    with torch.no_grad():
+        return _ddim("ddpm", denoiser, x, process, steps, t_start=t_start, hook=hook, callback=callback,
+                     generator=generator, eta=1.0, grid=grid, progress=progress)
 
 
 @torch.no_grad()
