@@ -1,4 +1,5 @@
-"""The ``medidiff`` command: ``info``, ``inspect``, ``convert``, ``train``, ``run``, ``detect`` and ``reconstruct``.
+"""The ``medidiff`` command: ``info``, ``inspect``, ``convert``, ``train``, ``run``, ``detect``, ``reconstruct``,
+``segment``.
 
 Errors of the ``MedidiffError`` family print as one message on stderr (with the traceback only under
 ``--debug``) and exit with status 2; a batch run in which some cases failed (listed in ``failures.csv``)
@@ -114,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set a recon option by name, e.g. --set t_start=0.5 (repeatable; values are YAML)")
     _common(p)
+
+    p = sub.add_parser("segment", help="segmentation ensembles and uncertainty maps for the scans at a path",
+                       epilog=EXIT_CODES)
+    p.add_argument("--input", required=True, help="a NIfTI file or folder, DICOM, or a JSON datalist")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--model", help="weights (default: data/weights/seg_lesion_2d.safetensors)")
+    p.add_argument("--members", type=int, help="masks sampled per image (default 10)")
+    p.add_argument("--steps", type=int, help="sampler steps per member (default 10)")
+    p.add_argument("--labels", help="reference label map of a single scan (enables metrics.json)")
+    p.add_argument("--mask", help="brain/foreground mask of a single scan")
+    p.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, help="seed of the members")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a segment option by name, e.g. --set fusion=staple (repeatable; values are YAML)")
+    _common(p)
     return parser
 
 
@@ -208,6 +224,36 @@ def _reconstruct_command(args: argparse.Namespace) -> int:
     return _status(result)
 
 
+def _routed(task: str, route, items: list[str]) -> list[str]:
+    """``--set`` items of a task command as recipe overrides: a task option given by its own name is routed."""
+    out = []
+    for item in items:
+        key = item.split("=", 1)[0]
+        top = key.split(".")[0]
+        out.append(item if top in (task, "seed", "device") else f"{task}.{route(key)}{item[len(key):]}")
+    return out
+
+
+def _segment_command(args: argparse.Namespace) -> int:
+    from . import recipes, runs
+    from .segment.config import route
+
+    section = {"inputs": args.input}
+    for key in ("model", "labels", "mask"):
+        if getattr(args, key) is not None:
+            section[key] = getattr(args, key)
+    flags = {"members": args.members, "steps": args.steps}
+    overrides = [f"segment.{route(k)}={v}" for k, v in flags.items() if v is not None]
+    overrides += _routed("segment", route, args.overrides)
+    overrides += _overrides(argparse.Namespace(overrides=[], device=args.device, seed=args.seed, resume=False))
+    recipe = recipes.parse_recipe({"task": "segment", "segment": section}, source="medidiff segment",
+                                  overrides=overrides)
+    result = runs.run(recipe, args.out)
+    print(result.summary)
+    print(f"results in {args.out}")
+    return _status(result)
+
+
 def _status(result) -> int:
     """``EXIT_FAILURES`` when some cases failed (reported by rank 0 alone, which gathers them), else 0."""
     return EXIT_FAILURES if getattr(result, "failures", 0) else 0
@@ -233,6 +279,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _detect_command(args)
     if args.command == "reconstruct":
         return _reconstruct_command(args)
+    if args.command == "segment":
+        return _segment_command(args)
     return _recipe_command(args)
 
 

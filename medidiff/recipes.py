@@ -32,6 +32,7 @@ from .anomaly.config import AnomalySection
 from .core.processes import Process, make_process
 from .errors import RecipeError
 from .recon.config import ReconSection
+from .segment.config import SegmentSection
 from .train_config import TrainingConfig
 from .train_data import DataConfig
 
@@ -180,6 +181,7 @@ class Recipe(BaseModel):
         data, model, process, training: what ``train`` uses (the sections of the same names).
         anomaly: the anomaly task's section.
         recon: the recon task's section.
+        segment: the segment task's section.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -194,6 +196,7 @@ class Recipe(BaseModel):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     anomaly: AnomalySection | None = None
     recon: ReconSection | None = None
+    segment: SegmentSection | None = None
 
     @field_validator("task")
     @classmethod
@@ -216,7 +219,7 @@ class Recipe(BaseModel):
 
 
 #: The sections each task runs on (besides task, description, seed, device).
-TASK_SECTIONS: dict[str, tuple[str, ...]] = {"anomaly": ("anomaly",), "recon": ("recon",)}
+TASK_SECTIONS: dict[str, tuple[str, ...]] = {"anomaly": ("anomaly",), "recon": ("recon",), "segment": ("segment",)}
 #: The sections training uses.
 TRAINING_SECTIONS = ("data", "model", "process", "training")
 

@@ -29,7 +29,8 @@ RECIPE_NAME = "recipe.yaml"
 #: The run log in a run's folder, named for its task.
 LOG_NAME = "{task}.log"
 #: ``task: name`` runs ``module.function(section, out_dir, seed=..., device=...)``.
-TASKS: dict[str, str] = {"anomaly": "medidiff.anomaly.task:run", "recon": "medidiff.recon.task:run"}
+TASKS: dict[str, str] = {"anomaly": "medidiff.anomaly.task:run", "recon": "medidiff.recon.task:run",
+                         "segment": "medidiff.segment.task:run"}
 
 log = logging.getLogger("medidiff.runs")
 
