@@ -137,7 +137,7 @@ def write_dicom_series(
         ds.SOPClassUID = sop_class
         if deidentify:
             ds.PatientName, ds.PatientID, ds.PatientIdentityRemoved = "ANONYMOUS", "ANONYMOUS", "YES"
-            ds.DeidentificationMethod = "medidiff: patient name, ID, birth date, study dates, accession removed"
+            ds.DeidentificationMethod = "medidiff: patient name, ID, birth date, dates, accession removed"
         ds.SOPInstanceUID = generate_uid()
         ds.SeriesInstanceUID = series_uid
         ds.SeriesNumber = series_number
