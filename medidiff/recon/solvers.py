@@ -94,6 +94,10 @@ def _run(name: str, denoiser, hook, x_init, *, steps: int, t_start: float, gener
     process = denoiser.process
     x, t = start_state(process, x_init, t_start, generator)
     fn = samplers.get_sampler(name)
+    try:
+        process.time_grid(steps, t_start=t)
+    except ValueError as e:
+        raise ValueError(f"steps: {e}") from None
     return fn(denoiser, x, process, steps, t_start=t, hook=hook, generator=generator, progress=progress, **kw)
 
 
@@ -146,9 +150,12 @@ def dps(denoiser, op: LinearOperator, y: torch.Tensor, x_init: torch.Tensor, *, 
     return Solved(out, samplers.nfe("ddim", steps))
 
 
-def _merge_hook(op: LinearOperator, y: torch.Tensor, lam: float) -> MeasurementMerge:
-    if not getattr(op, "coisometry", False) and type(op).merge is LinearOperator.merge:
-        raise ValueError(f"solver: {type(op).__name__} has no measurement-space merge; use dds or dps")
+def _merge_hook(op: LinearOperator, y: torch.Tensor, lam: float, x_init: torch.Tensor) -> MeasurementMerge:
+    try:  # one merge up front: an operator without one fails here, before any network evaluation
+        op.merge(x_init, y, lam)
+    except ValueError as e:
+        raise ValueError(f"solver: {type(op).__name__} has no measurement-space merge here ({e}); use dds or dps"
+                         ) from None
     return MeasurementMerge(op, y, lam)
 
 
@@ -166,7 +173,7 @@ def pc(denoiser, op: LinearOperator, y: torch.Tensor, x_init: torch.Tensor, *, s
     Returns:
         ``Solved(image, nfe)``.
     """
-    hook = _coupled(_merge_hook(op, y, 1.0), op, y, z_tv, replace=False)
+    hook = _coupled(_merge_hook(op, y, 1.0, x_init), op, y, z_tv, replace=False)
     out = _run("predictor_corrector", denoiser, hook, x_init, steps=steps, t_start=t_start, generator=generator,
                progress=progress, n_corrector=n_corrector, snr=snr)
     return Solved(out, samplers.nfe("predictor_corrector", steps, n_corrector=n_corrector))
@@ -186,7 +193,7 @@ def merge(denoiser, op: LinearOperator, y: torch.Tensor, x_init: torch.Tensor, *
     Returns:
         ``Solved(image, nfe)``.
     """
-    hook = _coupled(_merge_hook(op, y, lam), op, y, z_tv, replace=False)
+    hook = _coupled(_merge_hook(op, y, lam, x_init), op, y, z_tv, replace=False)
     out = _run(sampler, denoiser, hook, x_init, steps=steps, t_start=t_start, generator=generator,
                progress=progress)
     return Solved(out, samplers.nfe(sampler, steps))
