@@ -108,8 +108,8 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 
 def test_dispatch_through_the_task_table(tmp_path, monkeypatch):
-    with pytest.raises(RecipeError, match="task 'segment' is not available"):
-        recipes.parse_recipe({"task": "segment"})
+    with pytest.raises(RecipeError, match="task 'registration' is not available"):
+        recipes.parse_recipe({"task": "registration"})
     seen = {}
 
     def fake(section, out_dir, *, seed, device):

@@ -89,6 +89,8 @@ def test_members_depend_on_the_seed_only(tmp_path, tiny_model):
     b = segment(tiny_model, tmp_path / "in" / "a.nii.gz", tmp_path / "o2", seed=4, batch_size=5, **FAST)
     pa, pb = (nib.load(t / "a_probability.nii.gz").get_fdata() for t in (tmp_path / "o1", tmp_path / "o2"))
     assert a.rows[0]["nfe"] == b.rows[0]["nfe"] and np.allclose(pa, pb, atol=1e-5)
+    again = segment(tiny_model, tmp_path / "in" / "a.nii.gz", tmp_path / "o1", seed=4, batch_size=2, **FAST)
+    assert "1 complete from an earlier run" in again.summary and again.rows == a.rows  # a rerun resumes
 
 
 def test_the_deterministic_unet_runs_through_the_same_task(tmp_path):

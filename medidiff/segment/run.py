@@ -12,9 +12,11 @@ each (``medidiff.segment.predict``) and writes per case, on the scan's own grid:
 - ``<case>_overlay.png``: the most uncertain slices with the uncertainty heatmap, each member's contour,
   the fused contour and the reference's;
 
-and for the run ``scores.csv``, ``segmentation.json`` (settings), ``metrics.json`` (``dice``, ``hd95``,
-``ged``, ``ece``, ``uncertainty_error_auroc``: means over the cases with a label, and per case) when labels
-are given, ``report.md``, and ``failures.csv`` for skipped cases.
+and for the run ``scores.csv`` (with each case's metrics), ``segmentation.json`` (settings),
+``metrics.json`` (``dice``, ``hd95``, ``ged``, ``ece``, ``uncertainty_error_auroc``: means over the cases
+with a label, and per case) when labels are given, ``report.md``, and ``failures.csv`` for skipped cases.
+The loop over cases is ``medidiff.batch.Batch``'s: sharded across ``torchrun`` ranks, and a run started
+again skips the cases already complete.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from medidiff import outputs
+from medidiff.batch import Batch, CaseOutput, fingerprint
 from medidiff.cases import find_cases, load_case
 from medidiff.data.batch import FailureLog
-from medidiff.errors import DataError, MedidiffError
+from medidiff.errors import DataError
 from medidiff.results import TaskResult
+from medidiff.weights import check_weights_file, load_denoiser
 
 from .config import SegmentSection
 from .predict import CaseSegmentation, analyse, case_metrics, num_classes
@@ -91,7 +94,12 @@ def _write_case(r: CaseSegmentation, options: SegmentSection, classes: list[str]
     return written
 
 
-def _summary_metrics(per_case: dict[str, dict[str, float]], nfe: int) -> dict[str, Any]:
+def _summary_metrics(rows: list[dict], nfe: int) -> dict[str, Any] | None:
+    """The run's metrics from the rows of the cases with a label: means, and each case's own."""
+    per_case = {row["case"]: {k: row[k] for k in METRICS if row.get(k) not in ("", None)}
+                for row in rows if row.get("dice") not in ("", None)}
+    if not per_case:
+        return None
     out: dict[str, Any] = {}
     for key in METRICS:
         values = [m[key] for m in per_case.values() if key in m and np.isfinite(m[key])]
@@ -122,7 +130,6 @@ def segment(model: str | Path, inputs: str | Path, out_dir: str | Path, options:
         ModelError, DataError: the model or the inputs cannot be used.
     """
     from medidiff.runtime import resolve_device
-    from medidiff.weights import load_denoiser
 
     options = (options or SegmentSection()).updated(**changes)
     resolve = resolve or (lambda p, what: None if p is None else Path(p))
@@ -138,48 +145,52 @@ def segment(model: str | Path, inputs: str | Path, out_dir: str | Path, options:
 
         raise ModelError("model.json has no data_prep.size: cannot prepare scans for this model",
                          where=model_path, fix="train it with a medidiff recipe (which records data_prep).")
-    failures = FailureLog(out_dir)
+    digest = check_weights_file(model_path)
     inputs_path = Path(inputs)
-    sources = find_cases(inputs_path, select=options.select, mask=resolve(options.mask, "mask"),
-                         label=resolve(options.labels, "labels"))
-    written_all, rows, per_case, read = [], [], {}, []
-    for source in tqdm(sources, desc="cases", disable=not options.progress):
-        try:
+    with Batch(out_dir, device, progress=options.progress) as batch:
+        sources = find_cases(inputs_path, select=options.select, mask=resolve(options.mask, "mask"),
+                             label=resolve(options.labels, "labels"))
+
+        def one(source) -> CaseOutput:
             r = analyse(denoiser, info, load_case(source), options, seed=seed)
             target, annotations = _reference(r, n_classes)
             written = _write_case(r, options, classes, out_dir, inputs_path, target)
-            scores = case_metrics(r, target, annotations, n_classes) if target is not None else None
-        except MedidiffError as e:
-            failures.record(source.name, e)
-            log.warning("skipped %s: %s", source.name, e)
-            continue
-        written_all += written
-        read += r.case.files
-        voxel_ml = abs(float(np.linalg.det(outputs.affine_of(r.case.image)[:3, :3])))
-        fg = int((r.labels > 0).sum())
-        rows.append({"case": r.case.name, "voxels": fg, "volume_ml": round(fg * voxel_ml / 1000.0, 4),
-                     "uncertainty": r.score, "max_uncertainty": float(r.uncertainty.max()),
-                     "dice": "" if scores is None else scores["dice"], "slices": r.n_slices,
-                     "time_s": round(r.time_s, 3), "nfe": r.nfe})
-        if scores is not None:
-            per_case[r.case.name] = scores
-    written_all.append(outputs.write_table(rows, out_dir / "scores.csv"))
+            scores = case_metrics(r, target, annotations, n_classes) if target is not None else {}
+            voxel_ml = abs(float(np.linalg.det(outputs.affine_of(r.case.image)[:3, :3])))
+            fg = int((r.labels > 0).sum())
+            row = {"case": r.case.name, "voxels": fg, "volume_ml": round(fg * voxel_ml / 1000.0, 4),
+                   "uncertainty": r.score, "max_uncertainty": float(r.uncertainty.max()),
+                   **{k: scores.get(k, "") for k in METRICS}, "slices": r.n_slices, "time_s": round(r.time_s, 3),
+                   "nfe": r.nfe}
+            return CaseOutput(files=written, row=row, inputs=r.case.files)
+
+        settings = options.model_dump(mode="json", exclude={"model", "inputs", "labels", "mask", "progress"})
+        got = batch.run(sources, one, key=fingerprint({"stage": "cases", "model": digest, "seed": seed,
+                                                       "settings": settings}))
+        if got is None:
+            return TaskResult(summary=f"rank {batch.rank} of {batch.world_size}: its cases are written; rank 0 "
+                                      "writes the run's tables")
+    rows = got.rows
+    written_all = [*got.files, outputs.write_table(rows, out_dir / "scores.csv")]
     settings = {"model": str(model_path), "inputs": str(inputs_path), "classes": classes,
                 **options.model_dump(mode="json", exclude={"model", "inputs"}), "model_step": info.step,
                 "nfe_per_slice": members_nfe(options.sampling),
                 "data_prep": info.data_prep.model_dump(mode="json", exclude={"slices"}, exclude_none=True)}
     written_all.append(outputs.write_json(settings, out_dir / "segmentation.json"))
-    metrics = None
-    if per_case:
-        metrics = _summary_metrics(per_case, members_nfe(options.sampling))
+    metrics = _summary_metrics(rows, members_nfe(options.sampling))
+    if metrics:
         written_all.append(outputs.write_json(metrics, out_dir / "metrics.json"))
     if rows:
         written_all.append(write_report(out_dir, rows, metrics, settings))
+    failures = FailureLog(out_dir)
+    failures.extend(got.failures)
     if len(failures):
         written_all.append(failures.path)
     summary = f"{len(rows)} case(s) segmented, {len(failures)} skipped"
+    if got.resumed:
+        summary += f" ({got.resumed} complete from an earlier run)"
     if metrics:
         summary += "; " + ", ".join(f"{k} {metrics[k]:.3f}" for k in METRICS if k in metrics)
     log.info("%s", summary)
-    return TaskResult(outputs=written_all, inputs=[model_path, *read], rows=rows, metrics=metrics,
+    return TaskResult(outputs=written_all, inputs=[model_path, *got.inputs], rows=rows, metrics=metrics,
                       summary=summary, failures=len(failures))
