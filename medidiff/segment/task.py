@@ -12,10 +12,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from medidiff.data.paths import resolve_path
-from medidiff.errors import RecipeError
+from medidiff.errors import MedidiffError, RecipeError
 from medidiff.results import TaskResult
 
-from .config import SegmentSection, route
+from .config import DEFAULT_MODEL, SegmentSection, route
 from .run import segment
 
 __all__ = ["run"]
@@ -32,7 +32,15 @@ def run(section: SegmentSection | None, out_dir: str | Path, *, seed: int = 0, d
     if section is None or section.inputs is None:
         raise RecipeError("a segment recipe needs segment.inputs", where="segment.inputs",
                           fix="set segment.inputs to a scan, a folder or a JSON datalist.")
-    model = resolve_path(section.model, "model weights")
+    try:
+        model = resolve_path(section.model, "model weights")
+    except MedidiffError as e:
+        if section.model != DEFAULT_MODEL:
+            raise
+        raise RecipeError(f"the bundled segmentation model is not there ({e.message})", where="segment.model",
+                          fix="train it: OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m medidiff.cli train "
+                              "recipes/seg_lesion_2d.yaml --out runs/seg_lesion_2d, then pass --model "
+                              "runs/seg_lesion_2d (or export it to data/weights/seg_lesion_2d.safetensors).") from None
     inputs = resolve_path(section.inputs, "inputs")
     try:
         return segment(model, inputs, out_dir, section, seed=seed, device=device, resolve=resolve_path)
