@@ -38,9 +38,9 @@ def main() -> None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     recipe = load_recipe(args.run / "recipe.yaml")
     net = recipe.model.build(spatial_dims=recipe.data.spatial_dims, **_channels(args.run))
-    weights = state["model"] if args.raw or not state.get("ema") else state["ema"]["shadow"]
-    net.load_state_dict(weights)
-    extra = {"step": int(state["step"]), "weights": "raw" if args.raw else "ema", "checkpoint": path.name,
+    raw = args.raw or not state.get("ema")
+    net.load_state_dict(state["model"] if raw else state["ema"]["shadow"])
+    extra = {"step": int(state["step"]), "weights": "raw" if raw else "ema", "checkpoint": path.name,
              "data_prep": _data_prep(args.run), "noise": {"kind": recipe.training.noise}}
     tmp = args.out / f".export_{path.stem}"
     save_model(tmp, net, recipe.process.build(), recipe.model.prediction, extra)
@@ -56,7 +56,7 @@ def _channels(run: Path) -> dict:
     """The channel counts the engine built the network with (from the run's model.json or manifest)."""
     meta_path = run / CONFIG_NAME
     if meta_path.exists():
-        net = load_meta(meta_path)["net"]
+        net = load_meta(meta_path).net
         return {"in_channels": net["in_channels"], "cond_channels": net["cond_channels"]}
     return {"in_channels": 1, "cond_channels": 0}
 
