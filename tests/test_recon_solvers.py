@@ -199,3 +199,22 @@ def test_poisson_disc_mask(accel):
     inner = m[12:36, 10:30].double().mean()
     assert float(inner) > float(m.double().mean())
     assert torch.equal(masks.make_mask((48, 40), "poisson", accel, 0.2, seed=3), m.float())
+
+
+def test_a_3d_prior_denoises_the_stack_of_slices_as_one_volume(tmp_path):
+    from medidiff.recon.config import PriorOptions
+    from medidiff.recon.reconstruct import make_prior
+    from medidiff.weights import load_denoiser, save_model
+
+    torch.manual_seed(0)
+    net = build_unet(spatial_dims=3, in_channels=1, channels=(8, 16), attention_levels=(False, False),
+                     norm_num_groups=8, num_head_channels=8)
+    save_model(tmp_path, net, PROCESS, "eps", {"data_prep": {"source": "test", "size": [8, 8, 8]}})
+    den, info = load_denoiser(tmp_path)
+    prior = make_prior(den, info, PriorOptions(shift=False))
+    x, t = torch.randn(5, 1, 10, 12), torch.full((5,), 0.5)
+    with torch.no_grad():
+        out = prior(x, t)
+        padded, crop = pad_multiple(x.movedim(0, 1)[None], 2)  # (1, 1, 6, 10, 12)
+        expected = den(padded, t[:1])[crop][0].movedim(1, 0)
+    assert out.shape == x.shape and torch.allclose(out, expected, atol=1e-6)
