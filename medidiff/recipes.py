@@ -327,7 +327,7 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
         raise RecipeError("recipe file not found", where=path, fix="check the path (examples are in recipes/).")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as e:  # e.g. !!float x
         raise RecipeError(_yaml_message(e), where=path,
                           fix="write the recipe as plain YAML data (see the examples in recipes/).") from None
     return parse_recipe(raw, source=path, overrides=overrides)

@@ -68,7 +68,12 @@ DECODER_FIX = (
 def _check_decodable(ds: Dataset, path: Path) -> None:
     """Raises a DataError naming the package to install when compressed pixel data cannot be decoded."""
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    if syntax is None or not syntax.is_compressed:
+    if syntax is None:
+        return
+    if not syntax.is_transfer_syntax:
+        raise DataError(f"names an unknown transfer syntax {str(syntax)!r}.", where=path,
+                        fix="export the file again (uncompressed or with a standard transfer syntax).")
+    if not syntax.is_compressed:
         return
     try:
         decoder = get_decoder(syntax)
@@ -101,6 +106,10 @@ def _pixels(ds: Dataset, path: Path) -> np.ndarray:
         arr = arr[None]
     if samples == 1:
         arr = arr[..., None]
+    expected = (frames, int(ds.Rows), int(ds.Columns), samples)
+    if arr.shape != expected:
+        raise DataError(f"has pixel data of shape {arr.shape} where its header says (frames, rows, columns, "
+                        f"samples) = {expected}.", where=path, fix=REEXPORT_FIX)
     return arr
 
 

@@ -8,6 +8,7 @@ of a series into a volume's geometry and ``medidiff.data.dicom`` reads the pixel
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -107,9 +108,11 @@ def read_dataset(path: str | Path, *, header_only: bool = False) -> Dataset:
         raise DataError("is a folder where a DICOM file was expected.", where=path,
                         fix="pass the folder itself as the input, or point at one file.")
     try:
-        if header_only:
-            return pydicom.dcmread(path, defer_size=_DEFER_BYTES)
-        return pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES) if header_only else pydicom.dcmread(path)
+        _check_values(ds, path)
+        return ds
+    except DataError:
+        raise
     except InvalidDicomError as err:
         raise DataError("is not a DICOM file (no 'DICM' marker).", where=path,
                         fix="remove it from the input, or point at the DICOM files only.") from err
@@ -121,6 +124,50 @@ def read_dataset(path: str | Path, *, header_only: bool = False) -> Dataset:
     except Exception as err:  # pydicom raises many types on damaged files
         raise DataError(f"is a damaged DICOM file ({type(err).__name__}: {err}).", where=path,
                         fix=REEXPORT_FIX) from err
+
+
+#: Tags medidiff reads as numbers: each must parse, and be a whole number where marked ``int``.
+_NUMERIC = {"Rows": int, "Columns": int, "BitsAllocated": int, "BitsStored": int, "HighBit": int,
+            "PixelRepresentation": int, "SamplesPerPixel": int, "NumberOfFrames": int, "PlanarConfiguration": int,
+            "SeriesNumber": int, "InstanceNumber": int, "PixelSpacing": float, "ImageOrientationPatient": float,
+            "ImagePositionPatient": float, "RescaleSlope": float, "RescaleIntercept": float,
+            "SliceThickness": float, "SpacingBetweenSlices": float, "SliceLocation": float}
+_MULTI = ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient")
+_TEXT = ("PhotometricInterpretation", "Modality", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID",
+         "SeriesDescription")
+
+
+def _check_values(ds: Dataset, path: Path) -> None:
+    """Parse the tags medidiff uses now, so that a malformed value is a ``DataError`` naming it.
+
+    pydicom converts values lazily; a wrong VR, an unparsable number or a value of the wrong kind would
+    otherwise surface later as an unrelated exception.
+    """
+    def bad(keyword: str, why: str) -> DataError:
+        return DataError(f"has an invalid {keyword} ({why}).", where=path, fix=REEXPORT_FIX)
+
+    for keyword, kind in _NUMERIC.items():
+        try:
+            value = ds.get(keyword)
+        except Exception as err:  # pydicom raises many types on malformed values
+            raise bad(keyword, f"{type(err).__name__}: {err}") from err
+        if value is None or value == "":
+            continue
+        values = list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+        if len(values) != 1 and keyword not in _MULTI:
+            raise bad(keyword, f"{len(values)} values where one is expected")
+        for v in values:
+            if isinstance(v, (bytes, bytearray, str)) or not isinstance(v, (int, float)):
+                raise bad(keyword, f"{v!r} is not a number")
+            if not math.isfinite(float(v)) or (kind is int and float(v) != int(v)):
+                raise bad(keyword, f"{v!r} is not a finite {'whole ' if kind is int else ''}number")
+    for keyword in _TEXT:
+        try:
+            value = ds.get(keyword)
+        except Exception as err:  # noqa: BLE001
+            raise bad(keyword, f"{type(err).__name__}: {err}") from err
+        if value is not None and not isinstance(value, str):
+            raise bad(keyword, f"{value!r} is not text")
 
 
 def image_problem(ds: Dataset) -> str | None:
@@ -136,6 +183,8 @@ def image_problem(ds: Dataset) -> str | None:
         return "is a DICOMDIR index, not an image"
     if not any(k in ds for k in PIXEL_KEYWORDS) or "Rows" not in ds or "Columns" not in ds:
         return f"has no pixel data ({sop_class_name(ds)}); it is not an image"
+    if int_or(ds.get("Rows"), 0) <= 0 or int_or(ds.get("Columns"), 0) <= 0:
+        return "has pixel data but no image size (Rows and Columns must be positive)"
     return None
 
 

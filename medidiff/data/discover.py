@@ -117,7 +117,11 @@ def _discover(path: Path, select: str | None, skipped: list[tuple[Path, str]]) -
 
 
 def _folder(path: Path, select: str | None, skipped: list[tuple[Path, str]]) -> list[Source]:
-    files = sorted(p for p in path.rglob("*") if not p.is_dir() and not p.name.startswith("."))
+    try:
+        files = sorted(p for p in path.rglob("*") if not p.is_dir() and not p.name.startswith("."))
+    except OSError as err:
+        raise DataError(f"cannot be searched ({type(err).__name__}: {err}).", where=path,
+                        fix="point at a folder you can read that holds the scans.") from err
     niftis = [p for p in files if is_nifti(p)]
     candidates = [p for p in files if not is_nifti(p) and p.suffix.lower() not in (".json", ".csv", ".txt")]
     skipped.extend((p, "is not an image (datalist or text file)") for p in files
@@ -250,8 +254,8 @@ def _datalist(path: Path, select: str | None) -> list[Source]:
         try:
             entries = load_decathlon_datalist(path, is_segmentation=False, data_list_key=key,
                                               base_dir=path.parent)
-        except (KeyError, TypeError, ValueError) as err:
-            raise DataError(f"has an invalid '{key}' list ({err}).", where=path,
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # MONAI's reader
+            raise DataError(f"has an invalid '{key}' list ({type(err).__name__}: {err}).", where=path,
                             fix="give each entry an 'image' (and optionally a 'label').") from err
         for entry in entries:
             if not isinstance(entry, dict) or "image" not in entry:
@@ -271,7 +275,8 @@ def _csv(path: Path, select: str | None) -> list[Source]:
                         fix="write a CSV with an 'image' column and an optional 'label' column.") from err
     sources = []
     for number, row in enumerate(rows, start=2):
-        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+        # cells beyond the header (key None) and missing cells (value None) are ignored
+        row = {k.strip().lower(): v.strip() for k, v in row.items() if isinstance(k, str) and isinstance(v, str)}
         if not row.get("image"):
             raise DataError(f"line {number} has no 'image' value.", where=path,
                             fix="write a CSV with an 'image' column and an optional 'label' column.")
@@ -287,6 +292,7 @@ def _csv(path: Path, select: str | None) -> list[Source]:
 def _entry(image, label, split: str | None, select: str | None, listing: Path, *, mask=None,
            annotations=None) -> Source:
     """One datalist entry: an image path (or one per channel), optional label and mask paths, annotations."""
+    _check_paths(listing, image=image, label=label, mask=mask, annotations=annotations)
     images = [Path(p) for p in (image if isinstance(image, (list, tuple)) else [image])]
     found = []
     for image_path in images:
@@ -313,6 +319,18 @@ def _entry(image, label, split: str | None, select: str | None, listing: Path, *
     return Source(name=first.name, kind=first.kind, paths=[p for s in found for p in s.paths], label=label,
                   mask=mask, annotations=[p for p in annotations if p is not None], split=split,
                   series=first.series)
+
+
+def _check_paths(listing: Path, **entries) -> None:
+    """Every path of an entry is text (``image`` and ``annotations`` may be lists of them), or a DataError."""
+    for key, value in entries.items():
+        if value is None and key != "image":
+            continue
+        values = value if isinstance(value, (list, tuple)) and key in ("image", "annotations") else [value]
+        if not values or not all(isinstance(v, (str, Path)) and str(v).strip() and "\0" not in str(v)
+                                 for v in values):
+            raise DataError(f"has an entry whose '{key}' is not a path (or a list of paths): {value!r}.",
+                            where=listing, fix=f"give '{key}' as a path relative to the list's folder.")
 
 
 def _safe(name: str) -> str:

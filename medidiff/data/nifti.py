@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError, HeaderTypeError
 
 from medidiff.errors import DataError
 
@@ -23,7 +24,8 @@ from .limits import check_image_size, max_image_bytes
 __all__ = ["NIFTI_SUFFIXES", "is_nifti", "nifti_geometry", "nifti_stem", "read_nifti"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-_DAMAGED = (ImageFileError, OSError, EOFError, zlib.error, ValueError)
+_DAMAGED = (ImageFileError, HeaderDataError, HeaderTypeError, OSError, EOFError, zlib.error, ValueError,
+            OverflowError)
 _REEXPORT = "export or download the file again (test a .gz file with `gzip -t FILE`)."
 
 
@@ -54,9 +56,15 @@ def _open(path: Path) -> nib.Nifti1Image:
     try:
         img = nib.load(path)
         shape = img.header.get_data_shape()
+        dtype = img.header.get_data_dtype()
     except _DAMAGED as err:
         raise DataError(f"is not a readable NIfTI file ({type(err).__name__}: {err}).", where=path,
                         fix=_REEXPORT) from err
+    if dtype.kind not in "biuf":
+        raise DataError(f"stores its voxels as {dtype} (NIfTI datatype {int(img.header['datatype'])}), not as "
+                        "numbers medidiff reads as intensities.", where=path,
+                        fix="save it with a real-valued datatype (e.g. float32 or int16; RGB and complex images "
+                            "are not read).")
     check_image_size(shape, 4, path, "an image")  # the header's claim, before any voxel is read
     return img
 
