@@ -110,7 +110,7 @@ def _spread_tail(t: torch.Tensor, t_start: float, t_min: float) -> torch.Tensor:
     """
     t = t.clone()
     t[0] = t_start
-    below = torch.nonzero(t[1:] <= t_min).flatten()
+    below = torch.nonzero(t[1:] <= t_min * (1 + 1e-6)).flatten()  # a time a rounding error above t_min counts
     if len(below):
         j = int(below[0]) + 1  # the first time at or below t_min; t[j - 1] > t_min
         m = len(t) - j
