@@ -123,3 +123,41 @@ def test_prior_matches_marginal_at_one():
         alpha, sigma = p.marginal(torch.tensor(1.0, dtype=torch.float64))
         expected = math.sqrt(alpha.item() ** 2 + sigma.item() ** 2)
         assert x.std().item() == pytest.approx(expected, rel=0.03)
+
+
+def test_schedules_are_float64_and_sigmoid_is_symmetric():
+    for name in schedules.BETA_SCHEDULES:
+        assert schedules.betas(name, 10).dtype == torch.float64, name
+    assert schedules.ve_sigmas(0.01, 50.0, 4).dtype == schedules.karras_sigmas(0.01, 50.0, 4).dtype == torch.float64
+    b = schedules.betas("sigmoid", 11)  # sigmoid on [-6, 6]: symmetric about the middle
+    torch.testing.assert_close(b - 1e-4, (0.02 - b).flip(0), rtol=0, atol=1e-15)
+    assert b[5].item() == pytest.approx((1e-4 + 0.02) / 2)
+    s = schedules.betas("scaled_linear", 5)
+    assert s[0].item() == pytest.approx(0.00085, rel=1e-12) and s[-1].item() == pytest.approx(0.012, rel=1e-12)
+
+
+def test_ddpm_beta_is_the_step_increment_of_log_alpha_bar():
+    """``beta(t) = N log((1 - beta_{k-1}))^-1`` on ``((k - 1) / N, k / N]``, continuous-time form of step k."""
+    p = DDPM(10)
+    t = torch.tensor([0.0, 0.05, 0.1, 0.1001, 0.55, 1.0], dtype=torch.float64)
+    k = torch.tensor([1, 1, 1, 2, 6, 10])
+    torch.testing.assert_close(p.beta(t), -10 * torch.log1p(-p.betas[k - 1]), rtol=1e-12, atol=0)
+
+
+def test_net_time_conventions():
+    t = torch.tensor([0.001, 0.5, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(VPSDE().net_time(t), 999 * t)  # score_sde's continuous-time embedding input
+    torch.testing.assert_close(DDPM(1000).net_time(t), torch.tensor([0.0, 499.0, 999.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("process", ALL, ids=lambda p: type(p).__name__)
+def test_training_times_are_reproducible_from_the_generator(process):
+    draw = lambda seed: process.sample_time(64, torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(draw(3), draw(3)) and not torch.equal(draw(3), draw(4))
+
+
+def test_process_names():
+    for p in ALL:
+        assert p.config()["name"] in ("ddpm", "vpsde", "subvpsde", "vesde")
+    with pytest.raises(ValueError, match=r"unknown process 'vp'; choose one of \['ddpm', 'subvpsde', 've"):
+        make_process("vp")

@@ -25,13 +25,6 @@ from .utils import bcast
 __all__ = ["Process", "DDPM", "VPSDE", "SubVPSDE", "VESDE", "PROCESSES", "make_process"]
 
 
-def _as_time(t, like: torch.Tensor | None = None) -> torch.Tensor:
-    t = torch.as_tensor(t, dtype=torch.float64 if like is None else like.dtype)
-    if like is not None:
-        t = t.to(like.device)
-    return t
-
-
 class Process:
     """Base class: a forward noising process with Gaussian marginals.
 
