@@ -92,9 +92,9 @@ def test_bad_grids_raise():
         schedules.time_grid(5, "cosine")
     with pytest.raises(ValueError, match="t_start > t_min"):
         schedules.time_grid(5, t_start=1e-3, t_min=1e-3)
-    for given in ({}, {"log_snr": VPSDE().log_snr}, {"t_of_log_snr": VPSDE().t_of_log_snr}):
+    for partial in ({}, {"log_snr": VPSDE().log_snr}, {"t_of_log_snr": VPSDE().t_of_log_snr}):
         with pytest.raises(ValueError, match="'logsnr' grid needs the process's log_snr and its inverse"):
-            schedules.time_grid(5, "logsnr", **given)
+            schedules.time_grid(5, "logsnr", **partial)
     with pytest.raises(ValueError, match="positive"):
         schedules.time_grid(1, t_start=0.0)
     assert schedules.time_grid(1, t_start=5e-4, t_min=1e-3).tolist() == [5e-4, 0.0]
