@@ -263,3 +263,63 @@ def test_noise_like_dispatch():
     assert make_noise("simplex") is simplex_like
     with pytest.raises(ValueError, match="simplex"):
         make_noise("perlin")
+
+
+# --- gradients, seeds, options --------------------------------------------------------------------
+
+
+def test_gradient_sets():
+    """2D: 16 unit vectors at angles ``2 pi k / 16``; 3D: the 12 cube-edge midpoints ``(+-1, +-1, 0)`` and
+    permutations, normalised (Gustavson 2005)."""
+    g2 = gradients(2)
+    assert g2.dtype == torch.float64 and g2.shape == (16, 2)
+    angles = torch.atan2(g2[:, 1], g2[:, 0]).remainder(2 * math.pi)
+    torch.testing.assert_close(angles, torch.arange(16, dtype=torch.float64) * (2 * math.pi / 16), rtol=0, atol=1e-12)
+    g3 = gradients(3)
+    assert g3.dtype == torch.float64 and g3.shape == (12, 3)
+    torch.testing.assert_close(g3.norm(dim=1), torch.ones(12, dtype=torch.float64))
+    edges = {tuple(v) for v in (g3 * math.sqrt(2)).round().long().tolist()}
+    expected = {v for v in {(a, b, 0) for a in (-1, 1) for b in (-1, 1)} for v in (v, (v[0], 0, v[1]), (0, v[0], v[1]))}
+    assert edges == expected
+    with pytest.raises(ValueError, match="2 or 3 spatial dimensions, got 4"):
+        gradients(4)
+
+
+def test_seeds_options_and_errors():
+    one = make_generators(5)
+    assert len(one) == 1 and torch.equal(torch.rand(3, generator=one[0]), torch.rand(3, generator=gen(5)))
+    with pytest.raises(ValueError, match="got 2 generators for a batch of 3"):
+        simplex((3, 1, 8, 8), generator=make_generators([1, 2]))
+    with pytest.raises(ValueError, match="got 2 generators for a batch of 3"):
+        gaussian((3, 1, 8, 8), make_generators([1, 2]))
+    for bad in ({"octaves": 0}, {"frequency": 0.0}):
+        with pytest.raises(ValueError, match="need octaves >= 1 and frequency > 0"):
+            simplex((1, 1, 8, 8), **bad)
+    x = torch.zeros(2, 1, 16, 16)
+    # AnoDDPM's settings are the defaults: 6 octaves, persistence 0.8, 64-pixel period on 256 pixels
+    torch.testing.assert_close(simplex_like(x, generator=gen(3)),
+                               simplex_like(x, generator=gen(3), octaves=6, persistence=0.8, frequency=4.0))
+    torch.testing.assert_close(simplex_like(x, generator=gen(3), octaves=2),
+                               simplex(x.shape, generator=gen(3), octaves=2))
+    assert not torch.allclose(simplex_like(x, generator=gen(3), octaves=2), simplex_like(x, generator=gen(3)))
+    assert simplex((1, 1, 8, 8), generator=gen(0), dtype=torch.float16).dtype == torch.float16
+
+
+def test_a_seed_gives_the_same_simplex_noise_as_recorded():
+    """Recorded values: a seed's noise must not change between versions (runs are reproducible from their
+    recorded seeds); this also pins the random sub-cell offsets and permutation keys (float64 draws)."""
+    x = simplex((2, 1, 6, 5), generator=[gen(0), gen(1)], dtype=torch.float64, octaves=2)
+    expected = [[-0.5586109189035959, 0.06260927661204202, 0.3155896281498741, 0.06692107391450874,
+                 0.06421823120342363],
+                [0.5089941294847333, 1.5248580409410672, 1.2618703046031006, -0.16524658470208003,
+                 0.4041934053730279]]
+    torch.testing.assert_close(x[:, 0, 1, :], torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    y = simplex((1, 1, 4, 4, 3), generator=gen(2), dtype=torch.float64, octaves=2, normalise=False)
+    torch.testing.assert_close(y[0, 0, 1, 1, :], torch.tensor([-0.0012815430607245075, 0.10233104850584644,
+                                                                -0.1817715261430051], dtype=torch.float64),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_noise_is_made_on_the_inputs_device():
+    x = torch.zeros(2, 1, 8, 8, device="meta")
+    assert gaussian_like(x).device == simplex_like(x).device == x.device

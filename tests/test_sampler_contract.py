@@ -7,7 +7,8 @@
 - a plain hook sees the ``x0_hat`` and ``x_t`` the denoiser saw, without autograd;
 - ``callback`` sees every step: its index, time (the grid's), state and ``x0_hat``;
 - ``progress=True`` shows a progress bar named after the sampler; by default nothing is printed;
-- ``ddpm`` is ``ddim`` with ``eta = 1``.
+- ``ddpm`` is ``ddim`` with ``eta = 1``;
+- everything stays on ``x``'s device (checked on PyTorch's ``meta`` device, which has no data).
 """
 
 from __future__ import annotations
@@ -107,3 +108,17 @@ def test_unknown_sampler_names_the_choices():
         samplers.get_sampler("dim")
     with pytest.raises(ValueError, match="unknown sampler"):
         samplers.nfe("dim", 3)
+
+
+@pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
+def test_samplers_stay_on_the_inputs_device(name):
+    """On the ``meta`` device (shapes only) every time tensor, noise draw and step stays where ``x`` is:
+    a time made on the default device instead fails the denoiser's or the SDE's device check."""
+    process = CheckedVP()
+
+    def denoiser(x, t):
+        assert t.device == x.device and t.shape == (x.shape[0],)
+        return 0.5 * x
+
+    x = torch.zeros(2, 1, 4, 4, device="meta", dtype=torch.float64)
+    assert samplers.get_sampler(name)(denoiser, x, process, 3).device == x.device

@@ -122,7 +122,7 @@ def test_corrector_step_is_algorithm_5(process_name):
 def test_langevin_step_size_is_batch_mean():
     score = torch.tensor([[3.0, 4.0], [0.0, 1.0]]).reshape(2, 1, 1, 2)  # norms 5 and 1: mean 3
     z = torch.tensor([[1.0, 0.0], [0.0, 3.0]]).reshape(2, 1, 1, 2)  # norms 1 and 3: mean 2
-    assert samplers.langevin_step_size(score, z, 0.5, 0.9) == pytest.approx(2 * 0.9 * (0.5 * 2 / 3) ** 2)
+    assert samplers.langevin_step_size(score, z, 0.5, 0.9).item() == pytest.approx(2 * 0.9 * (0.5 * 2 / 3) ** 2)
 
 
 # -- annealed Langevin ------------------------------------------------------------------------------

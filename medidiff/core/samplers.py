@@ -131,15 +131,15 @@ def _em_update(grid: _Grid, generator) -> Callable:
 def _langevin(denoiser, x, t: float, alpha: float, sigma: float, hook, generator, step_size) -> torch.Tensor:
     """One Langevin move ``x + eps * score + sqrt(2 eps) z`` at time ``t``.
 
-    ``step_size`` is a number or a function ``(score, z) -> eps`` (a number).
+    ``step_size`` is a number or a function ``(score, z) -> eps`` (a 0-d tensor on ``x``'s device).
     """
     score = score_from_x0(x, _denoise(denoiser, x, t, hook), alpha, sigma)
     z = gaussian_like(x, generator)
     eps = step_size(score, z) if callable(step_size) else step_size
-    return x + eps * score + math.sqrt(2 * eps) * z
+    return x + eps * score + (2 * eps) ** 0.5 * z
 
 
-def langevin_step_size(score: torch.Tensor, z: torch.Tensor, snr: float, alpha: float = 1.0) -> float:
+def langevin_step_size(score: torch.Tensor, z: torch.Tensor, snr: float, alpha: float = 1.0) -> torch.Tensor:
     """The Langevin corrector's step ``eps = 2 alpha (snr ||z|| / ||score||)^2`` (Song et al. 2021, Algorithm 5).
 
     As in score_sde's ``LangevinCorrector``, ``||z||`` and ``||score||`` are the per-sample norms averaged
@@ -153,11 +153,11 @@ def langevin_step_size(score: torch.Tensor, z: torch.Tensor, snr: float, alpha: 
         alpha: ``alpha_i = 1 - beta_i`` of the step (1 for variance-exploding processes).
 
     Returns:
-        The step size, a Python float.
+        The step size, a 0-d tensor on the inputs' device (no host synchronisation).
     """
-    z_norm = z.flatten(1).norm(dim=1).mean().item()
-    s_norm = score.flatten(1).norm(dim=1).mean().item()
-    return 2 * alpha * (snr * z_norm / max(s_norm, 1e-30)) ** 2
+    z_norm = z.flatten(1).norm(dim=1).mean()
+    s_norm = score.flatten(1).norm(dim=1).mean().clamp(min=1e-30)
+    return 2 * alpha * (snr * z_norm / s_norm) ** 2
 
 
 def _counts(fn: Callable) -> Callable:
