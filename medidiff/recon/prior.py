@@ -14,6 +14,11 @@ image size, and :func:`pad_multiple`. Two modes:
   (Hu et al. 2024, "Learning image priors through patch-based diffusion models for solving inverse
   problems", sec. 3.2, with random partitions).
 
+Measured (MNI152 1 mm axial slice 90, 197 x 233, held out of the MRI prior's training; 4x single coil, DDS 50
+NFE): with the prior at 1,000 training steps, ``whole`` 27.69 dB / SSIM 0.783 (27.60 / 0.780 without
+shifts), ``patches`` of 64 overlapping by 16 with shifts 25.26 / 0.569; at 250 steps, ``whole`` 25.85 / 0.720,
+non-overlapping shifted ``patches`` 20.66 / 0.303. Whole-image application is the default.
+
 In both modes one call is one network evaluation of the image (for reports of NFE), however many tiles it
 takes. The wrapper is differentiable (DPS differentiates through it) and works for 2D and 3D images.
 """
