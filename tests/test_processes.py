@@ -127,7 +127,8 @@ def test_prior_matches_marginal_at_one():
 
 def test_schedules_are_float64_and_sigmoid_is_symmetric():
     for name in schedules.BETA_SCHEDULES:
-        assert schedules.betas(name, 10).dtype == torch.float64, name
+        b = schedules.betas(name, 10)
+        assert b.dtype == torch.float64 and b.shape == (10,), name
     assert schedules.ve_sigmas(0.01, 50.0, 4).dtype == schedules.karras_sigmas(0.01, 50.0, 4).dtype == torch.float64
     b = schedules.betas("sigmoid", 11)  # sigmoid on [-6, 6]: symmetric about the middle
     torch.testing.assert_close(b - 1e-4, (0.02 - b).flip(0), rtol=0, atol=1e-15)
@@ -142,6 +143,12 @@ def test_ddpm_beta_is_the_step_increment_of_log_alpha_bar():
     t = torch.tensor([0.0, 0.05, 0.1, 0.1001, 0.55, 1.0], dtype=torch.float64)
     k = torch.tensor([1, 1, 1, 2, 6, 10])
     torch.testing.assert_close(p.beta(t), -10 * torch.log1p(-p.betas[k - 1]), rtol=1e-12, atol=0)
+
+
+def test_vp_beta_is_linear():
+    p = VPSDE(0.1, 20.0)
+    torch.testing.assert_close(p.beta(torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)),
+                               torch.tensor([0.1, 10.05, 20.0], dtype=torch.float64))
 
 
 def test_net_time_conventions():

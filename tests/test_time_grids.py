@@ -90,8 +90,10 @@ def test_bad_grids_raise():
         schedules.time_grid(0)
     with pytest.raises(ValueError, match="unknown time grid"):
         schedules.time_grid(5, "cosine")
-    with pytest.raises(ValueError, match="t_start > t_min"):
-        schedules.time_grid(5, t_start=1e-3, t_min=1e-3)
+    for n in (2, 5):
+        with pytest.raises(ValueError, match="t_start > t_min"):
+            schedules.time_grid(n, t_start=1e-3, t_min=1e-3)
+    assert schedules.time_grid(2).tolist() == [1.0, 0.5, 0.0]  # defaults: from t = 1
     for partial in ({}, {"log_snr": VPSDE().log_snr}, {"t_of_log_snr": VPSDE().t_of_log_snr}):
         with pytest.raises(ValueError, match="'logsnr' grid needs the process's log_snr and its inverse"):
             schedules.time_grid(5, "logsnr", **partial)
