@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, model_validator
 
+from medidiff.sections import TaskSection
+
 __all__ = ["HealthyOptions", "MapOptions", "AnomalySection", "route"]
 
 
@@ -88,7 +90,7 @@ class MapOptions(_Section):
     erode: int = Field(2, ge=0)
 
 
-class AnomalySection(_Section):
+class AnomalySection(TaskSection):
     """The ``anomaly`` section: anomaly detection by healthy reconstruction (``medidiff.anomaly``).
 
     Relative paths are read from the working folder, else from the medidiff checkout (for the demo).
@@ -141,17 +143,10 @@ class AnomalySection(_Section):
         return {"reconstruction": recon, "map": self.map.model_dump(mode="json"), "intensity": self.intensity,
                 "min_foreground": self.min_foreground}
 
-    def updated(self, **changes: Any) -> AnomalySection:
-        """A copy with ``changes`` applied, a key of ``reconstruction`` or ``map`` given by its own name.
-
-        Raises:
-            ValueError: an unknown key or an invalid value (pydantic's ``ValidationError``).
-        """
-        data = self.model_dump()
-        for key, value in changes.items():
-            section, _, name = route(key).rpartition(".")
-            (data[section] if section else data)[name] = value
-        return AnomalySection.model_validate(data)
+    @classmethod
+    def route(cls, key: str) -> str:
+        """The dotted key of an option given by its own name (see ``route``)."""
+        return route(key)
 
 
 def route(key: str) -> str:

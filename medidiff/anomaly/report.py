@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from medidiff import outputs
+from medidiff.outputs import cell
 
-__all__ = ["write_report", "number"]
-
-
-def number(value: Any, digits: int = 3) -> str:
-    """A table cell: the number, or a dash where there is none (a case without lesions has no AUROC)."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "—"
-    return f"{value:.{digits}f}" if np.isfinite(value) else "—"
+__all__ = ["write_report"]
 
 
 def write_report(out_dir: Path, rows: list[dict], metrics: dict | None, settings: dict) -> Path:
@@ -38,8 +27,8 @@ def write_report(out_dir: Path, rows: list[dict], metrics: dict | None, settings
     if metrics:
         lines += ["| case | voxel AUROC | AUPRC | Dice | dice_best (oracle threshold) |", "|---|---|---|---|---|"]
         for name, m in [*metrics["per_case"].items(), ("**all (pooled voxels)**", metrics)]:
-            lines.append(f"| {name} | {number(m.get('auroc'))} | {number(m.get('auprc'))} | {number(m.get('dice'))} "
-                         f"| {number(m.get('dice_best'))} |")
+            lines.append(f"| {name} | {cell(m.get('auroc'))} | {cell(m.get('auprc'))} | {cell(m.get('dice'))} "
+                         f"| {cell(m.get('dice_best'))} |")
         lines.append("")
     lines += ["| case | score | max | voxels flagged | time (s) | NFE |", "|---|---|---|---|---|---|"]
     for row in rows:

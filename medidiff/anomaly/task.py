@@ -6,21 +6,17 @@ Algorithm code raises ``ValueError``; here, at the task's boundary, such an erro
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-
-from pydantic import ValidationError
 
 from medidiff.data.paths import resolve_path
 from medidiff.errors import RecipeError
 from medidiff.results import TaskResult
+from medidiff.sections import boundary
 
-from .config import AnomalySection, route
+from .config import AnomalySection
 from .detect import detect
 
 __all__ = ["run"]
-
-_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*):")
 
 
 def run(section: AnomalySection | None, out_dir: str | Path, *, seed: int = 0, device: str = "cpu") -> TaskResult:
@@ -34,13 +30,5 @@ def run(section: AnomalySection | None, out_dir: str | Path, *, seed: int = 0, d
                           fix="set anomaly.inputs to a scan, a folder or a JSON datalist.")
     model = resolve_path(section.model, "model weights")
     inputs = resolve_path(section.inputs, "inputs")
-    try:
-        return detect(model, inputs, out_dir, section, seed=seed, device=device, resolve=resolve_path)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise RecipeError(err["msg"], where="anomaly." + ".".join(str(p) for p in err["loc"])) from None
-    except ValueError as e:
-        match = _KEY.match(str(e))
-        key = route(match.group(1)) if match else ""
-        raise RecipeError(str(e), where=f"anomaly.{key}".rstrip("."),
-                          fix="see the anomaly section's options (medidiff.anomaly.config).") from None
+    return boundary("anomaly", AnomalySection,
+                    lambda: detect(model, inputs, out_dir, section, seed=seed, device=device, resolve=resolve_path))

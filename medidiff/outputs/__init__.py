@@ -11,6 +11,7 @@ from .dicom_seg import write_dicom_seg
 from .figures import overlay_png, relevant_slices
 from .files import (
     atomic_write,
+    cell,
     check_not_input,
     result_path,
     safe_case_name,
@@ -23,6 +24,7 @@ from .volumes import affine_of, spatial_shape, write_like, write_nifti
 __all__ = [
     "affine_of",
     "atomic_write",
+    "cell",
     "check_not_input",
     "overlay_png",
     "relevant_slices",

@@ -230,3 +230,12 @@ def write_table(rows: Sequence[Mapping[str, Any]], path: PathLike, protected: It
             writer.writerow({k: _jsonable(v) if isinstance(v, (np.generic, torch.Tensor)) else v
                              for k, v in row.items()})
     return Path(path)
+
+
+def cell(value: Any, digits: int = 3) -> str:
+    """A report table's cell: the number with ``digits`` decimals, or a dash where there is none (NaN, None)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "—"
+    return f"{value:.{digits}f}" if np.isfinite(value) else "—"

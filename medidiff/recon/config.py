@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, model_validator
 
+from medidiff.sections import TaskSection
+
 __all__ = ["MeasurementOptions", "PriorOptions", "SolverOptions", "BaselineOptions", "ReconSection", "route",
            "DEFAULT_MODELS", "DEFAULT_STEPS"]
 
@@ -128,7 +130,7 @@ class BaselineOptions(_Section):
     tv_iters: PositiveInt = 100
 
 
-class ReconSection(_Section):
+class ReconSection(TaskSection):
     """The ``recon`` section: score-based MRI and CT reconstruction (``medidiff.recon``).
 
     Relative paths are read from the working folder, else from the medidiff checkout.
@@ -171,20 +173,10 @@ class ReconSection(_Section):
         """The prior's path: ``model``, or the bundled one for the modality."""
         return self.model if self.model is not None else DEFAULT_MODELS[self.modality]
 
-    def updated(self, **changes: Any) -> ReconSection:
-        """A copy with ``changes`` applied, a key of a stage given by its own name (``acceleration=8``).
-
-        Raises:
-            ValueError: an unknown key or an invalid value (pydantic's ``ValidationError``).
-        """
-        data = self.model_dump()
-        for key, value in changes.items():
-            section, _, name = route(key).rpartition(".")
-            node = data
-            for part in section.split(".") if section else []:
-                node = node[part]
-            node[name] = value
-        return ReconSection.model_validate(data)
+    @classmethod
+    def route(cls, key: str) -> str:
+        """The dotted key of an option given by its own name (see ``route``)."""
+        return route(key)
 
 
 _STAGES = (("measurement", MeasurementOptions), ("solver", SolverOptions), ("prior", PriorOptions),

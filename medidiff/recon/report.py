@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from medidiff import outputs
+from medidiff.outputs import cell
 
 __all__ = ["panel_png", "metrics_table", "write_report", "LABELS"]
 
@@ -81,14 +82,6 @@ def metrics_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"methods": methods, "per_case": per_case}
 
 
-def _cell(value: Any, digits: int) -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return "—"
-    return f"{v:.{digits}f}" if np.isfinite(v) else "—"
-
-
 def write_report(out_dir: Path, rows: list[dict[str, Any]], metrics: dict | None, settings: dict) -> Path:
     """Write ``report.md``: settings, the metric table (when there is a reference), per-case rows and panels."""
     s, m = settings["solver"], settings["measurement"]
@@ -104,13 +97,13 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], metrics: dict | None
     if metrics:
         lines += ["| method | PSNR (dB) | SSIM | NMSE | NFE | seconds |", "|---|---|---|---|---|---|"]
         for method, v in metrics["methods"].items():
-            lines.append(f"| {LABELS.get(method, method)} | {_cell(v['psnr'], 2)} | {_cell(v['ssim'], 4)} | "
-                         f"{_cell(v['nmse'], 5)} | {_cell(v['nfe'], 0)} | {_cell(v['seconds'], 1)} |")
+            lines.append(f"| {LABELS.get(method, method)} | {cell(v['psnr'], 2)} | {cell(v['ssim'], 4)} | "
+                         f"{cell(v['nmse'], 5)} | {cell(v['nfe'], 0)} | {cell(v['seconds'], 1)} |")
         lines.append("")
     lines += ["| case | method | PSNR (dB) | SSIM | NFE | seconds |", "|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['case']} | {LABELS.get(row['method'], row['method'])} | {_cell(row.get('psnr'), 2)} | "
-                     f"{_cell(row.get('ssim'), 4)} | {row['nfe']} | {_cell(row['seconds'], 1)} |")
+        lines.append(f"| {row['case']} | {LABELS.get(row['method'], row['method'])} | {cell(row.get('psnr'), 2)} | "
+                     f"{cell(row.get('ssim'), 4)} | {row['nfe']} | {cell(row['seconds'], 1)} |")
     lines.append("")
     for case in dict.fromkeys(r["case"] for r in rows):
         lines += [f"## {case}", "", f"![{case}]({case}_panel.png)", ""]

@@ -12,9 +12,11 @@ uncertainty map (``benchmarks/bench_segment.py`` compares the settings).
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt
+
+from medidiff.sections import TaskSection
 
 __all__ = ["EnsembleOptions", "SegmentSection", "route", "DEFAULT_MODEL"]
 
@@ -46,7 +48,7 @@ class EnsembleOptions(_Section):
     batch_size: PositiveInt = 32
 
 
-class SegmentSection(_Section):
+class SegmentSection(TaskSection):
     """The ``segment`` section: segmentation ensembles with uncertainty maps (``medidiff.segment``).
 
     Relative paths are read from the working folder, else from the medidiff checkout (for the bundled model).
@@ -89,17 +91,10 @@ class SegmentSection(_Section):
     select: str = "all"
     progress: bool = True
 
-    def updated(self, **changes: Any) -> SegmentSection:
-        """A copy with ``changes`` applied, a key of ``sampling`` given by its own name (``members=5``).
-
-        Raises:
-            ValueError: an unknown key or an invalid value (pydantic's ``ValidationError``).
-        """
-        data = self.model_dump()
-        for key, value in changes.items():
-            section, _, name = route(key).rpartition(".")
-            (data[section] if section else data)[name] = value
-        return SegmentSection.model_validate(data)
+    @classmethod
+    def route(cls, key: str) -> str:
+        """The dotted key of an option given by its own name (see ``route``)."""
+        return route(key)
 
 
 def route(key: str) -> str:

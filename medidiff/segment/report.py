@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from medidiff import outputs
+from medidiff.outputs import cell
 
 __all__ = ["write_report"]
-
-
-def _cell(value: Any, digits: int = 3) -> str:
-    """A table cell: the number, or a dash where there is none (HD95 of an empty mask, GED of one annotation)."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "—"
-    return f"{value:.{digits}f}" if np.isfinite(value) else "—"
 
 
 def write_report(out_dir: Path, rows: list[dict], metrics: dict | None, settings: dict) -> Path:
@@ -32,12 +21,12 @@ def write_report(out_dir: Path, rows: list[dict], metrics: dict | None, settings
     if metrics:
         lines += ["| case | Dice | HD95 (mm) | GED | ECE | uncertainty-error AUROC |", "|---|---|---|---|---|---|"]
         for name, m in [*metrics["per_case"].items(), ("**mean**", metrics)]:
-            lines.append(f"| {name} | {_cell(m.get('dice'))} | {_cell(m.get('hd95'), 2)} | {_cell(m.get('ged'))} "
-                         f"| {_cell(m.get('ece'))} | {_cell(m.get('uncertainty_error_auroc'))} |")
+            lines.append(f"| {name} | {cell(m.get('dice'))} | {cell(m.get('hd95'), 2)} | {cell(m.get('ged'))} "
+                         f"| {cell(m.get('ece'))} | {cell(m.get('uncertainty_error_auroc'))} |")
         lines.append("")
     lines += ["| case | voxels | volume (ml) | uncertainty | slices | time (s) | NFE |", "|---" * 7 + "|"]
     for row in rows:
-        lines.append(f"| {row['case']} | {row['voxels']} | {_cell(row['volume_ml'])} | {_cell(row['uncertainty'], 4)} "
+        lines.append(f"| {row['case']} | {row['voxels']} | {cell(row['volume_ml'])} | {cell(row['uncertainty'], 4)} "
                      f"| {row['slices']} | {row['time_s']:.1f} | {row['nfe']} |")
     lines.append("")
     for row in rows:

@@ -6,21 +6,17 @@ Algorithm code raises ``ValueError``; here, at the task's boundary, such an erro
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-
-from pydantic import ValidationError
 
 from medidiff.data.paths import resolve_path
 from medidiff.errors import MedidiffError, RecipeError
 from medidiff.results import TaskResult
+from medidiff.sections import boundary
 
-from .config import DEFAULT_MODEL, SegmentSection, route
+from .config import DEFAULT_MODEL, SegmentSection
 from .run import segment
 
 __all__ = ["run"]
-
-_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*):")
 
 
 def run(section: SegmentSection | None, out_dir: str | Path, *, seed: int = 0, device: str = "cpu") -> TaskResult:
@@ -42,13 +38,5 @@ def run(section: SegmentSection | None, out_dir: str | Path, *, seed: int = 0, d
                               "recipes/seg_lesion_2d.yaml --out runs/seg_lesion_2d, then pass --model "
                               "runs/seg_lesion_2d (or export it to data/weights/seg_lesion_2d.safetensors).") from None
     inputs = resolve_path(section.inputs, "inputs")
-    try:
-        return segment(model, inputs, out_dir, section, seed=seed, device=device, resolve=resolve_path)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise RecipeError(err["msg"], where="segment." + ".".join(str(p) for p in err["loc"])) from None
-    except ValueError as e:
-        match = _KEY.match(str(e))
-        key = route(match.group(1)) if match else ""
-        raise RecipeError(str(e), where=f"segment.{key}".rstrip("."),
-                          fix="see the segment section's options (medidiff.segment.config).") from None
+    return boundary("segment", SegmentSection,
+                    lambda: segment(model, inputs, out_dir, section, seed=seed, device=device, resolve=resolve_path))
