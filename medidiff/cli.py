@@ -178,80 +178,47 @@ def _recipe_command(args: argparse.Namespace) -> int:
     return _status(result)
 
 
-def _detect_command(args: argparse.Namespace) -> int:
-    from . import recipes, runs
-    from .anomaly.config import route
+def _task_command(args: argparse.Namespace, task: str, section: dict, flags: dict) -> int:
+    """Run a task command: its section, its flags and ``--set`` items (options named plainly) as a recipe."""
+    import importlib
 
-    section = {"model": args.model, "inputs": args.input}
-    for key in ("labels", "mask", "calibration", "threshold"):
-        if getattr(args, key) is not None:
-            section[key] = getattr(args, key)
-    overrides = []
+    from . import recipes, runs
+
+    route = importlib.import_module(f"medidiff.{task}.config").route
+    overrides = [f"{task}.{route(k)}={v}" for k, v in flags.items() if v is not None]
     for item in args.overrides:
         key = item.split("=", 1)[0]
         top = key.split(".")[0]
-        overrides.append(item if top in ("anomaly", "seed", "device") else f"anomaly.{route(key)}{item[len(key):]}")
+        overrides.append(item if top in (task, "seed", "device") else f"{task}.{route(key)}{item[len(key):]}")
     overrides += _overrides(argparse.Namespace(overrides=[], device=args.device, seed=args.seed, resume=False))
-    recipe = recipes.parse_recipe({"task": "anomaly", "anomaly": section}, source="medidiff detect",
+    recipe = recipes.parse_recipe({"task": task, task: section}, source=f"medidiff {args.command}",
                                   overrides=overrides)
     result = runs.run(recipe, args.out)
     print(result.summary)
     print(f"results in {args.out}")
     return _status(result)
+
+
+def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def _detect_command(args: argparse.Namespace) -> int:
+    section = {"model": args.model, "inputs": args.input,
+               **_given(args, ("labels", "mask", "calibration", "threshold"))}
+    return _task_command(args, "anomaly", section, {})
 
 
 def _reconstruct_command(args: argparse.Namespace) -> int:
-    from . import recipes, runs
-    from .recon.config import route
-
-    section = {"inputs": args.input, "modality": args.modality}
-    if args.model is not None:
-        section["model"] = args.model
-    flags = {"solver": args.solver, "steps": args.steps, "acceleration": args.acceleration,
-             "center_fraction": args.center_fraction, "mask": args.mask, "coils": args.coils, "views": args.views,
-             "limited_angle": args.limited_angle, "dose": args.dose}
-    overrides = [f"recon.{route(k)}={v}" for k, v in flags.items() if v is not None]
-    for item in args.overrides:
-        key = item.split("=", 1)[0]
-        top = key.split(".")[0]
-        overrides.append(item if top in ("recon", "seed", "device") else f"recon.{route(key)}{item[len(key):]}")
-    overrides += _overrides(argparse.Namespace(overrides=[], device=args.device, seed=args.seed, resume=False))
-    recipe = recipes.parse_recipe({"task": "recon", "recon": section}, source="medidiff reconstruct",
-                                  overrides=overrides)
-    result = runs.run(recipe, args.out)
-    print(result.summary)
-    print(f"results in {args.out}")
-    return _status(result)
-
-
-def _routed(task: str, route, items: list[str]) -> list[str]:
-    """``--set`` items of a task command as recipe overrides: a task option given by its own name is routed."""
-    out = []
-    for item in items:
-        key = item.split("=", 1)[0]
-        top = key.split(".")[0]
-        out.append(item if top in (task, "seed", "device") else f"{task}.{route(key)}{item[len(key):]}")
-    return out
+    section = {"inputs": args.input, "modality": args.modality, **_given(args, ("model",))}
+    flags = _given(args, ("solver", "steps", "acceleration", "center_fraction", "mask", "coils", "views",
+                          "limited_angle", "dose"))
+    return _task_command(args, "recon", section, flags)
 
 
 def _segment_command(args: argparse.Namespace) -> int:
-    from . import recipes, runs
-    from .segment.config import route
-
-    section = {"inputs": args.input}
-    for key in ("model", "labels", "mask"):
-        if getattr(args, key) is not None:
-            section[key] = getattr(args, key)
-    flags = {"members": args.members, "steps": args.steps}
-    overrides = [f"segment.{route(k)}={v}" for k, v in flags.items() if v is not None]
-    overrides += _routed("segment", route, args.overrides)
-    overrides += _overrides(argparse.Namespace(overrides=[], device=args.device, seed=args.seed, resume=False))
-    recipe = recipes.parse_recipe({"task": "segment", "segment": section}, source="medidiff segment",
-                                  overrides=overrides)
-    result = runs.run(recipe, args.out)
-    print(result.summary)
-    print(f"results in {args.out}")
-    return _status(result)
+    section = {"inputs": args.input, **_given(args, ("model", "labels", "mask"))}
+    return _task_command(args, "segment", section, _given(args, ("members", "steps")))
 
 
 def _status(result) -> int:
