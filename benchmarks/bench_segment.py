@@ -52,6 +52,8 @@ SETTINGS = {"5x1000": (5, 1000, "diffusion"), "10x10": (10, 10, "diffusion"), "1
             "5x5": (5, 5, "diffusion"), "unet": (1, 1, "unet")}
 QUICK = {"2x2": (2, 2, "diffusion"), "unet": (1, 1, "unet")}
 METRICS = ("dice", "hd95", "ged", "ece", "uncertainty_error_auroc", "seconds")
+#: Slices (mm) either side of a slab that lesions may extend into while they are placed (> the largest reach).
+LESION_MARGIN_MM = 16.0
 
 
 def _brains(quick: bool) -> list[dict]:
@@ -81,22 +83,34 @@ def make_cases(folder: Path, draws: int, quick: bool, seed: int = 2024) -> dict[
             ks = np.flatnonzero((z >= z_lo) & (z < z_hi))
             if quick:
                 ks = ks[:2]
+            # lesions are placed in the slab with LESION_MARGIN_MM of its neighbouring slices on each side (a
+            # lesion must lie wholly inside the region it is placed in: in the thin slab alone there is no
+            # room for most radii, and every case would be healthy), then cut back to the slab
+            wide = np.flatnonzero((z >= z[ks[0]] - LESION_MARGIN_MM) & (z <= z[ks[-1]] + LESION_MARGIN_MM))
+            inner = np.searchsorted(wide, ks)
             slab, mask = brain["t1"][..., ks].astype(np.float32), brain["brain"][..., ks]
+            wide_slab, wide_mask = brain["t1"][..., wide].astype(np.float32), brain["brain"][..., wide]
             affine = brain["affine"].copy()
             affine[2, 3] = z[ks[0]]
             for d in range(draws):
                 rng = np.random.default_rng([seed, s, d, int(brain["mm"])])
                 n = 0 if d % 4 == 3 else int(rng.integers(1, 4))  # every fourth case is healthy
                 image, raters = slab[None], np.zeros((3, 1, *slab.shape), bool)
+                tries = 0
                 while n > 0:
                     try:
-                        case = annotated_lesion_case(slab[None], n_raters=3, levels=(0.3, 0.7), boundary_mm=0.5,
-                                                     spacing=brain["mm"], seed=rng, n=n, mask=mask,
-                                                     radius_mm=(3.0, 9.0), contrast=(0.2, 0.6), polarity="both")
-                        image, raters = case.image, np.asarray(case.annotations)
-                        break
+                        case = annotated_lesion_case(wide_slab[None], n_raters=3, levels=(0.3, 0.7),
+                                                     boundary_mm=0.5, spacing=brain["mm"], seed=rng, n=n,
+                                                     mask=wide_mask, radius_mm=(3.0, 9.0), contrast=(0.2, 0.6),
+                                                     polarity="both")
                     except DataError:
                         n -= 1
+                        continue
+                    drawn = np.asarray(case.annotations)[..., inner]
+                    tries += 1
+                    if drawn[1].any() or tries >= 20:  # the middle rater's lesions reach into the slab
+                        image, raters = np.asarray(case.image)[..., inner], drawn
+                        break
                 name = f"{split}_{brain['name']}_{d}"
                 nib.save(nib.Nifti1Image(image[0].astype(np.float32), affine), folder / f"{name}.nii.gz")
                 nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), folder / f"{name}_brain.nii.gz")

@@ -1,0 +1,29 @@
+"""The segmentation benchmark's cases: lesion cases carry lesions (not silently healthy slabs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_segment.py"
+
+
+def _bench(path: Path = BENCH):
+    spec = importlib.util.spec_from_file_location("bench_segment_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lesion_cases_have_lesions_in_thin_slabs(tmp_path):
+    listings = _bench().make_cases(tmp_path, draws=1, quick=True)  # a 2-slice slab: far thinner than a lesion
+    for listing in listings.values():
+        (entry,) = json.loads(listing.read_text())["test"]
+        image = nib.load(tmp_path / entry["image"])
+        label = np.asarray(nib.load(tmp_path / entry["label"]).dataobj)
+        assert label.shape == image.shape
+        assert label.sum() > 0, f"{entry['label']}: a lesion case without a lesion"
