@@ -14,17 +14,14 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from medidiff.io import write_text  # noqa: E402
-from medidiff.recipes import load_recipe  # noqa: E402
+from medidiff.data.paths import CHECKOUT as ROOT
+from medidiff.outputs import write_text
+from medidiff.recipes import load_recipe
 
 
 def cpu_flags() -> str:

@@ -5,7 +5,7 @@ load, channel first, orientation, spacing, intensity scaling to ``[-1, 1]`` (MRI
 CT by a HU window), a foreground mask, pad/crop to the model's size and, for training, small random
 augmentations. The one transform added here, ``ScaleToUnitd``, is MONAI's ``ScaleIntensityRange``
 that also records the range it used (under ``"<key>_scaling"``), so that ``to_input_units`` can map
-network outputs back to the input's units. Geometry is undone by ``medidiff.io.to_input_grid`` (or
+network outputs back to the input's units. Geometry is undone by ``medidiff.cases.restore`` (or
 ``Compose.inverse``).
 """
 
