@@ -5,6 +5,7 @@ A task's section (``anomaly``, ``recon``, ``segment``) is a ``TaskSection`` with
 (``n_samples`` -> ``reconstruction.n_samples``), so the command line and keyword arguments can name options
 plainly; ``updated`` applies such changes. ``boundary`` runs a task and turns an algorithm's
 ``ValueError`` (or a pydantic ``ValidationError``) into a ``RecipeError`` naming the recipe key.
+``open_model`` loads a task's model the one way every task does.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import RecipeError
+from .errors import ModelError, RecipeError
 
-__all__ = ["TaskSection", "boundary"]
+__all__ = ["TaskSection", "boundary", "open_model"]
 
 T = TypeVar("T")
 S = TypeVar("S", bound="TaskSection")
@@ -71,3 +72,29 @@ def boundary(task: str, section: type[TaskSection], fn: Callable[[], T]) -> T:
         key = section.route(match.group(1)) if match else ""
         raise RecipeError(str(e), where=f"{task}.{key}".rstrip("."),
                           fix=f"see the {task} section's options (medidiff.{task}.config).") from None
+
+
+def open_model(model, device) -> tuple[Any, Any, str, Any]:
+    """A task's model: its device resolved, the weights checked and loaded once, its data grid required.
+
+    Args:
+        model: the weights file or folder.
+        device: a ``torch.device`` or a spec (``auto``, ``cpu``, ``cuda:N``).
+
+    Returns:
+        ``(denoiser, info, sha256, device)``.
+
+    Raises:
+        ModelError: the model cannot be used, or records no ``data_prep.size``.
+    """
+    import torch
+
+    from .runtime import resolve_device
+    from .weights import load_checked
+
+    device = device if isinstance(device, torch.device) else resolve_device(str(device))
+    denoiser, info, digest = load_checked(model, device=device)
+    if info.data_prep.size is None:
+        raise ModelError("model.json has no data_prep.size: cannot prepare scans for this model",
+                         where=model, fix="train it with a medidiff recipe (which records data_prep).")
+    return denoiser, info, digest, device

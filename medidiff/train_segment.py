@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data.augment import random_affine, random_gamma
+from .data.augment import Augmented, random_affine, random_gamma
 from .errors import DataError, RecipeError
 from .train_data import MRI_PERCENTILES, DataBundle, DataConfig, TensorDataset, _split_cases
 
@@ -57,19 +57,11 @@ def mask_channels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return onehot.float() * 2.0 - 1.0
 
 
-class PairedAugmented(Dataset):
+class PairedAugmented(Augmented):
     """Pairs warped together by one random affine (mask channels re-binarised) and the image's gamma changed.
 
     Draws come from torch's global generator, as ``medidiff.data.augment.Augmented``'s (exact resume).
     """
-
-    def __init__(self, dataset: Dataset, *, rotate_deg: float = 8.0, scale: float = 0.08, translate: float = 0.04,
-                 gamma: float = 0.15):
-        self.dataset = dataset
-        self.rotate_deg, self.scale, self.translate, self.gamma = rotate_deg, scale, translate, gamma
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
         item = dict(self.dataset[i])

@@ -26,8 +26,8 @@ from .errors import ModelError
 from .modelinfo import FORMAT, ModelInfo, parse_model_info
 from .outputs import atomic_write, write_json
 
-__all__ = ["save_model", "load_denoiser", "load_meta", "check_weights_file", "WEIGHTS_NAME", "CONFIG_NAME",
-           "FORMAT"]
+__all__ = ["save_model", "load_denoiser", "load_checked", "load_meta", "check_weights_file", "WEIGHTS_NAME",
+           "CONFIG_NAME", "FORMAT"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model.json"
@@ -182,7 +182,13 @@ def load_meta(path: str | Path) -> ModelInfo:
 
 
 def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple[Denoiser, ModelInfo]:
-    """Rebuild a saved denoiser.
+    """Rebuild a saved denoiser (``load_checked`` without the file's checksum)."""
+    denoiser, info, _ = load_checked(path, device)
+    return denoiser, info
+
+
+def load_checked(path: str | Path, device: str | torch.device = "cpu") -> tuple[Denoiser, ModelInfo, str]:
+    """Rebuild a saved denoiser, returning the SHA-256 its check computed (for run records).
 
     Args:
         path: a folder holding ``model.safetensors`` and ``model.json``, or a ``.safetensors`` file with a
@@ -192,7 +198,7 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple
     The file is checked first (:func:`check_weights_file`): pickles are refused unread.
 
     Returns:
-        ``(denoiser, info)``: the denoiser in eval mode and its ``ModelInfo``.
+        ``(denoiser, info, sha256)``: the denoiser in eval mode, its ``ModelInfo`` and the weights' SHA-256.
 
     Raises:
         ModelError: a file is missing, corrupt, a pickle, fails its recorded checksum, or the weights do not
@@ -204,7 +210,7 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple
     from .nets import build_network
 
     weights_path, config_path = _paths(path)
-    check_weights_file(path)
+    digest = check_weights_file(path)
     meta = load_meta(path)
     try:
         net = build_network(**meta.net)
@@ -223,4 +229,4 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple
         first = str(e).strip().splitlines()
         raise ModelError(f"weights do not fit the network in {config_path.name}: {' '.join(first[:3])}",
                          where=weights_path) from None
-    return denoiser.to(device).eval(), meta
+    return denoiser.to(device).eval(), meta, digest

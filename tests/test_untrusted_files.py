@@ -83,7 +83,9 @@ def test_weights_are_checked_against_the_manifest_beside_them(tmp_path, model):
 
 def test_the_bundled_weights_match_their_manifest():
     root = Path(__file__).resolve().parents[1] / "data" / "weights"
-    load_denoiser(root / "demo_brain_2d.safetensors")  # demo_brain_2d.manifest.json records its SHA-256
+    for name, step in (("demo_brain_2d", 11000), ("mri_brain_2d", 2500), ("ct_2d", 1200)):
+        _, info = load_denoiser(root / f"{name}.safetensors")  # <name>.manifest.json records its SHA-256
+        assert info.step == step
 
 
 def test_a_python_tag_in_a_recipe_is_an_error_naming_its_line(tmp_path):

@@ -47,6 +47,7 @@ from medidiff.errors import DataError
 from medidiff.metrics import detection_metrics
 from medidiff.modelinfo import ModelInfo
 from medidiff.results import TaskResult
+from medidiff.sections import open_model
 
 from . import maps, thresholds
 from .config import AnomalySection
@@ -261,25 +262,15 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
         ValueError: an unknown or invalid option.
         ModelError, DataError: the model or the inputs cannot be used.
     """
-    from medidiff.runtime import resolve_device
-    from medidiff.weights import check_weights_file, load_denoiser
-
     options = (options or AnomalySection()).updated(**changes)
     resolve = resolve or (lambda p, what: None if p is None else Path(p))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = device if isinstance(device, torch.device) else resolve_device(str(device))
     model_path = Path(model)
-    denoiser, info = load_denoiser(model_path, device=device)
-    if info.data_prep.size is None:
-        from medidiff.errors import ModelError
-
-        raise ModelError("model.json has no data_prep.size: cannot prepare scans for this model",
-                         where=model_path, fix="train it with a medidiff recipe (which records data_prep).")
+    denoiser, info, digest, device = open_model(model_path, device)
     if options.reconstruction.noise != info.noise.kind:
         log.warning("the model was trained with %s noise, detection uses %s noise", info.noise.kind,
                     options.reconstruction.noise)
-    digest = check_weights_file(model_path)
     with Batch(out_dir, device, progress=options.progress) as batch:
         thr, thr_record, calibration_failures = _threshold(denoiser, info, options, model_path, out_dir, batch,
                                                            seed, resolve, digest)

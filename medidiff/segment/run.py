@@ -34,7 +34,7 @@ from medidiff.cases import find_cases, load_case
 from medidiff.data.batch import FailureLog
 from medidiff.errors import DataError
 from medidiff.results import TaskResult
-from medidiff.weights import check_weights_file, load_denoiser
+from medidiff.sections import open_model
 
 from .config import SegmentSection
 from .predict import CaseSegmentation, analyse, case_metrics, num_classes
@@ -129,23 +129,14 @@ def segment(model: str | Path, inputs: str | Path, out_dir: str | Path, options:
         ValueError: an unknown or invalid option.
         ModelError, DataError: the model or the inputs cannot be used.
     """
-    from medidiff.runtime import resolve_device
-
     options = (options or SegmentSection()).updated(**changes)
     resolve = resolve or (lambda p, what: None if p is None else Path(p))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = device if isinstance(device, torch.device) else resolve_device(str(device))
     model_path = Path(model)
-    denoiser, info = load_denoiser(model_path, device=device)
+    denoiser, info, digest, device = open_model(model_path, device)
     n_classes = num_classes(info, model_path)
     classes = list(info.data_prep.labels.classes)
-    if info.data_prep.size is None:
-        from medidiff.errors import ModelError
-
-        raise ModelError("model.json has no data_prep.size: cannot prepare scans for this model",
-                         where=model_path, fix="train it with a medidiff recipe (which records data_prep).")
-    digest = check_weights_file(model_path)
     inputs_path = Path(inputs)
     with Batch(out_dir, device, progress=options.progress) as batch:
         sources = find_cases(inputs_path, select=options.select, mask=resolve(options.mask, "mask"),
