@@ -3,13 +3,15 @@
     python benchmarks/bench_segment.py [--model data/weights/seg_lesion_2d.safetensors]
         [--unet data/weights/seg_unet_2d.safetensors] [--seeds 0,1,2] [--only 10x10,unet] [--quick]
 
-Cases: the axial slabs the training recipes hold out (``recipes/seg_lesion_2d.yaml``: 2 mm slices 24-29 for
-validation, 36-41 for testing) of the bundled 2 mm MNI152 brain and, at its own 1 mm resolution (the task
-resamples it), of nilearn's 1 mm MNI152; each slab gets 1-3 bright or dark 3D lesions outlined by 3 raters
-at relative contrast levels 0.3-0.7 (``medidiff.data.raters``), or none (a healthy case). Every setting
-segments every case through the task's own path (``medidiff.segment.predict.analyse``: preparation, slice by
-slice, members back on the input grid, fusion, uncertainty) and is scored against the middle rater
-(Dice, HD95 in mm, ECE and uncertainty-error AUROC inside the brain) and against all raters (GED).
+Cases: whole brains, the bundled 2 mm MNI152 and, at its own 1 mm resolution (the task resamples it),
+nilearn's 1 mm MNI152, each with 1-3 bright or dark 3D lesions outlined by 3 raters at relative contrast
+levels 0.3-0.7 (``medidiff.data.raters``), or none (a healthy case), in the axial slab the training recipes
+hold out (``recipes/seg_lesion_2d.yaml``: 2 mm slices 24-29 for validation, 36-41 for testing). Every setting
+segments every case through the task's own path (``medidiff.segment.predict.analyse``: preparation of the
+whole scan, the slab's slices segmented, members back on the input grid, fusion, uncertainty) and is scored
+in the slab against the middle rater (Dice, HD95 in mm, ECE and uncertainty-error AUROC inside the brain)
+and against all raters (GED). The slab's tissue and lesions were never seen in training; the rest of the
+brain was (without lesions): it sets the intensity matching and the centring, as any whole scan does.
 Settings: members x DDIM steps in {5 x 1000 (Wolleb et al. 2022's published setting), 10 x 10, 10 x 20,
 5 x 5} and the deterministic U-Net (one member, one step); each ensemble over 3 seeds (mean +- std over
 the seeds of the mean over cases). The ensemble setting with the best validation Dice is marked; the
@@ -73,7 +75,13 @@ def _brains(quick: bool) -> list[dict]:
 
 
 def make_cases(folder: Path, draws: int, quick: bool, seed: int = 2024) -> dict[str, Path]:
-    """Write each split's cases (slab, label = middle rater, annotations = all raters) and a datalist each."""
+    """Write each split's cases and a datalist each.
+
+    A case is a whole brain (the model is applied as a user would apply it: the whole scan sets the
+    intensity matching and the centring, as in training) whose lesions lie in the split's held-out slab:
+    ``label`` the middle rater, ``annotations`` the other two, and ``region`` (a datalist key medidiff
+    ignores) the slab, the only slices segmented and scored.
+    """
     listings = {}
     for s, (split, (lo, hi)) in enumerate(SLABS.items()):
         entries = []
@@ -85,17 +93,16 @@ def make_cases(folder: Path, draws: int, quick: bool, seed: int = 2024) -> dict[
                 ks = ks[:2]
             # lesions are placed in the slab with LESION_MARGIN_MM of its neighbouring slices on each side (a
             # lesion must lie wholly inside the region it is placed in: in the thin slab alone there is no
-            # room for most radii, and every case would be healthy), then cut back to the slab
+            # room for most radii, and every case would be healthy); the labels are cut back to the slab
             wide = np.flatnonzero((z >= z[ks[0]] - LESION_MARGIN_MM) & (z <= z[ks[-1]] + LESION_MARGIN_MM))
-            inner = np.searchsorted(wide, ks)
-            slab, mask = brain["t1"][..., ks].astype(np.float32), brain["brain"][..., ks]
+            slab = np.zeros(brain["t1"].shape, bool)
+            slab[..., ks] = True
             wide_slab, wide_mask = brain["t1"][..., wide].astype(np.float32), brain["brain"][..., wide]
-            affine = brain["affine"].copy()
-            affine[2, 3] = z[ks[0]]
             for d in range(draws):
                 rng = np.random.default_rng([seed, s, d, int(brain["mm"])])
                 n = 0 if d % 4 == 3 else int(rng.integers(1, 4))  # every fourth case is healthy
-                image, raters = slab[None], np.zeros((3, 1, *slab.shape), bool)
+                image = brain["t1"].astype(np.float32).copy()
+                raters = np.zeros((3, *image.shape), bool)
                 tries = 0
                 while n > 0:
                     try:
@@ -106,23 +113,32 @@ def make_cases(folder: Path, draws: int, quick: bool, seed: int = 2024) -> dict[
                     except DataError:
                         n -= 1
                         continue
-                    drawn = np.asarray(case.annotations)[..., inner]
+                    drawn = np.zeros_like(raters)
+                    drawn[..., wide] = np.asarray(case.annotations)[:, 0]
+                    drawn &= slab
                     tries += 1
                     if drawn[1].any() or tries >= 20:  # the middle rater's lesions reach into the slab
-                        image, raters = np.asarray(case.image)[..., inner], drawn
+                        image[..., wide], raters = np.asarray(case.image)[0], drawn
                         break
                 name = f"{split}_{brain['name']}_{d}"
-                nib.save(nib.Nifti1Image(image[0].astype(np.float32), affine), folder / f"{name}.nii.gz")
-                nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), folder / f"{name}_brain.nii.gz")
-                paths = []
-                for k in range(raters.shape[0]):
-                    nib.save(nib.Nifti1Image(raters[k, 0].astype(np.uint8), affine), folder / f"{name}_r{k}.nii.gz")
-                    paths.append(f"{name}_r{k}.nii.gz")
-                entries.append({"image": f"{name}.nii.gz", "label": paths[1], "mask": f"{name}_brain.nii.gz",
-                                "annotations": [paths[0], paths[2]]})
+                files = {"image": image, "mask": brain["brain"].astype(np.uint8), "region": slab.astype(np.uint8),
+                         **{f"r{k}": raters[k].astype(np.uint8) for k in range(3)}}
+                for key, volume in files.items():
+                    suffix = "" if key == "image" else f"_{key}"
+                    nib.save(nib.Nifti1Image(volume, brain["affine"]), folder / f"{name}{suffix}.nii.gz")
+                entries.append({"image": f"{name}.nii.gz", "label": f"{name}_r1.nii.gz", "mask": f"{name}_mask.nii.gz",
+                                "annotations": [f"{name}_r0.nii.gz", f"{name}_r2.nii.gz"],
+                                "region": f"{name}_region.nii.gz"})
         listings[split] = folder / f"{split}.json"
         listings[split].write_text(json.dumps({"test": entries}, indent=1))
     return listings
+
+
+def regions(listing: Path) -> dict[str, torch.Tensor]:
+    """Each case's region ``(1, X, Y, Z)`` by its image's file name."""
+    entries = json.loads(listing.read_text())["test"]
+    return {e["image"]: torch.from_numpy(np.asarray(nib.load(listing.parent / e["region"]).dataobj) > 0)[None]
+            for e in entries}
 
 
 def _tiny_models(folder: Path) -> tuple[Path, Path]:
@@ -143,13 +159,15 @@ def _tiny_models(folder: Path) -> tuple[Path, Path]:
     return folder / "diffusion", folder / "unet"
 
 
-def run_setting(model, info, cases: list, members: int, steps: int, seed: int) -> dict[str, float]:
-    """Mean metrics over the cases for one setting and seed (seconds: per case)."""
+def run_setting(model, info, cases: list, members: int, steps: int, seed: int,
+                where: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean metrics over the cases for one setting and seed (seconds: per case); ``where``: each case's region."""
     options = SegmentSection(progress=False).updated(members=members, steps=steps)
     scores = []
     for case in cases:
-        r = analyse(model, info, case, options, seed=seed)
-        m = case_metrics(r, case.label, [case.label, *case.annotations])
+        region = where[Path(case.source.paths[0]).name]
+        r = analyse(model, info, case, options, seed=seed, region=region)
+        m = case_metrics(r, case.label, [case.label, *case.annotations], region=region)
         m["seconds"] = r.time_s
         scores.append(m)
     with warnings.catch_warnings():  # a metric no case defines (HD95 of empty masks) is NaN
@@ -217,13 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     models = {"diffusion": load_denoiser(model_path), "unet": load_denoiser(unet_path)}
     listings = make_cases(work, 1 if args.quick else args.draws, args.quick)
     cases = {split: [load_case(s) for s in find_cases(p)] for split, p in listings.items()}
+    where = {name: r for p in listings.values() for name, r in regions(p).items()}
     rows = []
     for key, (members, steps, kind) in settings.items():
         model, info = models[kind]
         for seed in seeds if kind == "diffusion" else seeds[:1]:
             for split, group in cases.items():
                 start = time.perf_counter()
-                result = run_setting(model, info, group, members, steps, seed)
+                result = run_setting(model, info, group, members, steps, seed, where)
                 rows.append({"setting": key, "split": split, "seed": seed, **result})
                 print(f"{key} seed {seed} {split}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items())
                       + f" ({time.perf_counter() - start:.0f} s)", flush=True)

@@ -56,7 +56,7 @@ MRI_PERCENTILES = (0.5, 99.5)
 
 
 class AugmentConfig(BaseModel):
-    """Random training augmentation (``medidiff.data.augment``): affine warps and intensity gamma."""
+    """Random training augmentation (``medidiff.data.augment``): affine warps, intensity gamma, left-right flips."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -64,6 +64,7 @@ class AugmentConfig(BaseModel):
     scale: float = Field(0.08, ge=0.0, lt=1.0)
     translate: float = Field(0.04, ge=0.0, lt=1.0)
     gamma: float = Field(0.15, ge=0.0)
+    flip: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class LabelsConfig(BaseModel):

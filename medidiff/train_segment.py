@@ -16,7 +16,8 @@ unclipped above, the background clamped at -1: ``COND_FLOOR``). Two sources (``d
   so healthy brains stay empty). Axial slabs in ``data.holdout`` (indices of the 2 mm brain, the same
   millimetres of the 1 mm one) are left out of training for evaluation.
 
-``PairedAugmented`` warps image and mask together (nearest for the mask) and changes the image's gamma.
+``PairedAugmented`` mirrors and warps image and mask together (nearest for the mask) and changes the image's
+gamma.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class PairedAugmented(Augmented):
     def __getitem__(self, i: int) -> dict:
         item = dict(self.dataset[i])
         mask, image = item["image"], item["cond"]
+        if self.flip and float(torch.rand(())) < self.flip:
+            mask, image = mask.flip(1), image.flip(1)
         if self.rotate_deg or self.scale or self.translate:
             both = random_affine(torch.cat([mask, image]), rotate_deg=self.rotate_deg, scale=self.scale,
                                  translate=self.translate)

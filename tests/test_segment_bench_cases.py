@@ -25,5 +25,9 @@ def test_lesion_cases_have_lesions_in_thin_slabs(tmp_path):
         (entry,) = json.loads(listing.read_text())["test"]
         image = nib.load(tmp_path / entry["image"])
         label = np.asarray(nib.load(tmp_path / entry["label"]).dataobj)
-        assert label.shape == image.shape
+        region = np.asarray(nib.load(tmp_path / entry["region"]).dataobj) > 0
+        assert label.shape == image.shape == region.shape
         assert label.sum() > 0, f"{entry['label']}: a lesion case without a lesion"
+        assert not label[~region].any(), "labels outside the slab that is segmented and scored"
+        assert region.any(axis=(0, 1)).sum() == 2  # the quick slab: two whole axial slices
+        assert region[..., region.any(axis=(0, 1))].all()

@@ -136,3 +136,32 @@ def test_cli_segment_and_a_recipe_error_naming_the_key(tmp_path, tiny_model, cap
                  "--model", str(tiny_model), "--set", "sampler=nope", "--set", "progress=false"])
     err = capsys.readouterr().err
     assert code == 2 and "segment.sampling.sampler" in err
+
+
+def test_a_region_limits_the_slices_segmented_and_the_metrics(tmp_path, tiny_model):
+    from medidiff.cases import find_cases, load_case
+    from medidiff.segment.config import SegmentSection
+    from medidiff.segment.predict import analyse, case_metrics
+    from medidiff.weights import load_denoiser
+
+    _case(tmp_path / "in", annotations=False)
+    model, info = load_denoiser(tiny_model)
+    case = load_case(find_cases(tmp_path / "in" / "cases.json")[0])
+    options = SegmentSection(progress=False).updated(members=3, steps=2)
+    full = analyse(model, info, case, options, seed=1)
+    region = torch.zeros(1, 20, 18, 4, dtype=torch.bool)
+    region[0, 5:9, 5:9, 1:3] = True  # any voxel of a slice brings in the whole slice
+    part = analyse(model, info, case, options, seed=1, region=region)
+    assert (full.n_slices, part.n_slices) == (4, 2) and part.nfe == full.nfe // 2
+    assert float(part.members[..., 1:3].amax()) > 0.0
+    assert torch.equal(part.prepared.image, full.prepared.image)  # the whole scan prepared as without a region
+    assert float(part.members[..., [0, 3]].abs().max()) == 0.0
+    # the metrics count only the region's voxels: a prediction outside it would not change them
+    whole = case_metrics(part, case.label, n_classes=2)
+    inside = case_metrics(part, case.label, n_classes=2, region=region)
+    brain = part.prepared.input_foreground[0] > 0.5
+    p = part.probability[0][brain & region[0]]
+    y = (case.label[0] > 0.5)[brain & region[0]].float()
+    confident = (p - 0.5).abs() * 2
+    assert inside["ece"] != pytest.approx(whole["ece"])
+    assert inside["ece"] <= float((p - y).abs().max()) + 1e-6 and confident.numel() == int(region[0][brain].sum())

@@ -1,4 +1,4 @@
-"""Training augmentation for in-memory image tensors: small random affine warps and intensity gamma.
+"""Training augmentation for in-memory image tensors: small random affine warps, left-right flips, intensity gamma.
 
 Draws come from torch's global generator, whose state the training engine checkpoints, so augmented
 runs resume exactly. Works on ``(C, *spatial)`` items in ``[-1, 1]`` with 2 or 3 spatial dims; the
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-__all__ = ["random_affine", "random_gamma", "Augmented"]
+__all__ = ["random_affine", "random_flip", "random_gamma", "Augmented"]
 
 
 def _rotation(angles: torch.Tensor, dims: int) -> torch.Tensor:
@@ -49,6 +49,14 @@ def random_affine(x: torch.Tensor, *, rotate_deg: float = 8.0, scale: float = 0.
     return warped[0] + fill
 
 
+def random_flip(x: torch.Tensor, *, p: float = 0.5) -> torch.Tensor:
+    """Mirror ``(C, *spatial)`` along its first spatial axis (left-right in RAS) with probability ``p``.
+
+    One draw is taken whatever ``p`` is, so runs with and without flips draw the same warps afterwards.
+    """
+    return x.flip(1) if float(torch.rand(())) < p else x
+
+
 def random_gamma(x: torch.Tensor, *, gamma: float = 0.15) -> torch.Tensor:
     """Random intensity gamma ``exp(U(-gamma, gamma))`` applied to ``[-1, 1]`` intensities (kept in range)."""
     g = torch.exp((torch.rand(()) * 2 - 1) * gamma)
@@ -63,12 +71,14 @@ class Augmented(Dataset):
         rotate_deg, scale, translate: see :func:`random_affine` (``rotate_deg=0`` and ``scale=0`` and
             ``translate=0`` switch warping off).
         gamma: see :func:`random_gamma` (0 switches it off).
+        flip: probability of a left-right mirror (:func:`random_flip`; 0 switches it off).
     """
 
     def __init__(self, dataset: Dataset, *, rotate_deg: float = 8.0, scale: float = 0.08, translate: float = 0.04,
-                 gamma: float = 0.15):
+                 gamma: float = 0.15, flip: float = 0.0):
         self.dataset = dataset
         self.rotate_deg, self.scale, self.translate, self.gamma = rotate_deg, scale, translate, gamma
+        self.flip = flip
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -76,6 +86,8 @@ class Augmented(Dataset):
     def __getitem__(self, i: int) -> dict:
         item = dict(self.dataset[i])
         x = item["image"]
+        if self.flip:
+            x = random_flip(x, p=self.flip)
         if self.rotate_deg or self.scale or self.translate:
             x = random_affine(x, rotate_deg=self.rotate_deg, scale=self.scale, translate=self.translate)
         if self.gamma:

@@ -83,7 +83,7 @@ def _uncertainty_map(p: torch.Tensor, name: str, per_class: bool) -> torch.Tenso
 
 
 def analyse(denoiser, info: ModelInfo, case: Case, options: SegmentSection, *, seed: int = 0,
-            bf16: bool = True) -> CaseSegmentation:
+            bf16: bool = True, region: torch.Tensor | None = None) -> CaseSegmentation:
     """Segment one case with an ensemble and map everything back onto its grid.
 
     Args:
@@ -93,6 +93,9 @@ def analyse(denoiser, info: ModelInfo, case: Case, options: SegmentSection, *, s
         options: the ``segment`` section.
         seed: base seed of the members.
         bf16: evaluate the network under bf16 autocast where the device supports it.
+        region: a mask on the case's grid ``(1, X, Y, Z)``: a 2D model segments only the slices it reaches
+            (the rest is background), while the whole scan still sets the preparation (intensities, centring)
+            as in training. ``None``: every slice with foreground.
 
     Returns:
         The ``CaseSegmentation``.
@@ -107,7 +110,14 @@ def analyse(denoiser, info: ModelInfo, case: Case, options: SegmentSection, *, s
     o = options.sampling
     dims, prep = info.spatial_dims, info.data_prep
     axis = 2 if prep.slicing_axis is None else prep.slicing_axis
-    prepared = prepare(case, prep, spatial_dims=dims, intensity=options.intensity)
+    extra = None if region is None else {"region": plain(region).float()}
+    prepared = prepare(case, prep, spatial_dims=dims, intensity=options.intensity, extra=extra)
+    fg = prepared.foreground
+    if region is not None and dims == 2:
+        reached = prepared.extra["region"].movedim(1 + axis, 1).flatten(2).amax(2) > 0.5  # (1, S)
+        shape = [1] * fg.dim()
+        shape[1 + axis] = -1
+        fg = fg * reached.reshape(shape).float()
     device = next(denoiser.parameters()).device
 
     def segment(stack: torch.Tensor, _fg: torch.Tensor) -> list[torch.Tensor]:
@@ -117,7 +127,7 @@ def analyse(denoiser, info: ModelInfo, case: Case, options: SegmentSection, *, s
         return [p.movedim(0, 1).flatten(1, 2)]  # (S, N * C, ...)
 
     x = plain(prepared.image).float()
-    results, n = slicewise(segment, x, prepared.foreground, spatial_dims=dims, axis=axis,
+    results, n = slicewise(segment, x, fg, spatial_dims=dims, axis=axis,
                            min_foreground=options.min_foreground, fills=(0.0,))
     on_model = results[0] if n else torch.zeros((o.members * c, *x.shape[1:]))
     members = restore(on_model, prepared).clamp(0.0, 1.0)  # bilinear; 0 outside the model's field of view
@@ -142,7 +152,7 @@ def _spacing(image) -> list[float]:
 
 
 def case_metrics(r: CaseSegmentation, target: torch.Tensor, annotations: list[torch.Tensor] | None = None,
-                 n_classes: int = 2) -> dict[str, float]:
+                 n_classes: int = 2, region: torch.Tensor | None = None) -> dict[str, float]:
     """Dice, HD95 (mm), ECE and uncertainty-error AUROC of one case, and GED with several annotations.
 
     ECE and the AUROC count the voxels of the case's foreground; GED (Kohl et al. 2018) compares the members'
@@ -153,6 +163,8 @@ def case_metrics(r: CaseSegmentation, target: torch.Tensor, annotations: list[to
         target: reference labels ``(1, X, Y, Z)`` on the case's grid.
         annotations: every annotation of the case (the reference among them), ``(1, X, Y, Z)`` each.
         n_classes: classes, background included.
+        region: a mask ``(1, X, Y, Z)`` on the case's grid that limits ECE, the AUROC and GED (with the
+            foreground) to where the case was segmented (``analyse``'s ``region``).
 
     Returns:
         ``{"dice", "hd95", "ece", "uncertainty_error_auroc"}`` and ``"ged"`` with two or more annotations.
@@ -160,6 +172,8 @@ def case_metrics(r: CaseSegmentation, target: torch.Tensor, annotations: list[to
     y = target.round().long()[None]
     pred = r.labels[None]
     fg = r.prepared.input_foreground[None] > 0.5
+    if region is not None:
+        fg = fg & (plain(region)[None] > 0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         out = metrics.segmentation_metrics(pred, y, spacing=_spacing(r.case.image), num_classes=n_classes)
