@@ -164,7 +164,9 @@ def detection_metrics(cases: Mapping[str, Mapping[str, Any]], threshold: float |
 
     Returns:
         ``{"auroc", "auprc", "dice", "dice_best", "dice_best_threshold", "case_auroc", "n_cases",
-        "per_case": {case: {...}}}``; ``dice_best`` uses an oracle threshold chosen on the labels.
+        "per_case": {case: {"auroc", "auprc", "dice_best", "n_voxels", "n_lesion_voxels", "dice"}}}``;
+        ``n_voxels`` counts the voxels scored (the foreground), ``n_lesion_voxels`` the reference lesion voxels
+        among them; ``dice_best`` uses an oracle threshold chosen on the labels.
     """
     pooled_s, pooled_y, per_case = [], [], {}
     for name, c in cases.items():
@@ -173,7 +175,7 @@ def detection_metrics(cases: Mapping[str, Mapping[str, Any]], threshold: float |
         pooled_y.append(y)
         best, _ = dice_best(s, y)
         row = {"auroc": voxel_auroc(s, y), "auprc": voxel_auprc(s, y), "dice_best": best,
-               "n_voxels": int(s.size), "n_anomalous": int(y.sum())}
+               "n_voxels": int(s.size), "n_lesion_voxels": int(y.sum())}
         if threshold is not None:
             row["dice"] = dice_at(s, y, threshold) if y.any() else float("nan")
         per_case[name] = row
@@ -187,7 +189,7 @@ def detection_metrics(cases: Mapping[str, Mapping[str, Any]], threshold: float |
     out.update({"dice_best": best, "dice_best_threshold": best_t, "n_cases": len(per_case)})
     case_scores = [c["score"] for c in cases.values() if "score" in c]
     if len(case_scores) == len(per_case):
-        out["case_auroc"] = case_auroc(case_scores, [r["n_anomalous"] > 0 for r in per_case.values()])
+        out["case_auroc"] = case_auroc(case_scores, [r["n_lesion_voxels"] > 0 for r in per_case.values()])
     out["per_case"] = per_case
     return out
 

@@ -55,6 +55,10 @@ def test_detection_metrics_pool_voxels_and_rank_cases(scored):
     assert out["per_case"]["c1"]["auroc"] == pytest.approx(roc_auc_score(y[1][m[1]], s[1][m[1]]), abs=1e-12)
     assert np.isnan(out["per_case"]["healthy"]["auroc"])
     assert out["case_auroc"] == 1.0 and out["n_cases"] == 5
+    # names say what they count: the foreground voxels scored and the reference lesion voxels among them
+    assert out["per_case"]["c1"]["n_voxels"] == int(m[1].sum())
+    assert out["per_case"]["c1"]["n_lesion_voxels"] == int(y[1][m[1]].sum())
+    assert out["per_case"]["healthy"]["n_lesion_voxels"] == 0 and "n_anomalous" not in out["per_case"]["c1"]
 
 
 def test_image_quality_helpers():

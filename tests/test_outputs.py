@@ -115,6 +115,24 @@ def test_write_json_and_table(tmp_path):
     assert back == [{"case": "a", "dice": "0.75", "hd95": ""}, {"case": "b", "dice": "", "hd95": "2.5"}]
 
 
+def test_every_json_written_is_strict_with_null_for_nan_and_infinity(tmp_path):
+    def strict(text):  # Python's json accepts NaN and Infinity; a strict parser does not
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard constant {c} written"))
+
+    obj = {"auroc": float("nan"), "per_case": {"a": {"dice": np.float32("nan"), "hd95": np.float64("inf"),
+                                                      "values": np.array([1.0, np.nan, -np.inf]),
+                                                      "t": torch.tensor([np.nan, 2.0])}},
+           "rows": [(1, float("-inf")), {"ok": 0.25}], "flag": True, "none": None, 3: "int key"}
+    p = outputs.write_json(obj, tmp_path / "metrics.json")
+    assert "NaN" not in p.read_text() and "Infinity" not in p.read_text()
+    assert strict(p.read_text()) == {
+        "auroc": None, "per_case": {"a": {"dice": None, "hd95": None, "values": [1.0, None, None],
+                                          "t": [None, 2.0]}},
+        "rows": [[1, None], {"ok": 0.25}], "flag": True, "none": None, "3": "int key"}
+    with pytest.raises(TypeError, match="object"):
+        outputs.write_json({"x": object()}, tmp_path / "bad.json")
+
+
 # ------------------------------------------------------------------------------------------- volumes
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import tempfile
@@ -194,8 +195,31 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot write {type(obj).__name__} as JSON")
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with NumPy/torch values, paths, dates and sets converted, and every NaN or infinity ``None``.
+
+    Strict JSON (RFC 8259) has no NaN or Infinity, which Python's ``json`` writes by default and strict
+    parsers (JavaScript's ``JSON.parse``, ``jq``, most other languages) refuse; a value that is not a
+    number (a metric undefined for a case, a missing threshold) is written as ``null``.
+
+    Raises:
+        TypeError: a value that JSON cannot hold.
+    """
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (str, int)):
+        return obj
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {key if isinstance(key, (str, int, float)) or key is None else strict_json(key): strict_json(value)
+                for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(value) for value in obj]
+    return strict_json(_jsonable(obj))
+
+
 def write_json(obj: Any, path: PathLike, protected: Iterable[PathLike] = ()) -> Path:
-    """Write ``obj`` as indented JSON, atomically (NumPy/torch values, paths and dates are converted).
+    """Write ``obj`` as indented strict JSON, atomically (see ``strict_json``: NaN and infinities become
+    ``null``; NumPy/torch values, paths and dates are converted).
 
     Args:
         obj: a JSON-able object.
@@ -205,7 +229,7 @@ def write_json(obj: Any, path: PathLike, protected: Iterable[PathLike] = ()) -> 
     Returns:
         ``path`` as a ``Path``.
     """
-    text = json.dumps(obj, indent=2, default=_jsonable, allow_nan=True) + "\n"
+    text = json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n"
     return write_text(text, path, protected)
 
 
