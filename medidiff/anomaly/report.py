@@ -1,41 +1,147 @@
-"""The anomaly run's ``report.md``: settings, threshold, metric table, per-case rows and overlays."""
+"""The anomaly run's reports: ``report.md`` (settings, threshold, tables, overlays) and ``report.html``.
+
+``case_view`` picks at case time what the HTML page shows of a case (every slice with a flagged voxel or
+a reference lesion voxel; the scan, the heatmap, the spread between reconstructions, the outlines);
+``write_html`` builds the page once every case is done (``medidiff.outputs.html``), with one colour scale
+per map for the whole run.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from medidiff import outputs
 from medidiff.outputs import cell
+from medidiff.outputs import html as pages
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "write_html", "case_view", "LEGEND"]
+
+#: Outline colours: the reference lesion is drawn last, on top of the flagged region.
+OUTLINES = {"flagged": pages.Outline("#00bfff", "flagged region (above the threshold; blue)", "finding"),
+            "lesion": pages.Outline("#39ff14", "reference lesion (from the labels given; green)", "lesion")}
+#: The plain-language legend of the page.
+LEGEND = [
+    ("Heatmap", "How different each voxel of the scan is from the model's reconstruction of healthy tissue: the "
+                "absolute difference, in the scan's own intensity units (as in the _heatmap NIfTI file). "
+                "Brighter means more unusual. It is not a probability and not a diagnosis."),
+    ("Threshold", "The heatmap value above which a voxel is flagged. It is set on the model's internal scale, "
+                  "the same for every scan, so in a scan's own units (shown per case) it differs from scan to "
+                  "scan."),
+    ("FPR (false-positive rate)", "The share of voxels of healthy scans that lie above the threshold: an FPR of "
+                                  "0.05 means about 5 in every 100 healthy voxels are flagged. A calibrated "
+                                  "threshold is set on healthy scans to reach the FPR asked for."),
+    ("Flagged region (anomaly mask)", "The voxels inside the scan's foreground whose heatmap is above the "
+                                      "threshold (the _anomaly_mask NIfTI file): the blue outline."),
+    ("Reference lesion", "The lesion drawn in the labels given with the scan: the green outline, drawn on top of "
+                         "the blue one so that it is always visible."),
+    ("Uncertainty", "How much several healthy reconstructions of the same scan disagree (their spread, in the "
+                    "scan's units; only with more than one sample). Where it is high the model is unsure what "
+                    "healthy tissue looks like, and a flagged voxel there deserves less trust."),
+    ("AUROC, AUPRC, Dice", "How well the heatmap separates lesion from other voxels (1 is perfect; an AUROC of "
+                           "0.5 is chance) and how much the flagged region overlaps the reference lesion."),
+]
+
+
+def _threshold_text(settings: dict) -> str:
+    record = settings.get("threshold_record") or {}
+    if settings.get("threshold") is None:
+        return "none (no calibration scans or threshold given): no anomaly masks"
+    origin = (f"calibrated at voxel FPR {record['fpr']:g}" if record.get("fpr") is not None
+              else f"from {record.get('source', 'the user')}")
+    return f"{settings['threshold']:.4g} ({origin})"
+
+
+def _intro(settings: dict) -> str:
+    r = settings["reconstruction"]
+    return (f"Model: `{settings['model']}`; method `{r['method']}`, sampler `{r['sampler']}` "
+            f"({r['steps']} steps) from t_L = {r['t_levels']}, {r['n_samples']} sample(s), "
+            f"{r['noise']} noise; threshold {_threshold_text(settings)}.")
+
+
+def _tables(rows: list[dict], metrics: dict | None, bold: bool) -> list[pages.Table]:
+    tables = []
+    if metrics:
+        pooled = "**all (pooled voxels)**" if bold else "all (pooled voxels)"
+        tables.append(pages.Table("Detection metrics (against the reference lesions)",
+                                  ["case", "voxel AUROC", "AUPRC", "Dice", "dice_best (oracle threshold)"],
+                                  [[name, cell(m.get("auroc")), cell(m.get("auprc")), cell(m.get("dice")),
+                                    cell(m.get("dice_best"))]
+                                   for name, m in [*metrics["per_case"].items(), (pooled, metrics)]]))
+    tables.append(pages.Table("Cases", ["case", "score", "max", "voxels flagged", "time (s)", "NFE"],
+                              [[row["case"], f"{row['score']:.4f}", f"{row['max']:.4f}",
+                                "—" if row["n_voxels_flagged"] == "" else row["n_voxels_flagged"],
+                                f"{row['time_s']:.1f}", row["nfe"]] for row in rows]))
+    return tables
 
 
 def write_report(out_dir: Path, rows: list[dict], metrics: dict | None, settings: dict) -> Path:
     """Write ``report.md`` from the run's ``scores.csv`` rows, metrics and ``detection.json`` settings."""
-    record = settings.get("threshold_record") or {}
-    if settings.get("threshold") is None:
-        threshold = "none (no calibration scans or threshold given): no anomaly masks"
-    else:
-        origin = (f"calibrated at voxel FPR {record['fpr']:g}" if record.get("fpr") is not None
-                  else f"from {record.get('source', 'the user')}")
-        threshold = f"{settings['threshold']:.4g} ({origin})"
-    r = settings["reconstruction"]
-    lines = ["# Anomaly detection report", "",
-             f"Model: `{settings['model']}`; method `{r['method']}`, sampler `{r['sampler']}` "
-             f"({r['steps']} steps) from t_L = {r['t_levels']}, {r['n_samples']} sample(s), "
-             f"{r['noise']} noise; threshold {threshold}.", ""]
-    if metrics:
-        lines += ["| case | voxel AUROC | AUPRC | Dice | dice_best (oracle threshold) |", "|---|---|---|---|---|"]
-        for name, m in [*metrics["per_case"].items(), ("**all (pooled voxels)**", metrics)]:
-            lines.append(f"| {name} | {cell(m.get('auroc'))} | {cell(m.get('auprc'))} | {cell(m.get('dice'))} "
-                         f"| {cell(m.get('dice_best'))} |")
-        lines.append("")
-    lines += ["| case | score | max | voxels flagged | time (s) | NFE |", "|---|---|---|---|---|---|"]
-    for row in rows:
-        flagged = "—" if row["n_voxels_flagged"] == "" else row["n_voxels_flagged"]
-        lines.append(f"| {row['case']} | {row['score']:.4f} | {row['max']:.4f} | {flagged} | {row['time_s']:.1f} "
-                     f"| {row['nfe']} |")
-    lines.append("")
+    lines = ["# Anomaly detection report", "", _intro(settings), ""]
+    for table in _tables(rows, metrics, bold=True):
+        lines += [*pages.md_table(table), ""]
     for row in rows:
         lines += [f"## {row['case']}", "", f"![{row['case']}]({row['case']}_overlay.png)", ""]
     return outputs.write_text("\n".join(lines), out_dir / "report.md")
+
+
+def case_view(image: Any, heatmap: torch.Tensor, *, lesion: torch.Tensor | None = None,
+              flagged: torch.Tensor | None = None, uncertainty: torch.Tensor | None = None,
+              threshold: float | None = None, n_slices: int = 6) -> dict[str, torch.Tensor]:
+    """What ``report.html`` shows of one case (kept with its record): ``medidiff.outputs.html.view_arrays``.
+
+    Args:
+        image: the scan (a MetaTensor with its affine), ``(C, X, Y, Z)``.
+        heatmap: the heatmap in the scan's units, ``(1, X, Y, Z)``.
+        lesion: the reference lesion mask, when given.
+        flagged: the flagged voxels, when there is a threshold.
+        uncertainty: the spread between reconstructions in the scan's units, when there are several.
+        threshold: the threshold in this scan's units.
+        n_slices: slices shown when nothing is flagged and there is no lesion (those holding most heatmap).
+    """
+    view = pages.view_arrays(image, image, layers={"heatmap": heatmap, "uncertainty": uncertainty},
+                             masks={"flagged": flagged, "lesion": lesion}, n_default=n_slices)
+    if threshold is not None:
+        view["view_threshold"] = torch.tensor([float(threshold)], dtype=torch.float64)
+    return view
+
+
+def write_html(out_dir: Path, rows: list[dict], metrics: dict | None, settings: dict,
+               views: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """Write ``report.html``: settings, legend, run-wide colour scales, tables and every case's slices.
+
+    Args:
+        out_dir: the run folder.
+        rows: the ``scores.csv`` rows.
+        metrics: ``metrics.json`` (or ``None``).
+        settings: ``detection.json``.
+        views: per case name, its ``case_view`` arrays (a case without them is listed without images).
+    """
+    shown = [v for v in views.values() if v]
+    scales = [pages.run_scale(shown, "heatmap", label="Heatmap", units="scan's intensity units"),
+              pages.run_scale(shown, "uncertainty", label="Uncertainty (spread)", units="scan's intensity units",
+                              cmap="viridis")]
+    panels = [pages.Panel("scan with outlines", outlines=("flagged", "lesion")),
+              pages.Panel("heatmap", overlay="heatmap", outlines=("flagged", "lesion")),
+              pages.Panel("uncertainty", overlay="uncertainty", outlines=("flagged", "lesion"))]
+    cases = []
+    for row in rows:
+        view = views.get(row["case"])
+        if not view:
+            continue
+        facts = [("case score (mean of the top heatmap values)", f"{row['score']:.4f}"),
+                 ("voxels flagged", "none (no threshold)" if row["n_voxels_flagged"] == ""
+                  else str(row["n_voxels_flagged"]))]
+        if "view_threshold" in view:
+            facts.append(("threshold in this scan's units", f"{float(view['view_threshold'][0]):.4g}"))
+        cases.append(pages.case_section(row["case"], view, panels, scales=scales, outlines=OUTLINES, facts=facts))
+    missing = [row["case"] for row in rows if not views.get(row["case"])]
+    intro = [_intro(settings)]
+    if missing:
+        intro.append(f"No images kept for: {', '.join(missing)} (complete from an earlier run); see their "
+                     f"_overlay.png files.")
+    text = pages.page("Anomaly detection report", intro=intro, tables=_tables(rows, metrics, bold=False),
+                      legend=LEGEND, scales=scales, outlines=OUTLINES, cases=cases)
+    return pages.write_page(text, Path(out_dir) / "report.html")

@@ -18,8 +18,9 @@ input's units (CT: HU) and on its grid:
   error maps);
 
 and for the run ``scores.csv`` (per case and method: PSNR, SSIM, NMSE when there is a reference, network
-evaluations, seconds), ``metrics.json`` (the same, with means, when a reference exists), ``report.md`` and
-``failures.csv`` for skipped cases.
+evaluations, seconds), ``metrics.json`` (the same, with means, when a reference exists), ``report.md``,
+``report.html`` (a self-contained page: the reconstructed slices by method, error maps on one scale for the
+run; ``medidiff.recon.report``) and ``failures.csv`` for skipped cases.
 """
 
 from __future__ import annotations
@@ -311,7 +312,7 @@ def reconstruct(model: str | Path, inputs: str | Path, out_dir: str | Path, opti
     files = _measured_inputs(inputs_path)
     items = files or find_cases(inputs_path, select=options.select)
     failures = FailureLog(out_dir)
-    written, rows, results, read = [], [], [], []
+    written, rows, results, read, views = [], [], [], [], {}
     for item in tqdm(items, desc="cases", disable=not options.progress):
         name = item.name if isinstance(item, Path) else item.name
         try:
@@ -322,6 +323,7 @@ def reconstruct(model: str | Path, inputs: str | Path, out_dir: str | Path, opti
                 result, geometry = _image_case(prior, info, item, options, seed=seed, device=device)
                 read += geometry[0].files
             written += _write_case(result, geometry, out_dir, inputs_path, options)
+            views[result.name] = report.case_view(geometry)
         except MedidiffError as e:
             failures.record(str(name), e)
             log.warning("skipped %s: %s", name, e)
@@ -337,6 +339,7 @@ def reconstruct(model: str | Path, inputs: str | Path, out_dir: str | Path, opti
         written.append(outputs.write_json({**metrics, "settings": settings}, out_dir / "metrics.json"))
     if rows:
         written.append(report.write_report(out_dir, rows, metrics, settings))
+        written.append(report.write_html(out_dir, rows, metrics, settings, views))
     if len(failures):
         written.append(failures.path)
     summary = f"{len(results)} case(s) reconstructed with {options.solver.name}, {len(failures)} skipped"

@@ -14,7 +14,9 @@ each (``medidiff.segment.predict``) and writes per case, on the scan's own grid:
 
 and for the run ``scores.csv`` (with each case's metrics), ``segmentation.json`` (settings),
 ``metrics.json`` (``dice``, ``hd95``, ``ged``, ``ece``, ``uncertainty_error_auroc``: means over the cases
-with a label, and per case) when labels are given, ``report.md``, and ``failures.csv`` for skipped cases.
+with a label, and per case) when labels are given, ``report.md``, ``report.html`` (a self-contained page: every
+slice with a segmented or a reference voxel, one uncertainty colour scale for the run;
+``medidiff.segment.report``), and ``failures.csv`` for skipped cases.
 The loop over cases is ``medidiff.batch.Batch``'s: sharded across ``torchrun`` ranks, and a run started
 again skips the cases already complete.
 """
@@ -33,12 +35,13 @@ from medidiff.batch import Batch, CaseOutput, fingerprint
 from medidiff.cases import find_cases, load_case
 from medidiff.data.batch import FailureLog
 from medidiff.errors import DataError
+from medidiff.outputs.html import views_of
 from medidiff.results import TaskResult
 from medidiff.sections import open_model
 
 from .config import SegmentSection
 from .predict import CaseSegmentation, analyse, case_metrics, num_classes
-from .report import write_report
+from .report import case_view, write_html, write_report
 from .sample import members_nfe
 
 __all__ = ["segment", "METRICS"]
@@ -153,7 +156,8 @@ def segment(model: str | Path, inputs: str | Path, out_dir: str | Path, options:
                    "uncertainty": r.score, "max_uncertainty": float(r.uncertainty.max()),
                    **{k: scores.get(k, "") for k in METRICS}, "slices": r.n_slices, "time_s": round(r.time_s, 3),
                    "nfe": r.nfe}
-            return CaseOutput(files=written, row=row, inputs=r.case.files)
+            view = case_view(r.case.image, r.labels, r.uncertainty, reference=target, n_slices=options.overlay_slices)
+            return CaseOutput(files=written, row=row, arrays=view, inputs=r.case.files)
 
         settings = options.model_dump(mode="json", exclude={"model", "inputs", "labels", "mask", "progress"})
         got = batch.run(sources, one, key=fingerprint({"stage": "cases", "model": digest, "seed": seed,
@@ -173,6 +177,8 @@ def segment(model: str | Path, inputs: str | Path, out_dir: str | Path, options:
         written_all.append(outputs.write_json(metrics, out_dir / "metrics.json"))
     if rows:
         written_all.append(write_report(out_dir, rows, metrics, settings))
+        written_all.append(write_html(out_dir, rows, metrics, settings,
+                                      {row["case"]: views_of(got.arrays.get(row["case"], {})) for row in rows}))
     failures = FailureLog(out_dir)
     failures.extend(got.failures)
     if len(failures):
