@@ -133,22 +133,31 @@ def test_a_threshold_saved_with_the_model_is_used_only_for_its_settings(tmp_path
         assert again.extra["threshold"] is None
 
 
-def test_a_dicom_scan_gets_a_dicom_heatmap_too(tmp_path, tiny_model):
+def test_a_dicom_scan_gets_a_parametric_map_and_a_seg_too(tmp_path, tiny_model):
+    import highdicom as hd
     import pydicom
+    from dicom_helpers import dciodvfy_errors
 
     from medidiff.data import sample
 
     folder = sample.dicom_examples().get("ct_series")
     if folder is None:
         pytest.skip("pydicom's dicomdirtests series is missing")
-    result = detect(tiny_model, folder, tmp_path / "out", **FAST)
-    heat = sorted((tmp_path / "out").glob("*_heatmap_dicom/*.dcm"))
+    result = detect(tiny_model, folder, tmp_path / "out", threshold=0.0, **FAST)
     sources = [p for p in folder.iterdir() if p.is_file()]
-    assert result.failures == 0 and len(heat) == len(sources)
-    first = pydicom.dcmread(heat[0])
-    assert "DERIVED" in first.ImageType and first.SeriesDescription == "medidiff anomaly heatmap"
-    nifti = next((tmp_path / "out").glob("*_heatmap.nii.gz"))
-    assert float(nib.load(nifti).get_fdata().max()) > 0
+    assert result.failures == 0
+    heat = next((tmp_path / "out").glob("*_heatmap.dcm"))
+    pm = pydicom.dcmread(heat)
+    assert pm.SOPClassUID.name == "Parametric Map Storage" and int(pm.NumberOfFrames) == len(sources)
+    assert "DERIVED" in pm.ImageType and pm.SeriesDescription == "medidiff anomaly heatmap"
+    unit = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].MeasurementUnitsCodeSequence[0]
+    assert unit.CodeValue == "[hnsf'U]"  # a CT map of absolute residuals is in Hounsfield units
+    nifti = nib.load(next((tmp_path / "out").glob("*_heatmap.nii.gz"))).get_fdata()
+    assert float(nifti.max()) > 0 and float(np.asarray(pm.pixel_array).max()) == pytest.approx(float(nifti.max()))
+    seg = hd.seg.segread(next((tmp_path / "out").glob("*_anomaly_mask.dcm")))
+    mask = nib.load(next((tmp_path / "out").glob("*_anomaly_mask.nii.gz"))).get_fdata()
+    assert int(np.asarray(seg.pixel_array).sum()) == int(mask.sum()) and seg.StudyInstanceUID == pm.StudyInstanceUID
+    assert dciodvfy_errors(heat) == [] and dciodvfy_errors(Path(seg.filename)) == []
 
 
 def test_a_3d_model_maps_a_volume_back_onto_its_grid(tmp_path):

@@ -195,7 +195,7 @@ def test_crop_resample_round_trip_lands_on_input_grid():
 # --------------------------------------------------------------------------------------------- DICOM
 
 
-def test_write_dicom_series_matches_source_geometry(tmp_path):
+def test_parametric_map_matches_source_geometry(tmp_path):
     folder = sample.dicom_examples().get("ct_series")
     if folder is None:
         pytest.skip("pydicom's dicomdirtests series is missing")
@@ -207,27 +207,26 @@ def test_write_dicom_series_matches_source_geometry(tmp_path):
     hu = np.stack([d.pixel_array.T * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in sources], -1)
     ref = MetaTensor(torch.tensor(hu, dtype=torch.float32)[None], affine=torch.tensor(affine))
     result = ref * 0.5 + 0.25
-    out = outputs.write_dicom_series(result, ref, files, tmp_path / "dcm", units="HU", protected=files)
-    assert len(out) == len(files)
-    series_uids = set()
-    for src_file, out_file in zip(files, out):
-        src, new = pydicom.dcmread(src_file), pydicom.dcmread(out_file)
-        series_uids.add(new.SeriesInstanceUID)
-        assert new.SeriesInstanceUID != src.SeriesInstanceUID and new.SOPInstanceUID != src.SOPInstanceUID
-        assert new.StudyInstanceUID == src.StudyInstanceUID
-        assert new.FrameOfReferenceUID == src.FrameOfReferenceUID
-        assert list(new.ImagePositionPatient) == list(src.ImagePositionPatient)
-        assert list(new.ImageOrientationPatient) == list(src.ImageOrientationPatient)
-        assert "DERIVED" in new.ImageType
-        assert new.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
-        values = new.pixel_array * float(new.RescaleSlope) + float(new.RescaleIntercept)
+    out = outputs.write_parametric_map(result, ref, files, tmp_path / "map.dcm", unit="[hnsf'U]", protected=files)
+    pm = pydicom.dcmread(out)
+    assert pm.SOPClassUID.name == "Parametric Map Storage" and int(pm.NumberOfFrames) == len(files)
+    assert pm.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert pm.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    assert pm.SeriesInstanceUID != sources[0].SeriesInstanceUID and "DERIVED" in pm.ImageType
+    orientation = pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    assert list(orientation) == list(sources[0].ImageOrientationPatient)
+    by_uid = {d.SOPInstanceUID: d for d in sources}
+    pixels = np.asarray(pm.pixel_array)
+    for k, group in enumerate(pm.PerFrameFunctionalGroupsSequence):
+        src = by_uid[group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert list(group.PlanePositionSequence[0].ImagePositionPatient) == list(src.ImagePositionPatient)
         expected = (src.pixel_array * float(src.RescaleSlope) + float(src.RescaleIntercept)) * 0.5 + 0.25
-        np.testing.assert_allclose(values, expected, atol=float(new.RescaleSlope))
-    assert len(series_uids) == 1
+        np.testing.assert_allclose(pixels[k], expected, rtol=1e-6)  # float values, exact to float32
     shifted = MetaTensor(ref.as_tensor(), affine=torch.tensor(affine))
     shifted.affine[2, 3] += 1.25  # half a slice off: the slices are not on the grid
     with pytest.raises(DataError, match="grid"):
-        outputs.write_dicom_series(result, shifted, files, tmp_path / "bad")
+        outputs.write_parametric_map(result, shifted, files, tmp_path / "bad.dcm")
+    assert not (tmp_path / "bad.dcm").exists()
 
 
 # ----------------------------------------------------------------------------------------------- PNG
@@ -260,7 +259,8 @@ def test_overlay_png_sizes(tmp_path):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["c_overlay.png", "plain.png", "slice.png"]
 
 
-def test_dicom_series_round_trips_through_the_reader(tmp_path):
+def test_parametric_map_round_trips_through_highdicom(tmp_path):
+    hd = pytest.importorskip("highdicom")
     dicom = pytest.importorskip("medidiff.data.dicom")
     folder = sample.dicom_examples().get("ct_series")
     if folder is None:
@@ -268,13 +268,18 @@ def test_dicom_series_round_trips_through_the_reader(tmp_path):
     files = sorted(p for p in folder.iterdir() if p.is_file())
     volume, affine, _ = dicom.read_series(files)
     ref = MetaTensor(torch.from_numpy(volume), affine=torch.from_numpy(affine))
-    heat = torch.linspace(0.0, 3.0, volume.size).reshape(volume.shape)  # a float map on the input grid
-    out = outputs.write_dicom_series(heat, ref, files, tmp_path / "heat", description="heatmap", protected=[folder])
-    back, back_affine, info = dicom.read_series(out)
-    np.testing.assert_allclose(back_affine, affine, atol=1e-4)
-    step = float(pydicom.dcmread(out[0]).RescaleSlope)
-    np.testing.assert_allclose(back, heat.numpy(), atol=step)
-    assert info["series"] is not None
+    heat = torch.linspace(0.0, 3.0, volume.size).reshape(volume.shape)  # (1, X, Y, Z) on the input grid
+    out = outputs.write_parametric_map(heat, ref, files, tmp_path / "heat.dcm", description="heatmap",
+                                       protected=[folder])
+    back = hd.imread(out).get_volume()  # highdicom's own reading: the frames on their world grid
+    values = np.asarray(back.array, dtype=np.float64)
+    assert values.size == volume.size and sorted(values.ravel()) == pytest.approx(sorted(heat.numpy().ravel()))
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    # the same world position for every voxel: highdicom's affine (LPS) against the reader's (RAS)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in values.shape], indexing="ij"), -1).reshape(-1, 3)
+    world = (lps_to_ras @ back.affine @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+    ours = np.rint((np.linalg.inv(affine) @ np.c_[world, np.ones(len(world))].T).T[:, :3]).astype(int)
+    np.testing.assert_allclose(values.ravel(), heat.numpy()[0][ours[:, 0], ours[:, 1], ours[:, 2]], rtol=1e-6)
 
 
 def test_atomic_writes_get_the_usual_permissions(tmp_path):

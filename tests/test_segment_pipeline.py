@@ -124,6 +124,9 @@ def test_a_dicom_series_gets_a_dicom_seg(tmp_path, tiny_model):
     assert seg.SOPClassUID.name == "Segmentation Storage" and int(seg.NumberOfFrames) == len(sources)
     nifti = nib.load(next((tmp_path / "out").glob("*_segmentation.nii.gz"))).get_fdata()
     assert int(np.asarray(seg.pixel_array).sum()) == int(nifti.sum())
+    from dicom_helpers import dciodvfy_errors
+
+    assert dciodvfy_errors(seg_file) == []  # a PACS accepts it
 
 
 def test_cli_segment_and_a_recipe_error_naming_the_key(tmp_path, tiny_model, capsys):

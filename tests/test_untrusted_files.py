@@ -142,13 +142,14 @@ def test_no_patient_identifier_reaches_names_logs_reports_or_manifests(tmp_path,
         assert main(args) == 0
         files = [p for p in out.rglob("*") if p.is_file()]
         dicoms = [p for p in files if p.suffix == ".dcm"]
-        assert len(dicoms) == 3 and any(p.name == "manifest.json" for p in files)
+        assert len(dicoms) == 2 and any(p.name == "manifest.json" for p in files)  # heatmap (PM), mask (SEG)
         for path in files:
             assert not any(i.lower() in str(path.relative_to(out)).lower() for i in IDENTIFIERS), path
             if path.suffix == ".dcm":
                 ds = pydicom.dcmread(path)
                 assert (str(ds.PatientID) == "../../etc/passwd") is not deidentify  # kept only for PACS filing
-                assert ("PatientBirthDate" in ds) is not deidentify
+                assert (ds.PatientBirthDate == "19610412") is not deidentify
+                assert (b"Hinterberger" in path.read_bytes()) is not deidentify
                 continue
             text = path.read_bytes().decode("latin-1").lower()
             assert not any(i.lower() in text for i in IDENTIFIERS), path

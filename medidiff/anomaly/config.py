@@ -111,9 +111,10 @@ class AnomalySection(TaskSection):
         map: the anomaly map (``MapOptions``).
         top_k: share of the highest voxels averaged into the case score.
         overlay_slices: slices shown in each case's overlay PNG.
-        dicom: for DICOM scans, also write the heatmap as a derived DICOM series.
-        deidentify: leave the patient's name, ID and birth date out of that series (the file names, logs,
-            reports and manifests never hold them).
+        dicom: for DICOM scans, also write the heatmap as a DICOM Parametric Map and the anomaly mask as a
+            DICOM SEG, in the scan's study and frame of reference.
+        deidentify: leave the patient's name, ID, birth date, study dates and IDs out of those DICOM files
+            (the file names, logs, reports and manifests never hold them).
         select: DICOM series selection rule.
         progress: show progress bars.
     """

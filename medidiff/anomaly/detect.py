@@ -10,18 +10,18 @@ along the training slicing axis (``medidiff.cases.slicewise``; empty slices skip
 case, on the scan's own grid (``medidiff.cases.restore``):
 
 - ``<case>_heatmap.nii.gz``: the anomaly map in the scan's intensity units (absolute residual);
-- ``<case>_heatmap_dicom/``: the same as a derived DICOM series, for DICOM scans (``dicom``);
+- ``<case>_heatmap.dcm``: for DICOM scans (``dicom``), the same as a DICOM Parametric Map (float values,
+  one frame per source slice) in the scan's study and frame of reference;
 - ``<case>_healthy.nii.gz``: the healthy reconstruction in the scan's units;
 - ``<case>_uncertainty.nii.gz``: the spread (``std`` or ``mad``) between the ``n_samples`` healthy
   reconstructions, in the scan's units (high where the healthy anatomy is uncertain), when ``n_samples > 1``;
-- ``<case>_anomaly_mask.nii.gz``: voxels above the threshold (uint8), when there is one;
+- ``<case>_anomaly_mask.nii.gz``: voxels above the threshold (uint8), when there is one; for DICOM scans
+  also ``<case>_anomaly_mask.dcm``, a DICOM SEG in the scan's study and frame of reference;
 - ``<case>_overlay.png``: the most anomalous slices with the map, lesion and flagged outlines;
 
 and for the run ``scores.csv``, ``thresholds.json`` and ``detection.json`` (settings and threshold; without
 calibration scans or a threshold, one saved beside the model is used, see ``thresholds.saved_threshold``),
-``metrics.json`` when labels are given, ``report.md`` and ``report.html`` (a self-contained page: every
-slice with a flagged voxel or a reference lesion, one colour scale for the run; ``medidiff.anomaly.report``),
-``failures.csv`` for skipped cases. Thresholds
+``metrics.json`` and ``report.md`` when labels are given, ``failures.csv`` for skipped cases. Thresholds
 and metrics use the map on the model's ``[-1, 1]`` scale, the same for every scan.
 
 The loop over cases (and over calibration scans) is ``medidiff.batch.Batch``'s: under ``torchrun`` the
@@ -48,14 +48,13 @@ from medidiff.data.batch import FailureLog
 from medidiff.errors import DataError
 from medidiff.metrics import detection_metrics
 from medidiff.modelinfo import ModelInfo
-from medidiff.outputs.html import views_of
 from medidiff.results import TaskResult
 from medidiff.sections import open_model
 
 from . import maps, thresholds
 from .config import AnomalySection
 from .healthy import healthy_nfe, patch_tiles, reconstruct_healthy
-from .report import case_view, write_html, write_report
+from .report import write_report
 
 __all__ = ["detect", "analyse", "CaseMaps"]
 
@@ -135,16 +134,37 @@ def restore_factor(prepared: Prepared, units: str) -> float:
     return step**2 if units == "squared" else step
 
 
-def _dicom_heatmap(heatmap: torch.Tensor, case: Case, out_dir: Path, inputs: Path, deidentify: bool) -> list[Path]:
-    """The heatmap as a derived series beside a DICOM scan's own (none, with a warning, if it cannot be)."""
+def _heatmap_unit(case: Case, units: str) -> str:
+    """The UCUM unit of a case's heatmap: Hounsfield units (squared) for CT, arbitrary units otherwise."""
+    if str(case.image.meta.get("modality", "")).upper() == "CT":
+        return "[hnsf'U]2" if units == "squared" else "[hnsf'U]"
+    return "[arb'U]"
+
+
+def _dicom_outputs(heatmap: torch.Tensor, flagged: torch.Tensor | None, case: Case, options: AnomalySection,
+                   out_dir: Path, inputs: Path) -> list[Path]:
+    """For a DICOM scan, the heatmap as a Parametric Map and the flagged voxels as a SEG, in the scan's study.
+
+    Either is left out, with a warning, when the scan cannot carry it (the NIfTI files are written anyway).
+    """
+    from medidiff import __version__
+
+    common = {"protected": [inputs], "deidentify": options.deidentify, "software_version": __version__}
+    written = []
     try:
-        return outputs.write_dicom_series(heatmap, case.image, case.source.paths,
-                                          out_dir / f"{case.name}_heatmap_dicom",
-                                          description="medidiff anomaly heatmap", protected=[inputs],
-                                          deidentify=deidentify)
+        written.append(outputs.write_parametric_map(
+            heatmap, case.image, case.source.paths, outputs.result_path(out_dir, case.name, "heatmap", "dcm"),
+            description="medidiff anomaly heatmap", label="anomaly map", unit=_heatmap_unit(case, _units(options)),
+            **common))
+        if flagged is not None:
+            written.append(outputs.write_dicom_seg(
+                flagged.to(torch.uint8), case.image, case.source.paths,
+                outputs.result_path(out_dir, case.name, "anomaly_mask", "dcm"),
+                classes=("background", "anomaly above threshold"), description="medidiff anomaly mask",
+                series_number=9901, **common))
     except DataError as e:
-        log.warning("%s: no DICOM heatmap (%s); the NIfTI heatmap is written", case.name, e)
-        return []
+        log.warning("%s: no DICOM output (%s); the NIfTI files are written", case.name, e)
+    return written
 
 
 def _calibrate(denoiser, info: ModelInfo, options: AnomalySection, path: Path, out_dir: Path, batch: Batch,
@@ -229,13 +249,13 @@ def _write_case(r: CaseMaps, options: AnomalySection, threshold: float | None, o
     if options.reconstruction.samples > 1:
         written.append(outputs.write_like(r.spread * restore_factor(r.prepared, "difference"), case.image,
                                           path("uncertainty"), protected=protected))
-    if options.dicom and case.source.kind == "dicom":
-        written += _dicom_heatmap(heatmap, case, out_dir, inputs, options.deidentify)
     flagged = None
     if threshold is not None:
         flagged = (r.score > threshold) & (r.prepared.input_foreground > 0.5)
         written.append(outputs.write_like(flagged.to(torch.uint8), case.image, path("anomaly_mask"),
                                           protected=protected))
+    if options.dicom and case.source.kind == "dicom":
+        written += _dicom_outputs(heatmap, flagged, case, options, out_dir, inputs)
     contours = {k: v for k, v in (("lesion", case.label), ("flagged", flagged)) if v is not None}
     written.append(outputs.overlay_png(
         case.image, heatmap, contours or None, path("overlay", "png"), title=f"{case.name}: anomaly map",
@@ -290,12 +310,6 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
                    "mean_spread": r.mean_spread if options.reconstruction.samples > 1 else "",
                    "time_s": round(r.time_s, 3), "nfe": r.nfe}
             arrays = {} if r.case.label is None else {"score": r.score, "labels": r.case.label, "mask": fg}
-            factor = restore_factor(r.prepared, _units(options))
-            spread = (r.spread * restore_factor(r.prepared, "difference") if options.reconstruction.samples > 1
-                      else None)
-            arrays.update(case_view(r.case.image, r.score * factor, lesion=r.case.label, flagged=flagged,
-                                    uncertainty=spread, threshold=None if thr is None else thr * factor,
-                                    n_slices=options.overlay_slices))
             return CaseOutput(files=written, row=row, arrays=arrays, inputs=r.case.files)
 
         settings = options.model_dump(mode="json", exclude={"model", "inputs", "threshold", "calibration",
@@ -333,8 +347,6 @@ def _summarise(got: BatchResult, calibration_failures: list[dict], denoiser, inf
         written_all.append(outputs.write_json(metrics, out_dir / "metrics.json"))
     if rows:
         written_all.append(write_report(out_dir, rows, metrics, settings))
-        written_all.append(write_html(out_dir, rows, metrics, settings,
-                                      {row["case"]: views_of(got.arrays.get(row["case"], {})) for row in rows}))
     failures = FailureLog(out_dir)
     failures.extend([*calibration_failures, *got.failures])
     if len(failures):

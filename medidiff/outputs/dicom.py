@@ -1,23 +1,43 @@
-"""A derived DICOM series written beside a DICOM input, slice for slice at the input's positions.
+"""What every DICOM output of medidiff shares: the source series it derives from, and its geometry.
 
-``write_dicom_series`` writes a derived CT/MR-like image series, which every viewer reads; segmentations are
-written as DICOM SEG by ``medidiff.outputs.dicom_seg`` (highdicom). Parametric Maps are not written yet.
+medidiff writes two DICOM objects beside a DICOM input, both with highdicom and both in the source's study
+and frame of reference, so that a PACS files them with the scan and a viewer overlays them on it:
+
+- a float map (the anomaly heatmap) as a **Parametric Map** (``medidiff.outputs.dicom_pm``, PS3.3 A.75);
+- a label map (a segmentation, the anomaly mask) as a **Segmentation** (``medidiff.outputs.dicom_seg``,
+  PS3.3 A.51).
+
+Both hold one frame per source slice; a frame's pixels are the result looked up at the source slice's
+pixels through their world (LPS -> RAS) coordinates (``values_on_slice``), so it does not matter in which
+order the reader stacked the slices. ``source_datasets`` reads the source headers and fills in what a
+derived object needs and some exported series lack:
+
+- a source without ``FrameOfReferenceUID`` gets one derived from its ``SeriesInstanceUID`` (the same for
+  every output of that series, so the heatmap, the mask and a segmentation share it); the source files
+  themselves are never changed;
+- type 2 patient and study attributes the source lacks (birth date, sex, accession number, study ID,
+  date and time, referring physician) are written empty, as type 2 asks for unknown values; a source
+  without ``StudyInstanceUID`` is refused;
+- with ``deidentify``, the patient becomes ``ANONYMOUS`` and the other ``IDENTIFYING_TAGS``
+  (birth date, dates, accession...) are left empty, while the study, series and frame-of-reference UIDs
+  are kept so the output still files with and overlays its source.
+
+``finish`` adds to a highdicom object what highdicom does not copy: a Parametric Map's ``Laterality``
+(the source's; empty, meaning unknown, when the source has none) and the de-identification record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from datetime import datetime
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from medidiff.arrays import to_numpy
 from medidiff.errors import DataError
 
-from .files import ArrayLike, PathLike, atomic_write
-from .volumes import affine_of
+from .files import PathLike
+
+__all__ = ["IDENTIFYING_TAGS", "finish", "source_datasets", "values_on_slice"]
 
 
 def _lps_positions(ds: Any) -> np.ndarray:
@@ -41,9 +61,11 @@ def values_on_slice(array: np.ndarray, inverse: np.ndarray, ds: Any, where: Any)
     Raises:
         DataError: the slice is multi-frame, lacks geometry, or does not lie on the grid.
     """
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "ImagePositionPatient" not in ds:
-        raise DataError("only single-frame slices with ImagePositionPatient can be referenced", where=where,
-                        fix="write NIfTI output for multi-frame or non-image sources.")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1 or not all(
+            t in ds for t in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")):
+        raise DataError("only single-frame slices with ImagePositionPatient, ImageOrientationPatient and "
+                        "PixelSpacing can be referenced", where=where,
+                        fix="use the NIfTI output for multi-frame sources or sources without geometry.")
     ras = _lps_positions(ds) * np.array([-1.0, -1.0, 1.0])
     ijk = ras @ inverse[:3, :3].T + inverse[:3, 3]
     idx = np.rint(ijk).astype(np.int64)
@@ -53,121 +75,83 @@ def values_on_slice(array: np.ndarray, inverse: np.ndarray, ds: Any, where: Any)
     return array[idx[..., 0], idx[..., 1], idx[..., 2]]
 
 
-_COPIED_TAGS = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
-    "StudyDescription", "FrameOfReferenceUID", "PositionReferenceIndicator", "Modality", "BodyPartExamined",
-    "PatientPosition", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
-    "SpacingBetweenSlices", "SliceLocation", "InstanceNumber", "Rows", "Columns",
-)
-#: Tags left out of a de-identified series (names, IDs, dates of birth, accession, physicians).
+#: Tags made anonymous (name, ID) or left empty in a de-identified output.
 IDENTIFYING_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientAge", "StudyID", "AccessionNumber",
-                    "ReferringPhysicianName", "StudyDate", "StudyTime", "StudyDescription")
+                    "ReferringPhysicianName", "StudyDate", "StudyTime", "StudyDescription", "OtherPatientIDs",
+                    "OtherPatientNames", "PatientAddress", "InstitutionName", "NameOfPhysiciansReadingStudy")
+#: Type 2 patient and study attributes every derived object copies from its source (empty when unknown).
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                 "StudyDate", "StudyTime", "ReferringPhysicianName")
+DEIDENTIFICATION_METHOD = "medidiff: name and ID replaced; dates, other IDs removed"  # LO: 64 at most
 
 
-def write_dicom_series(
-    data: ArrayLike,
-    reference: Any,
-    sources: Sequence[PathLike | Any],
-    folder: PathLike,
-    *,
-    description: str = "medidiff result",
-    units: str | None = None,
-    series_number: int = 9900,
-    protected: Iterable[PathLike] = (),
-    deidentify: bool = False,
-) -> list[Path]:
-    """Write a float map on the input grid as a derived DICOM series beside its DICOM source series.
+def frame_of_reference_for(series_uid: str) -> str:
+    """The ``FrameOfReferenceUID`` medidiff gives the outputs of a source series that has none (deterministic)."""
+    from pydicom.uid import generate_uid
 
-    Every source slice gets one output slice at the same position: its pixels are looked up in ``data``
-    through the world (LPS -> RAS) coordinates of the slice and ``reference``'s affine, so this works
-    whatever order the reader stacked the slices in. Geometry, patient, study and frame-of-reference tags
-    are copied; the series and instances get new UIDs, ``ImageType`` DERIVED\\SECONDARY and a reference
-    to each source instance. Values are stored as unsigned 16-bit with ``RescaleSlope`` and
-    ``RescaleIntercept`` spanning the map's range.
+    return generate_uid(entropy_srcs=["medidiff frame of reference", str(series_uid)])
+
+
+def source_datasets(sources: Sequence[PathLike | Any], *, deidentify: bool = False) -> list[Any]:
+    """The source slices' headers (no pixels), ready to be referenced by a derived highdicom object.
 
     Args:
-        data: ``(X, Y, Z)`` or ``(1, X, Y, Z)`` map on the input's grid.
-        reference: the input ``MetaTensor`` (gives the voxel-to-RAS affine of ``data``).
-        sources: the source series' single-frame DICOM files (paths or pydicom datasets).
-        folder: output folder (one ``.dcm`` per slice, ``IM0001.dcm``...).
-        description: ``SeriesDescription`` of the new series.
-        units: value units, written to ``RescaleType`` (e.g. ``"HU"``, ``"US"`` for unspecified).
-        series_number: ``SeriesNumber`` of the new series.
-        protected: input paths that must not be overwritten.
-        deidentify: leave out the patient's name, ID, birth date and the other ``IDENTIFYING_TAGS``
-            (the patient becomes ``ANONYMOUS``, ``PatientIdentityRemoved`` is ``YES``); geometry, study and
-            frame-of-reference UIDs are kept so the series still overlays its source.
+        sources: the source series' single-frame DICOM files (paths or pydicom datasets; datasets are copied).
+        deidentify: make the patient anonymous in the copies (see the module's notes).
 
     Returns:
-        The written files, in source order.
+        One dataset per source, in the given order.
 
     Raises:
-        DataError: a source is multi-frame or lacks geometry tags, or a slice falls outside ``data``.
+        DataError: a source cannot be read, or the sources are not all of one series.
     """
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+    from pydicom.dataset import Dataset
 
-    array = to_numpy(data).astype(np.float64)
-    if array.ndim == 4:
-        array = array[0]
-    if array.ndim != 3:
-        raise DataError(f"expected a 3D map, got shape {array.shape}", fix="pass (X, Y, Z) or (1, X, Y, Z).")
-    inverse = np.linalg.inv(affine_of(reference))
-    finite = array[np.isfinite(array)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    slope = (hi - lo) / 65535.0 if hi > lo else 1.0
-    series_uid = generate_uid()
-    now = datetime.now()
-    written = []
+    datasets = []
     for k, src in enumerate(sources):
-        ds_src = src if isinstance(src, Dataset) else pydicom.dcmread(src, stop_before_pixels=True)
-        where = getattr(ds_src, "filename", None) or f"source slice {k}"
-        values = values_on_slice(array, inverse, ds_src, where)
-        stored = np.clip(np.rint((np.nan_to_num(values, nan=lo) - lo) / slope), 0, 65535).astype(np.uint16)
-
-        ds = Dataset()
-        for tag in _COPIED_TAGS:
-            if tag in ds_src and not (deidentify and tag in IDENTIFYING_TAGS):
-                setattr(ds, tag, ds_src.data_element(tag).value)
-        sop_class = ds_src.SOPClassUID
-        if sop_class.name not in ("CT Image Storage", "MR Image Storage"):
-            sop_class = pydicom.uid.SecondaryCaptureImageStorage
-        ds.SOPClassUID = sop_class
+        try:
+            ds = src.copy() if isinstance(src, Dataset) else pydicom.dcmread(src, stop_before_pixels=True)
+        except (OSError, pydicom.errors.InvalidDicomError) as e:
+            raise DataError(f"cannot read the source slice ({e})", where=src) from None
+        if not getattr(ds, "filename", None):
+            ds.filename = f"source slice {k + 1}"
+        datasets.append(ds)
+    series = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    if len(series) != 1 or "" in series:
+        raise DataError(f"the sources are {len(series)} series, not one", where=datasets[0].filename if datasets
+                        else None, fix="write one DICOM output per source series.")
+    frames = {str(ds.get("FrameOfReferenceUID", "") or "") for ds in datasets} - {""}
+    if len(frames) > 1:
+        raise DataError("the source slices lie in several frames of reference", where=datasets[0].filename)
+    frame = frames.pop() if frames else frame_of_reference_for(series.pop())
+    for ds in datasets:
+        if "StudyInstanceUID" not in ds:
+            raise DataError("the source slice has no StudyInstanceUID", where=ds.filename,
+                            fix="use the NIfTI output for files that are not part of a DICOM study.")
+        ds.FrameOfReferenceUID = frame
         if deidentify:
-            ds.PatientName, ds.PatientID, ds.PatientIdentityRemoved = "ANONYMOUS", "ANONYMOUS", "YES"
-            ds.DeidentificationMethod = "medidiff: patient name, ID, birth date, dates, accession removed"
-        ds.SOPInstanceUID = generate_uid()
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = series_number
-        ds.SeriesDescription = description[:64]
-        ds.ImageType = ["DERIVED", "SECONDARY"]
-        ds.DerivationDescription = description[:1024]
-        ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-        ds.SeriesDate, ds.SeriesTime = ds.ContentDate, ds.ContentTime
-        ds.InstanceNumber = int(ds_src.get("InstanceNumber", k + 1) or k + 1)
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = ds_src.SOPClassUID
-        ref.ReferencedSOPInstanceUID = ds_src.SOPInstanceUID
-        ds.SourceImageSequence = [ref]
-        ref_series = Dataset()
-        ref_series.SeriesInstanceUID = ds_src.SeriesInstanceUID
-        ref_series.ReferencedInstanceSequence = [ref]
-        ds.ReferencedSeriesSequence = [ref_series]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleIntercept, ds.RescaleSlope = f"{lo:.6g}", f"{slope:.6g}"
-        ds.RescaleType = (units or "US")[:16]
-        ds.WindowCenter, ds.WindowWidth = f"{(lo + hi) / 2:.6g}", f"{max(hi - lo, 1e-6):.6g}"
-        ds.PixelData = stored.tobytes()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        path = Path(folder) / f"IM{k + 1:04d}.dcm"
-        with atomic_write(path, protected) as tmp:
-            ds.save_as(tmp, enforce_file_format=True)
-        written.append(path)
-    return written
+            for tag in IDENTIFYING_TAGS:
+                if tag in ds:
+                    delattr(ds, tag)
+            ds.PatientName, ds.PatientID = "ANONYMOUS^", "ANONYMOUS"
+        for tag in _TYPE2_COPIED:
+            if tag not in ds:
+                setattr(ds, tag, "")  # type 2: present, empty when unknown
+    return datasets
+
+
+def finish(obj: Any, source: Any, *, deidentify: bool, laterality: bool = True) -> Any:
+    """Add to a highdicom object what it does not take from its source; returns ``obj``.
+
+    With ``laterality`` (a Parametric Map), ``Laterality`` (General Series, type 2C) is the source's, or
+    empty (unknown) when the source has none; a Segmentation leaves it out (its segments carry the anatomy,
+    and dciodvfy rejects it there). A de-identified object says so (``PatientIdentityRemoved``,
+    ``DeidentificationMethod``).
+    """
+    if laterality:
+        obj.Laterality = source.get("Laterality", "") or ""
+    if deidentify:
+        obj.PatientIdentityRemoved = "YES"
+        obj.DeidentificationMethod = DEIDENTIFICATION_METHOD
+    return obj
