@@ -21,7 +21,9 @@ case, on the scan's own grid (``medidiff.cases.restore``):
 
 and for the run ``scores.csv``, ``thresholds.json`` and ``detection.json`` (settings and threshold; without
 calibration scans or a threshold, one saved beside the model is used, see ``thresholds.saved_threshold``),
-``metrics.json`` and ``report.md`` when labels are given, ``failures.csv`` for skipped cases. Thresholds
+``metrics.json`` when labels are given, ``report.md`` and ``report.html`` (a self-contained page: every
+slice with a flagged voxel or a reference lesion, one colour scale for the run; ``medidiff.anomaly.report``),
+``failures.csv`` for skipped cases. Thresholds
 and metrics use the map on the model's ``[-1, 1]`` scale, the same for every scan.
 
 The loop over cases (and over calibration scans) is ``medidiff.batch.Batch``'s: under ``torchrun`` the
@@ -48,13 +50,14 @@ from medidiff.data.batch import FailureLog
 from medidiff.errors import DataError
 from medidiff.metrics import detection_metrics
 from medidiff.modelinfo import ModelInfo
+from medidiff.outputs.html import views_of
 from medidiff.results import TaskResult
 from medidiff.sections import open_model
 
 from . import maps, thresholds
 from .config import AnomalySection
 from .healthy import healthy_nfe, patch_tiles, reconstruct_healthy
-from .report import write_report
+from .report import case_view, write_html, write_report
 
 __all__ = ["detect", "analyse", "CaseMaps"]
 
@@ -310,6 +313,12 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
                    "mean_spread": r.mean_spread if options.reconstruction.samples > 1 else "",
                    "time_s": round(r.time_s, 3), "nfe": r.nfe}
             arrays = {} if r.case.label is None else {"score": r.score, "labels": r.case.label, "mask": fg}
+            factor = restore_factor(r.prepared, _units(options))
+            spread = (r.spread * restore_factor(r.prepared, "difference") if options.reconstruction.samples > 1
+                      else None)
+            arrays.update(case_view(r.case.image, r.score * factor, lesion=r.case.label, flagged=flagged,
+                                    uncertainty=spread, threshold=None if thr is None else thr * factor,
+                                    n_slices=options.overlay_slices))
             return CaseOutput(files=written, row=row, arrays=arrays, inputs=r.case.files)
 
         settings = options.model_dump(mode="json", exclude={"model", "inputs", "threshold", "calibration",
@@ -347,6 +356,8 @@ def _summarise(got: BatchResult, calibration_failures: list[dict], denoiser, inf
         written_all.append(outputs.write_json(metrics, out_dir / "metrics.json"))
     if rows:
         written_all.append(write_report(out_dir, rows, metrics, settings))
+        written_all.append(write_html(out_dir, rows, metrics, settings,
+                                      {row["case"]: views_of(got.arrays.get(row["case"], {})) for row in rows}))
     failures = FailureLog(out_dir)
     failures.extend([*calibration_failures, *got.failures])
     if len(failures):
