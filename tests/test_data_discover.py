@@ -195,7 +195,8 @@ def test_inspect_reports_reading_warnings():
 
     (row,) = inspect_path(get_testdata_file("emri_small.dcm"))
     assert row["shape"] == (1, 64, 64, 10) and row["modality"] == "MR"
-    assert len(row["problems"]) == 1 and "position in the patient is unknown" in row["problems"][0]
+    assert len(row["problems"]) == 2 and "position in the patient is unknown" in row["problems"][0]
+    assert row["problems"][1] == "no PixelSpacing: 1 mm assumed" and row["orientation"] == "unknown"
 
 
 def test_convert_never_overwrites_its_input(tmp_path):

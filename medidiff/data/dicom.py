@@ -139,7 +139,9 @@ def read_series(paths: Sequence[str | Path], where: str | Path | None = None
     Returns:
         ``(array, affine, info)``: ``array`` is float32 ``(C, X, Y, Z)`` in modality units (CT in HU:
         RescaleSlope/Intercept applied), ``affine`` the 4x4 voxel-to-RAS affine, and ``info`` a dict with
-        ``modality``, ``series`` (:class:`SeriesInfo`) and ``problems``.
+        ``modality``, ``series`` (:class:`SeriesInfo`), ``problems`` and ``geometry``: ``{"known": bool,
+        "source": str}`` (``known`` is False when the images have no position in the patient; the affine
+        then only keeps voxel order and spacing, see :class:`StackGeometry`).
 
     Raises:
         DataError: a file is unreadable, truncated, compressed without a decoder, or the images do not
@@ -175,5 +177,6 @@ def read_series(paths: Sequence[str | Path], where: str | Path | None = None
         "modality": str(members[0][1].get("Modality", "") or ""),
         "series": summarize(members),
         "problems": geometry.problems,
+        "geometry": {"known": geometry.known, "source": geometry.source},
     }
     return volume, geometry.affine, info

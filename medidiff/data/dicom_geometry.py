@@ -34,8 +34,13 @@ from medidiff.errors import DataError
 
 from .dicom_headers import REEXPORT_FIX, frame_count, int_or
 
-__all__ = ["LPS_TO_RAS", "StackGeometry", "series_geometry"]
+__all__ = ["GEOMETRY_FROM_TAGS", "LPS_TO_RAS", "NO_POSITION", "StackGeometry", "series_geometry"]
 
+#: The geometry source of a series placed in the patient by its own tags.
+GEOMETRY_FROM_TAGS = "DICOM ImagePositionPatient, ImageOrientationPatient and PixelSpacing"
+#: The problem reported for a series whose images have no position in the patient.
+NO_POSITION = ("no ImagePositionPatient/ImageOrientationPatient: voxel order and spacing only, "
+               "the position in the patient is unknown")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _ORIENTATION_TOL = 1e-3  # direction cosines
 _SPACING_TOL = 1e-3  # mm
@@ -53,6 +58,10 @@ class StackGeometry:
         shape: spatial shape ``(X, Y, Z)`` = ``(Columns, Rows, slices)``.
         affine: 4x4 voxel-to-RAS affine (mm).
         problems: warnings that do not stop reading (e.g. no patient geometry, gantry tilt).
+        known: whether the affine places the voxels in the patient (ImagePositionPatient,
+            ImageOrientationPatient and PixelSpacing present); when False the affine only keeps the voxel
+            order and whatever spacing the headers give, and must not be written as world geometry.
+        source: where the geometry came from, in words (recorded in conversion sidecars).
     """
 
     order: list[tuple[Path, int | None]]
@@ -60,6 +69,8 @@ class StackGeometry:
     shape: tuple[int, int, int]
     affine: np.ndarray
     problems: list[str] = field(default_factory=list)
+    known: bool = True
+    source: str = GEOMETRY_FROM_TAGS
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -269,16 +280,33 @@ def _slice_step(planes: list[_Plane], positions: np.ndarray, depth: np.ndarray, 
 
 
 def _without_geometry(planes: list[_Plane], rows: int, columns: int) -> StackGeometry:
+    """Images without a position in the patient: voxel order (instance number) and the spacing the tags give.
+
+    The affine is a placeholder (no rotation, origin 0, 1 mm where a spacing is missing); ``known`` is False
+    so that it is never written as world geometry.
+    """
     planes = sorted(planes, key=lambda p: (p.instance, str(p.path)))
-    spacing = planes[0].spacing if planes[0].spacing is not None else np.ones(2)
-    lps = np.diag([spacing[1], spacing[0], planes[0].thickness or 1.0, 1.0])
+    spacing = planes[0].spacing
+    thickness = planes[0].thickness
+    assumed = [name for name, value in (("PixelSpacing", spacing), ("SliceThickness/SpacingBetweenSlices",
+                                                                     thickness)) if value is None]
+    spacing = spacing if spacing is not None else np.ones(2)
+    lps = np.diag([spacing[1], spacing[0], thickness or 1.0, 1.0])
+    problems = [NO_POSITION]
+    source = "none: no ImagePositionPatient/ImageOrientationPatient (voxel order only"
+    if assumed:
+        problems.append(f"no {' or '.join(assumed)}: 1 mm assumed")
+        source += f"; 1 mm assumed for the missing {', '.join(assumed)})"
+    else:
+        source += "; spacing from PixelSpacing and the slice thickness)"
     return StackGeometry(
         order=[(p.path, p.frame) for p in planes],
         rescale=[(p.slope, p.intercept) for p in planes],
         shape=(columns, rows, len(planes)),
         affine=LPS_TO_RAS @ lps,
-        problems=["no ImagePositionPatient/ImageOrientationPatient: voxel order and spacing only, "
-                  "the position in the patient is unknown"],
+        problems=problems,
+        known=False,
+        source=source,
     )
 
 

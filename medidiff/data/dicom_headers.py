@@ -30,10 +30,13 @@ __all__ = [
     "frame_count",
     "group_series",
     "image_problem",
+    "identifiers",
     "int_or",
     "is_dicomdir",
+    "other_format",
     "read_dataset",
     "read_header",
+    "screen_text",
     "series_name",
     "sop_class_name",
     "summarize",
@@ -54,7 +57,9 @@ class SeriesInfo:
         uid: SeriesInstanceUID ("" when absent).
         number: SeriesNumber (0 when absent).
         modality: Modality, e.g. "CT" or "MR" ("OT" when absent).
-        description: SeriesDescription ("" when absent); shown to the user, never used in file names.
+        description: SeriesDescription ("" when absent), screened by :func:`screen_text` (the patient's name,
+            IDs and birth date and anything written like a DICOM person name are replaced by ``[removed]``);
+            shown to the user, never used in file names.
         sop_class: the SOP class name, e.g. "Enhanced CT Image Storage".
         files: number of files.
         images: number of 2D images (slices or frames).
@@ -114,6 +119,10 @@ def read_dataset(path: str | Path, *, header_only: bool = False) -> Dataset:
     except DataError:
         raise
     except InvalidDicomError as err:
+        other = other_format(path)
+        if other:
+            raise DataError(f"is {other}, not a DICOM file; medidiff reads {SUPPORTED_FORMATS}.",
+                            where=path, fix="convert it to NIfTI or DICOM, or remove it from the input.") from err
         raise DataError("is not a DICOM file (no 'DICM' marker).", where=path,
                         fix="remove it from the input, or point at the DICOM files only.") from err
     except FileNotFoundError as err:
@@ -124,6 +133,39 @@ def read_dataset(path: str | Path, *, header_only: bool = False) -> Dataset:
     except Exception as err:  # pydicom raises many types on damaged files
         raise DataError(f"is a damaged DICOM file ({type(err).__name__}: {err}).", where=path,
                         fix=REEXPORT_FIX) from err
+
+
+#: What medidiff reads, in words (for messages about files it does not read).
+SUPPORTED_FORMATS = ("NIfTI (.nii, .nii.gz), DICOM (files, folders, DICOMDIR), JSON datalists, CSV lists and "
+                     "nnU-Net folders")
+#: Leading bytes of image and data formats that are not DICOM: (signature, offset, name).
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", 0, "a PNG image"), (b"\xff\xd8\xff", 0, "a JPEG image"),
+               (b"II*\x00", 0, "a TIFF image"), (b"MM\x00*", 0, "a TIFF image"), (b"GIF8", 0, "a GIF image"),
+               (b"BM", 0, "a BMP image"), (b"NRRD", 0, "an NRRD volume"), (b"ObjectType", 0, "a MetaImage (.mha/.mhd)"),
+               (b"\x93NUMPY", 0, "a NumPy array (.npy)"), (b"\x89HDF\r\n\x1a\n", 0, "an HDF5 file"),
+               (b"%PDF", 0, "a PDF document"), (b"PK\x03\x04", 0, "a ZIP archive"),
+               (b"\x1f\x8b", 0, "a gzip-compressed file (not a .nii.gz name)"),
+               (b"n+1\x00", 344, "a NIfTI file without a .nii/.nii.gz name"))
+
+
+def other_format(path: str | Path) -> str | None:
+    """Names the format of a file that is not DICOM, from its first bytes (e.g. ``"a PNG image"``), or None.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The format in words, or None when it is not one medidiff recognises.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(352)
+    except OSError:
+        return None
+    for signature, offset, name in _SIGNATURES:
+        if head[offset:offset + len(signature)] == signature:
+            return name
+    return None
 
 
 #: Tags medidiff reads as numbers: each must parse, and be a whole number where marked ``int``.
@@ -268,13 +310,66 @@ def summarize(members: Sequence[tuple[Path, Dataset]]) -> SeriesInfo:
         uid=str(ds.get("SeriesInstanceUID", "")),
         number=int_or(ds.get("SeriesNumber"), 0),
         modality=str(ds.get("Modality", "") or "OT"),
-        description=str(ds.get("SeriesDescription", "") or ""),
+        description=screen_text(str(ds.get("SeriesDescription", "") or ""), identifiers(ds)),
         sop_class=sop_class_name(ds),
         files=len(members),
         images=images,
         rows=int(ds.Rows),
         columns=int(ds.Columns),
     )
+
+
+#: Tags whose values identify the patient; their text is removed from descriptions shown or written.
+IDENTIFYING_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate",
+                        "PatientBirthName", "PatientMotherBirthName", "AccessionNumber", "ReferringPhysicianName",
+                        "PerformingPhysicianName", "OperatorsName")
+#: A value written like a DICOM person name (``FAMILY^GIVEN``), whatever tag it sits in.
+_PERSON_NAME = re.compile(r"[^\s^]+\^\S*|\^[^\s^]\S*")
+REMOVED = "[removed]"
+
+
+def identifiers(ds: Dataset) -> list[str]:
+    """The identifying values of a dataset (patient name and IDs, birth date, physicians), as text.
+
+    Args:
+        ds: a dataset (header only is enough).
+
+    Returns:
+        The non-empty values of :data:`IDENTIFYING_KEYWORDS`.
+    """
+    values = []
+    for keyword in IDENTIFYING_KEYWORDS:
+        try:
+            value = ds.get(keyword)
+        except Exception:  # noqa: BLE001 - a malformed value is left out, not read
+            continue
+        items = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+        values += [str(v) for v in items if v not in (None, "") and str(v).strip()]
+    return values
+
+
+def screen_text(text: str, idents: Iterable[str] = ()) -> str:
+    """Screens free text from a DICOM tag (SeriesDescription, ProtocolName) before it is shown or written.
+
+    Anything written like a DICOM person name (``DOE^JOHN``) is removed whatever tag it came from; then, as
+    :func:`medidiff.outputs.safe_case_name` does for file names, each identifier is split into its name
+    components (on ``^``, spaces and commas) and every component of two characters or more is removed
+    (case-insensitively, as a whole word, so that "ANN" leaves "ANNULAR" alone). Each removal leaves
+    ``[removed]``; control characters become spaces.
+
+    Args:
+        text: the tag's text.
+        idents: the dataset's identifying values (see :func:`identifiers`).
+
+    Returns:
+        The screened text.
+    """
+    text = re.sub(r"[\x00-\x1f\x7f]", " ", str(text))
+    text = _PERSON_NAME.sub(REMOVED, text)
+    parts = {part for ident in idents for part in re.split(r"[\^\s,]+", str(ident)) if len(part) >= 2}
+    for part in sorted(parts, key=len, reverse=True):
+        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(part)}(?![A-Za-z0-9])", REMOVED, text, flags=re.IGNORECASE)
+    return re.sub(rf"(?:{re.escape(REMOVED)}[\s^,]*)+(?={re.escape(REMOVED)})", "", text).strip()
 
 
 def series_name(info: SeriesInfo) -> str:

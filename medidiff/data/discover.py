@@ -23,7 +23,14 @@ from monai.data import MetaTensor, load_decathlon_datalist
 
 from medidiff.data import dicom
 from medidiff.data.dicom import SeriesInfo
-from medidiff.data.nifti import is_nifti, nifti_geometry, nifti_stem, read_nifti
+from medidiff.data.nifti import (
+    NO_WORLD_GEOMETRY,
+    is_nifti,
+    nifti_geometry,
+    nifti_stem,
+    nifti_world_geometry,
+    read_nifti,
+)
 from medidiff.errors import DataError
 
 __all__ = ["SELECT_RULES", "Source", "discover", "geometry", "load", "load_companion", "load_label", "select_series"]
@@ -348,8 +355,8 @@ def _unique_names(sources: list[Source]) -> list[Source]:
     return sources
 
 
-def _meta_tensor(array: np.ndarray, affine: np.ndarray, filename: Path, modality: str, case: str
-                 ) -> MetaTensor:
+def _meta_tensor(array: np.ndarray, affine: np.ndarray, filename: Path, modality: str, case: str,
+                 geometry: dict) -> MetaTensor:
     affine_t = torch.as_tensor(affine, dtype=torch.float64)
     meta = {
         "filename_or_obj": str(filename),
@@ -360,6 +367,8 @@ def _meta_tensor(array: np.ndarray, affine: np.ndarray, filename: Path, modality
         "spatial_shape": np.asarray(array.shape[1:]),
         "original_channel_dim": 0,
         "space": "RAS",
+        "geometry_known": bool(geometry["known"]),
+        "geometry_source": str(geometry["source"]),
     }
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=affine_t, meta=meta)
 
@@ -374,7 +383,9 @@ def load(source: Source, multichannel: bool = False) -> MetaTensor:
     Returns:
         A float32 ``MetaTensor`` ``(C, X, Y, Z)`` with its voxel-to-RAS affine and meta
         ``filename_or_obj``, ``case``, ``modality`` ("" when unknown, as for NIfTI), ``spacing``
-        (mm per axis), ``space`` ("RAS"). DICOM CT values are in HU.
+        (mm per axis), ``space`` ("RAS"), ``geometry_known`` (False when the files do not place the voxels
+        in the patient: DICOM without ImagePositionPatient/ImageOrientationPatient, NIfTI with qform and
+        sform codes 0) and ``geometry_source`` (in words). DICOM CT values are in HU.
 
     Raises:
         DataError: the files cannot be read or are inconsistent (see :mod:`medidiff.data.nifti` and
@@ -383,7 +394,7 @@ def load(source: Source, multichannel: bool = False) -> MetaTensor:
     if source.kind == "dicom":
         array, affine, info = dicom.read_series(source.paths, where=_where(source))
         source.problems.extend(p for p in info["problems"] if p not in source.problems)
-        return _meta_tensor(array, affine, _where(source), info["modality"], source.name)
+        return _meta_tensor(array, affine, _where(source), info["modality"], source.name, info["geometry"])
     arrays = []
     affine = None
     for path in source.paths:
@@ -395,7 +406,12 @@ def load(source: Source, multichannel: bool = False) -> MetaTensor:
                             fix="resample all channels of a case onto one grid.")
         affine = this_affine if affine is None else affine
         arrays.append(array)
-    return _meta_tensor(np.concatenate(arrays), affine, source.paths[0], "", source.name)
+    known = nifti_world_geometry(source.paths[0])
+    if not known and NO_WORLD_GEOMETRY not in source.problems:
+        source.problems.append(NO_WORLD_GEOMETRY)
+    where = "NIfTI sform/qform" if known else "none: NIfTI qform and sform codes 0 (voxel sizes only)"
+    return _meta_tensor(np.concatenate(arrays), affine, source.paths[0], "", source.name,
+                        {"known": known, "source": where})
 
 
 def _where(source: Source) -> Path:

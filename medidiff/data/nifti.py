@@ -21,11 +21,15 @@ from medidiff.errors import DataError
 
 from .limits import check_image_size, max_image_bytes
 
-__all__ = ["NIFTI_SUFFIXES", "is_nifti", "nifti_geometry", "nifti_stem", "read_nifti"]
+__all__ = ["NIFTI_SUFFIXES", "NO_WORLD_GEOMETRY", "is_nifti", "nifti_geometry", "nifti_stem", "nifti_world_geometry",
+           "read_nifti"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _DAMAGED = (ImageFileError, HeaderDataError, HeaderTypeError, OSError, EOFError, zlib.error, ValueError,
             OverflowError)
+#: The problem reported for a NIfTI file whose qform and sform codes are both 0.
+NO_WORLD_GEOMETRY = ("no world geometry (qform and sform codes 0): voxel sizes only, the position in the patient "
+                     "is unknown")
 _REEXPORT = "export or download the file again (test a .gz file with `gzip -t FILE`)."
 
 
@@ -150,6 +154,26 @@ def nifti_geometry(path: str | Path, multichannel: bool = False) -> tuple[tuple[
     img = _open(path)
     spatial, _ = _spatial_shape(img.shape, path, multichannel)
     return spatial, _checked_affine(img, path)
+
+
+def nifti_world_geometry(path: str | Path) -> bool:
+    """Whether a NIfTI file places its voxels in the world: a qform or sform code above 0 (header only).
+
+    A file written with both codes 0 (``medidiff convert`` does so for DICOM without a patient position)
+    has only voxel sizes; its affine is nibabel's fallback and says nothing about the patient.
+
+    Args:
+        path: the file.
+
+    Returns:
+        True when the qform or the sform code is set.
+
+    Raises:
+        DataError: the file is missing or damaged.
+    """
+    header = _open(Path(path)).header
+    codes = [int(header.get("qform_code", 0) or 0), int(header.get("sform_code", 0) or 0)]
+    return max(codes) > 0
 
 
 def read_nifti(path: str | Path, multichannel: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -43,6 +43,7 @@ def write_nifti(
     *,
     dtype: Any = None,
     protected: Iterable[PathLike] = (),
+    xform_code: int = 1,
 ) -> Path:
     """Write a volume as NIfTI with the given affine, atomically.
 
@@ -54,6 +55,8 @@ def write_nifti(
             MetaTensor); ``None`` takes ``data.affine``.
         dtype: stored type; by default float32 for maps, uint8 for masks (bool) and small labels.
         protected: input paths that must not be overwritten.
+        xform_code: the NIfTI qform and sform code: 1 (scanner anatomical) by default; 0 marks a volume
+            whose position in the patient is unknown (only the affine's voxel sizes, kept in pixdim, count).
 
     Returns:
         ``path`` as a ``Path``.
@@ -74,8 +77,8 @@ def write_nifti(
                         fix="pass (X, Y, Z) or (C, X, Y, Z).")
     array = np.ascontiguousarray(array.astype(_output_dtype(array, dtype), copy=False))
     image = nib.Nifti1Image(array, affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=int(xform_code))
+    image.set_sform(affine, code=int(xform_code))
     image.header.set_xyzt_units("mm")
     with atomic_write(path, protected) as tmp:
         nib.save(image, tmp)
