@@ -72,19 +72,19 @@ class Manifest:
     Args:
         out_dir: the run's output folder.
         recipe_text: the resolved recipe as saved in ``recipe.yaml`` (its SHA-256 is recorded).
-        seed: the run's seed.
+        seed: the run's seed (None: the run draws no random numbers; no ``seed`` entry).
         device: the device it runs on.
         inputs: input files whose SHA-256 should be recorded.
         **fields: further JSON-able entries (task, world size...).
     """
 
-    def __init__(self, out_dir: str | Path, *, recipe_text: str, seed: int, device: str,
+    def __init__(self, out_dir: str | Path, *, recipe_text: str, seed: int | None, device: str,
                  inputs: Iterable[str | Path] = (), **fields: Any):
         self.path = Path(out_dir) / MANIFEST_NAME
         self.data: dict[str, Any] = {
             **environment(),
             "device": str(device),
-            "seed": int(seed),
+            "seed": None if seed is None else int(seed),
             "recipe_sha256": hashlib.sha256(recipe_text.encode("utf-8")).hexdigest(),
             "start_time": now(),
             "end_time": None,
@@ -92,6 +92,8 @@ class Manifest:
             "outputs": {},
             **fields,
         }
+        if seed is None:
+            del self.data["seed"]
 
     def add_outputs(self, paths: Iterable[str | Path]) -> None:
         """Record the SHA-256 of written files, keyed by their path relative to the output folder."""

@@ -6,6 +6,8 @@ device; ``train(recipe, out_dir)`` runs the training engine. Every run's folder 
 ``recipe.yaml`` (only the sections that apply to the task), a ``manifest.json`` (versions, seed, recipe
 hash, checksums of inputs and outputs) and a log named for the task (``train.log``, ``anomaly.log``). Rank 0
 holds the folder's lock (``medidiff.outputs.lock``) for the whole run, so two runs never interleave.
+``convert(path, out_dir, ...)`` records a ``medidiff convert`` folder the same way (its options stand for the
+recipe).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .outputs.lock import RunLock
 from .recipes import Recipe
 from .runtime import env_rank, resolve_device
 
-__all__ = ["TASKS", "RECIPE_NAME", "LOG_NAME", "run", "train"]
+__all__ = ["TASKS", "RECIPE_NAME", "LOG_NAME", "convert", "run", "train"]
 
 RECIPE_NAME = "recipe.yaml"
 #: The run log in a run's folder, named for its task.
@@ -73,8 +75,8 @@ def _recorded(recipe: Recipe, out_dir: Path, fn: Callable[[Path], Any]) -> Any:
     try:
         result = fn(out_dir)
     except BaseException as e:
-        if isinstance(e, MedidiffError):
-            log.error("%s", e)
+        if isinstance(e, MedidiffError):  # the command prints it; the console handler skips this record
+            log.error("%s", e, extra={"reraised": True})
         else:
             log.exception("run failed")
         manifest.update(status="failed", error=str(e) if isinstance(e, MedidiffError) else f"{type(e).__name__}: {e}")
@@ -130,3 +132,51 @@ def train(recipe: Recipe, out_dir: str | Path) -> Any:
     from .train import run_recipe
 
     return _execute(recipe, out_dir, lambda out: run_recipe(recipe, out))
+
+
+def convert(path: str | Path, out_dir: str | Path, *, select: str | None = "all", allow_unknown_geometry: bool = False,
+            keep_identifiers: bool = False, overwrite: bool = False) -> Any:
+    """Convert the series at a path to NIfTI (``medidiff convert``), with the folder's manifest.
+
+    The folder gets what :func:`medidiff.data.inspect.convert` writes (images, sidecars, ``converted.csv``,
+    ``failures.csv``) and a ``manifest.json`` (versions, the options and their hash, checksums of every
+    input and output, status), under the folder's lock. A folder holding an earlier conversion is left
+    untouched unless ``overwrite``.
+
+    Args:
+        path: the DICOM or NIfTI input.
+        out_dir: the output folder.
+        select: DICOM series selection rule.
+        allow_unknown_geometry, keep_identifiers, overwrite: see :func:`medidiff.data.inspect.convert`.
+
+    Returns:
+        The :class:`medidiff.data.inspect.Conversion`.
+
+    Raises:
+        DataError: see :func:`medidiff.data.inspect.convert`.
+    """
+    import json
+
+    from .data.inspect import EarlierResults
+    from .data.inspect import convert as convert_series
+
+    options = {"input": str(path), "select": select, "allow_unknown_geometry": allow_unknown_geometry,
+               "keep_identifiers": keep_identifiers, "overwrite": overwrite}
+    out_dir = Path(out_dir)
+    with RunLock(out_dir):
+        manifest = Manifest(out_dir, recipe_text=json.dumps(options, sort_keys=True), seed=None, device="cpu",
+                            task="convert", options=options, status="running")
+        try:
+            result = convert_series(path, out_dir, select, allow_unknown_geometry=allow_unknown_geometry,
+                                    keep_identifiers=keep_identifiers, overwrite=overwrite)
+        except EarlierResults:
+            raise  # nothing was written, the earlier manifest stays
+        except MedidiffError as e:
+            manifest.update(status="failed", error=str(e))
+            manifest.write(finished=True)
+            raise
+        manifest.data["inputs"] = {str(p): sha256_file(p) for p in result.inputs}
+        manifest.add_outputs(result.outputs)
+        manifest.update(status="finished", series_converted=len(result.images), series_failed=result.failures)
+        manifest.write(finished=True)
+    return result

@@ -97,7 +97,7 @@ def test_cli_detect(tmp_path, tiny_model, capsys):
                  "anomaly.log"):
         assert (out / name).is_file()
     assert main(["detect", "--model", str(tiny_model), "--input", str(tmp_path / "missing.nii.gz"),
-                 "--out", str(out)]) == 2
+                 "--out", str(out)]) == 4  # a data error
 
 
 def test_demo_recipe_is_valid():

@@ -103,5 +103,5 @@ def test_inspect_and_convert_a_nifti(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "case1.nii.gz"), "--out", str(tmp_path / "nifti")]) == 0
     written = list((tmp_path / "nifti").glob("*.nii.gz"))
     assert len(written) == 1 and np.allclose(nib.load(written[0]).get_fdata(), volume)
-    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert main(["inspect", str(tmp_path / "missing")]) == 4  # a data error
     assert "missing" in capsys.readouterr().err
