@@ -174,7 +174,7 @@ class Recipe(BaseModel):
     """A whole recipe.
 
     Attributes:
-        task: ``train`` or ``anomaly`` (reconstruction and segmentation join as their packages land).
+        task: ``train``, or a task: ``anomaly``, ``recon`` or ``segment``.
         description: free text.
         seed: the run's seed.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.

@@ -56,7 +56,16 @@ MRI_PERCENTILES = (0.5, 99.5)
 
 
 class AugmentConfig(BaseModel):
-    """Random training augmentation (``medidiff.data.augment``): affine warps, intensity gamma, left-right flips."""
+    """Random training augmentation (``medidiff.data.augment``): affine warps, intensity gamma, left-right flips.
+
+    Attributes:
+        rotate_deg: largest rotation angle in degrees (about each axis in 3D); 0 with ``scale`` and ``translate``
+            0 switches warping off.
+        scale: largest relative zoom in or out.
+        translate: largest shift, as a fraction of the image size.
+        gamma: largest intensity gamma, ``exp(U(-gamma, gamma))`` (0: off).
+        flip: probability of a left-right mirror (0: off).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
