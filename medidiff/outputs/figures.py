@@ -409,5 +409,5 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="PNG", optimize=True)
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="PNG")
     return buffer.getvalue()

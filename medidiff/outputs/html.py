@@ -268,12 +268,16 @@ def case_section(name: str, view: Mapping[str, torch.Tensor], panels: Sequence[P
     grey = grey or figures.grey_range([image])
     usable = [p for p in panels if layer(view, p.base) is not None
               and (p.overlay is None or layer(view, p.overlay) is not None)]
+    for p in usable:  # a map without a run-wide scale gets this case's own
+        if p.overlay is not None and p.overlay not in scales:
+            vmin, vmax = figures.shared_scale([layer(view, p.overlay)])
+            scales[p.overlay] = Scale(p.overlay, p.overlay, "", vmin, vmax)
     in_plane = [shape[d] for d in range(3) if d != axis]
     n_across, n_up = (in_plane[0], in_plane[1]) if layout.across < layout.up else (in_plane[1], in_plane[0])
     width_mm, height_mm = n_across * layout.spacing[0], n_up * layout.spacing[1]
     px = _SIDE_PX / max(width_mm, height_mm)
     size = (max(1, round(width_mm * px)), max(1, round(height_mm * px)))
-    zoom = int(np.clip(np.ceil(_SIDE_PX / max(n_across, n_up)), 1, 8))
+    zoom = int(np.clip(_SIDE_PX // max(n_across, n_up), 1, 8))  # small images magnified; large ones as they are
 
     def oriented_plane(a: np.ndarray) -> np.ndarray:
         return figures.orient_slice(a, layout, view_mode)
@@ -286,8 +290,7 @@ def case_section(name: str, view: Mapping[str, torch.Tensor], panels: Sequence[P
             over = scale = None
             if p.overlay is not None:
                 over = oriented_plane(layer(view, p.overlay)[k])
-                s = scales.get(p.overlay)
-                scale = (s.vmin, s.vmax) if s else figures.shared_scale([layer(view, p.overlay)])
+                scale = (scales[p.overlay].vmin, scales[p.overlay].vmax)
             lines = [(oriented_plane(layer(view, f"mask_{m}")[k]), outlines[m].colour) for m in p.outlines
                      if layer(view, f"mask_{m}") is not None]
             cmap = scales[p.overlay].cmap if p.overlay in scales else "inferno"
