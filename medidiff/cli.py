@@ -403,6 +403,16 @@ def _quiet_pipe() -> None:
         pass
 
 
+def _flushed() -> bool:
+    """Flush stdout; False (and stdout pointed at /dev/null) when its reader has gone away."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_pipe()
+        return False
+    return True
+
+
 def _level(args: argparse.Namespace) -> int:
     if args.debug:
         return logging.DEBUG
@@ -421,7 +431,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status (see ``EXIT_CODES``): 0; 2 for a usage or recipe error; 3 when some cases failed;
         4, 5, 6 for a data, model or training error; 130 when interrupted; 141 when the output pipe closed.
     """
-    args = _parse(argv)
+    try:
+        args = _parse(argv)
+    except SystemExit:  # --help, --version or a usage error: argparse has printed
+        if not _flushed():
+            return EXIT_PIPE
+        raise
     level = _level(args)
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(level)
@@ -433,7 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.setLevel(level)
     logger.addHandler(handler)
     try:
-        return _dispatch(args)
+        status = _dispatch(args)
+        return status if _flushed() else EXIT_PIPE
     except MedidiffError as e:
         if args.debug:
             traceback.print_exc()

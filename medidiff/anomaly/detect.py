@@ -105,7 +105,8 @@ def analyse(denoiser, info: ModelInfo, case: Case, options: AnomalySection, *, s
     recon = options.reconstruction
 
     def heal(stack: torch.Tensor, fg_stack: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        h, sp = reconstruct_healthy(denoiser, stack.to(device), recon, seed=seed)
+        h, sp = reconstruct_healthy(denoiser, stack.to(device), recon, seed=seed,
+                                    progress=options.progress)  # the slices of a case, with an ETA
         h, sp = h.cpu(), sp.cpu()
         score = maps.anomaly_map(stack, h, options.map, mask=fg_stack, spread=sp, spatial_dims=dims)
         return h, sp, torch.from_numpy(score)

@@ -393,6 +393,8 @@ def convert(path: str | Path, out_dir: str | Path, select: str | None = "all", *
             meta["Warnings"].insert(0, text)
             write_json(meta, json_path, protected=inputs)
             log.warning("%s: %s", source.name, text)
+        log.info("%s: %s series %s, %s voxels -> %s", source.name, meta.get("Modality", "NIfTI"),
+                 meta.get("SeriesNumber", "-"), "x".join(str(n) for n in meta["ImageShape"]), nifti.name)
         result.warnings += [(source.name, w) for w in meta["Warnings"]]
         result.images.append(nifti)
         result.sidecars.append(json_path)
