@@ -160,13 +160,21 @@ def pair_cases(scans: str | Path, out: str | Path, *, masks: str | Path | None =
 
 
 def volume(item: Any) -> np.ndarray:
-    """A 3D array ``(X, Y, Z)`` from a NIfTI path, an array or a tensor (channel-first 4D: the first channel)."""
-    if isinstance(item, (str, os.PathLike)):
+    """A 3D array ``(X, Y, Z)`` from a path, an array or a tensor (channel-first 4D: the first channel).
+
+    A NIfTI file is read as stored (as medidiff writes its results); any other path (a DICOM file or folder, a
+    datalist) is read as medidiff reads a scan (its first case), so results and scans line up voxel for voxel.
+    """
+    if isinstance(item, (str, os.PathLike)) and os.fspath(item).lower().endswith(NIFTI_SUFFIXES):
         import nibabel as nib
 
         array = np.asarray(nib.load(os.fspath(item)).dataobj, dtype=np.float32)
         if array.ndim == 4:
             array = array[..., 0]
+    elif isinstance(item, (str, os.PathLike)):
+        from medidiff.data.discover import discover, load
+
+        array = np.asarray(load(discover(Path(item), select="largest")[0]), dtype=np.float32)[0]
     else:
         array = np.asarray(item.detach().cpu() if hasattr(item, "detach") else item, dtype=np.float32)
         if array.ndim == 4:
@@ -188,21 +196,23 @@ def _widgets():
 
 def slice_viewer(images: Mapping[str, Any], *, outlines: Mapping[str, Any] | None = None, axis: int = 2,
                  start: int | None = None, cmaps: Mapping[str, str] | None = None,
-                 limits: Mapping[str, tuple[float, float]] | None = None, size: float = 3.2):
+                 limits: Mapping[str, tuple[float, float]] | None = None, mirror: bool = False, size: float = 3.2):
     """Volumes side by side, one slice at a time, with a slider over the slices.
 
     Every image is shown with one colour scale over all its slices, so moving the slider does not rescale it.
-    Slices are drawn with the volume's first axis across and its second up (RAS volumes: the patient's right on
-    the image's left, as radiologists view them).
+    Slices are drawn as stored, the volume's first axis across and its second up: for a volume stored in RAS
+    order (as the bundled scans are), the patient's right is on the image's right (the neurological view);
+    ``mirror=True`` flips them left to right (then the radiological view).
 
     Args:
-        images: title -> a volume (NIfTI path, array or tensor), all of one shape.
+        images: title -> a volume (a path of a NIfTI file or DICOM series, an array or a tensor), all of one shape.
         outlines: colour -> a mask volume outlined on every panel (e.g. ``{"cyan": lesions}``).
         axis: the axis the slider moves along (2: axial for RAS volumes).
         start: the first slice shown (default: the slice holding the last image's largest value, e.g. a
             heatmap's).
         cmaps: title -> a matplotlib colour map (default ``gray``).
         limits: title -> ``(low, high)`` of its colour scale (default: the volume's 1st and 99.9th percentiles).
+        mirror: flip the slices left to right.
         size: inches per panel.
 
     Returns:
@@ -226,14 +236,18 @@ def slice_viewer(images: Mapping[str, Any], *, outlines: Mapping[str, Any] | Non
         last = list(vols.values())[-1]
         start = int(np.argmax(np.nan_to_num(last).reshape(-1, n).max(0)))
 
+    def plane(v: np.ndarray, index: int) -> np.ndarray:
+        p = np.rot90(v[..., index])
+        return p[:, ::-1] if mirror else p
+
     def draw(index: int) -> None:
         fig, axes = plt.subplots(1, len(vols), figsize=(size * len(vols), size), squeeze=False)
         for ax, (title, v) in zip(axes[0], vols.items()):
-            ax.imshow(np.rot90(v[..., index]), cmap=cmaps.get(title, "gray"), vmin=limits[title][0],
+            ax.imshow(plane(v, index), cmap=cmaps.get(title, "gray"), vmin=limits[title][0],
                       vmax=limits[title][1], interpolation="nearest")
             for colour, m in masks.items():
                 if m[..., index].max() > 0.5 and m[..., index].min() < 0.5:
-                    ax.contour(np.rot90(m[..., index]), [0.5], colors=colour, linewidths=0.8)
+                    ax.contour(plane(m, index), [0.5], colors=colour, linewidths=0.8)
             ax.set_title(f"{title}\nslice {index + 1} of {n}", fontsize=9)
             ax.axis("off")
         plt.tight_layout()

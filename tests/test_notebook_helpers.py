@@ -124,3 +124,30 @@ def test_the_viewer_refuses_volumes_of_other_shapes():
         notebook.slice_viewer({"a": np.zeros((4, 4, 3)), "b": np.zeros((4, 4, 2))})
     with pytest.raises(ValueError, match="expected a volume"):
         notebook.volume(np.zeros((2, 2, 2, 2, 2)))
+
+
+def test_a_dicom_path_is_read_as_medidiff_reads_a_scan():
+    from pydicom.data import get_testdata_file
+
+    from medidiff.data.discover import load
+
+    path = get_testdata_file("CT_small.dcm")
+    array = notebook.volume(path)
+    assert array.shape == (128, 128, 1)
+    np.testing.assert_array_equal(array, np.asarray(load(discover(path)[0]))[0])
+    assert array.min() < -500 < 500 < array.max()  # Hounsfield units: air and bone
+
+
+def test_slices_are_drawn_as_stored_or_mirrored(monkeypatch):
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(notebook, "_widgets", lambda: None)
+    drawn = []
+    monkeypatch.setattr(plt, "show", lambda: drawn.append(np.asarray(plt.gcf().axes[0].images[0].get_array())))
+    scan = np.zeros((6, 5, 2), np.float32)
+    scan[0, 4, 1] = 1.0  # first voxel along x, last along y
+    notebook.slice_viewer({"scan": scan}, start=1)
+    notebook.slice_viewer({"scan": scan}, start=1, mirror=True)
+    assert drawn[0].shape == (5, 6) and drawn[0][0, 0] == 1.0  # x across from the left, y up
+    assert drawn[1][0, -1] == 1.0
+    plt.close("all")
