@@ -273,6 +273,9 @@ def _recipe_command(args: argparse.Namespace) -> int:
     from . import recipes, runs
 
     recipe = recipes.load_recipe(args.recipe, _overrides(args))
+    if args.quiet:  # no progress bars either
+        section = "training" if recipe.task == "train" else recipe.task
+        recipe = recipes.load_recipe(args.recipe, [*_overrides(args), f"{section}.progress=false"])
     out = args.out or Path("runs") / args.recipe.stem
     _announce_device(args, recipe.device)
     result = (runs.train if args.command == "train" else runs.run)(recipe, out)

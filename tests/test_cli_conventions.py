@@ -190,3 +190,28 @@ def test_detect_prints_the_device_progress_and_each_error_once(tmp_path, tiny_mo
     assert main(["detect", "--model", str(tiny_model), "-i", str(missing), "-o", str(tmp_path / "o2")]) == EXIT_DATA
     err = capsys.readouterr().err
     assert err.count(f"{missing}: does not exist") == 1 and "Traceback" not in err
+
+
+def test_quiet_turns_the_progress_bars_off(tmp_path, monkeypatch, capsys):
+    import yaml
+    from train_helpers import tiny_recipe
+
+    recipe = tmp_path / "r.yaml"
+    raw = tiny_recipe()
+    raw["training"]["progress"] = True
+    recipe.write_text(yaml.safe_dump(raw))
+    seen = {}
+
+    class Result:
+        weights, step, summary, failures = None, 0, "", 0
+
+    def fake_train(parsed, out):  # the recipe as the run would get it; nothing is trained
+        seen["recipe"] = parsed
+        return Result()
+
+    monkeypatch.setattr(runs, "train", fake_train)
+    assert main(["train", str(recipe), "-o", str(tmp_path / "o"), "--device", "cpu", "--quiet"]) == 0
+    assert seen["recipe"].training.progress is False and capsys.readouterr() == ("", "")
+    assert main(["train", str(recipe), "-o", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert seen["recipe"].training.progress is True
+    assert capsys.readouterr().out.splitlines()[0].startswith("device: cpu (")
