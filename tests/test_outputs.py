@@ -162,6 +162,27 @@ def test_write_like_keeps_affine_and_dtypes(tmp_path):
         outputs.write_nifti(np.zeros((4, 4, 4)), tmp_path / "no_affine.nii.gz")
 
 
+def test_results_of_a_scan_without_world_geometry_are_marked_so(tmp_path):
+    from medidiff.data.discover import discover, load
+
+    data = np.random.default_rng(0).random((6, 5, 4)).astype(np.float32)
+    img = nib.Nifti1Image(data, np.diag([1.5, 2.0, 3.0, 1.0]))
+    img.set_sform(img.affine, code=0)
+    img.set_qform(img.affine, code=0)
+    nib.save(img, tmp_path / "unplaced.nii.gz")
+    scan = load(discover(tmp_path / "unplaced.nii.gz")[0])
+    assert scan.meta["geometry_known"] is False
+    out = nib.load(outputs.write_like(scan[:1] * 2, scan, tmp_path / "o" / "unplaced_heatmap.nii.gz"))
+    assert (int(out.header["sform_code"]), int(out.header["qform_code"])) == (0, 0)
+    np.testing.assert_allclose(out.header.get_zooms(), (1.5, 2.0, 3.0))
+    np.testing.assert_allclose(out.get_fdata(), data * 2, rtol=1e-6)
+    placed = nib.load(outputs.write_like(scan[:1], nib.load(tmp_path / "o" / "unplaced_heatmap.nii.gz"),
+                                         tmp_path / "o" / "again.nii.gz"))
+    assert int(placed.header["sform_code"]) == 0  # a nibabel reference with codes 0 counts too
+    known = nib.load(outputs.write_like(scan[:1], sample.brain_volume()[:, :6, :5, :4], tmp_path / "o" / "k.nii.gz"))
+    assert int(known.header["sform_code"]) == 1
+
+
 def test_crop_resample_round_trip_lands_on_input_grid():
     image = smooth_volume()
     prepare = Compose([

@@ -99,6 +99,10 @@ def write_like(
 ) -> Path:
     """Write ``data`` as NIfTI with the geometry (affine) of ``reference``, so it overlays the input.
 
+    A reference whose position in the patient is unknown (``geometry_known`` False in its metadata: a DICOM
+    without a patient position, a NIfTI with qform and sform codes 0) gives a result marked the same way
+    (codes 0), so no viewer places it in the patient.
+
     Args:
         data: ``(X, Y, Z)`` or ``(C, X, Y, Z)`` on the reference's grid.
         reference: the input's ``MetaTensor`` ``(C, X, Y, Z)`` (or any object with ``.affine`` and
@@ -119,4 +123,17 @@ def write_like(
             where=path,
             fix="map the result back with medidiff.cases.restore(...) first.",
         )
-    return write_nifti(data, path, reference, dtype=dtype, protected=protected)
+    return write_nifti(data, path, reference, dtype=dtype, protected=protected,
+                       xform_code=1 if geometry_known(reference) else 0)
+
+
+def geometry_known(reference: Any) -> bool:
+    """Whether a volume's affine places it in the patient: False for a MetaTensor whose metadata says so
+    (``geometry_known``) and for a nibabel image with qform and sform codes 0."""
+    meta = getattr(reference, "meta", None)
+    if isinstance(meta, dict) and "geometry_known" in meta:
+        return bool(meta["geometry_known"])
+    header = getattr(reference, "header", None)
+    if header is not None and hasattr(header, "get_sform"):
+        return bool(int(header["sform_code"]) or int(header["qform_code"]))
+    return True
