@@ -10,6 +10,8 @@ import ast
 import os
 import re
 from pathlib import Path
+from queue import Empty
+from time import monotonic
 
 import nbformat
 import pytest
@@ -24,6 +26,33 @@ FOR_USERS = {"00_quick_start": {"SCAN", "BRAIN_MASK", "MODEL"},
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
 
+def _in_short_waits(get_msg):
+    """``get_msg`` waiting in one-second polls: a message that arrives during a long wait is sometimes noticed only
+    when the wait times out (seen with widget cells: a cell ran for its whole timeout; nbclient issue 312)."""
+
+    async def wait(timeout=None):
+        deadline = None if timeout is None else monotonic() + timeout
+        while True:
+            step = 1.0 if deadline is None else min(1.0, max(0.0, deadline - monotonic()))
+            try:
+                return await get_msg(timeout=step)
+            except Empty:
+                if deadline is not None and monotonic() >= deadline:
+                    raise
+
+    return wait
+
+
+class Client(NotebookClient):
+    """nbclient, with replies and outputs read in short waits (see ``_in_short_waits``)."""
+
+    async def async_start_new_kernel_client(self):
+        kc = await super().async_start_new_kernel_client()
+        for channel in (kc.shell_channel, kc.iopub_channel):
+            channel.get_msg = _in_short_waits(channel.get_msg)
+        return kc
+
+
 def _execute(path: Path, tmp_path: Path, monkeypatch) -> tuple[nbformat.NotebookNode, str, Path]:
     monkeypatch.setenv("MEDIDIFF_FAST", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -33,7 +62,7 @@ def _execute(path: Path, tmp_path: Path, monkeypatch) -> tuple[nbformat.Notebook
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    Client(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
     text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
     return nb, text, cwd
 
