@@ -182,31 +182,41 @@ def _cell(values: list[float], digits: int = 3) -> str:
     return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if v.size > 1 else f"{v.mean():.{digits}f}"
 
 
-def write_report(path: Path, rows: list[dict], settings: dict, meta: dict) -> None:
-    ensembles = [k for k, (_, _, kind) in settings.items() if kind == "diffusion"]
-    val = {k: np.mean([r["dice"] for r in rows if r["setting"] == k and r["split"] == "validation"])
-           for k in ensembles if any(r["setting"] == k for r in rows)}
-    chosen = max(val, key=lambda k: val[k]) if val else None
-    lines = ["# Segmentation: ensembles of a conditional diffusion model vs a deterministic U-Net", "",
-             f"Models: `{meta['model']}` (step {meta['model_step']}), `{meta['unet']}` (step {meta['unet_step']}). "
-             f"{meta['n_cases']['validation']} validation and {meta['n_cases']['test']} test cases (held-out MNI152 "
-             "slabs at 2 mm and 1 mm with inserted lesions, 3 raters; see the script's docstring). Seeds "
-             f"{meta['seeds']}; mean ± std over seeds of the mean over cases. Dice, HD95 (mm) and ECE against the "
-             "middle rater, GED against all three, uncertainty-error AUROC of the predictive entropy inside the "
-             f"brain. {meta['machine']}.", "",
-             "| setting | NFE per slice | val Dice | test Dice | HD95 | GED | ECE | unc.-error AUROC | s / case |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def _table(rows: list[dict], settings: dict, chosen: str | None, test_split: str, with_val: bool) -> list[str]:
+    lines = ["| setting | NFE per slice | " + ("val Dice | " if with_val else "") + "test Dice | HD95 | GED | ECE | "
+             "unc.-error AUROC | s / case | seeds |",
+             "|---|---|" + ("---|" if with_val else "") + "---|---|---|---|---|---|---|"]
     for key, (members, steps, _) in settings.items():
-        test = [r for r in rows if r["setting"] == key and r["split"] == "test"]
+        test = [r for r in rows if r["setting"] == key and r["split"] == test_split]
         vals = [r for r in rows if r["setting"] == key and r["split"] == "validation"]
-        if not test and not vals:
+        if not test:
             continue
         label = f"{members} × {steps}" if key != "unet" else "U-Net (deterministic)"
         label += " (chosen on validation)" if key == chosen else ""
-        lines.append(f"| {label} | {members * steps} | {_cell([r['dice'] for r in vals])} | "
+        lines.append(f"| {label} | {members * steps} | " + (f"{_cell([r['dice'] for r in vals])} | " if with_val else "")
                      + " | ".join(_cell([r[m] for r in test], 2 if m in ("hd95", "seconds") else 3)
                                   for m in ("dice", "hd95", "ged", "ece", "uncertainty_error_auroc", "seconds"))
-                     + " |")
+                     + f" | {len(test)} |")
+    return lines
+
+
+def write_report(path: Path, rows: list[dict], settings: dict, meta: dict) -> None:
+    """The table of test rows (and validation Dice); rows on a subset of the test cases get their own table."""
+    ensembles = [k for k, (_, _, kind) in settings.items() if kind == "diffusion"]
+    val = {k: np.mean([r["dice"] for r in rows if r["setting"] == k and r["split"] == "validation"])
+           for k in ensembles if any(r["setting"] == k and r["split"] == "validation" for r in rows)}
+    chosen = max(val, key=lambda k: val[k]) if val else None
+    lines = ["# Segmentation: ensembles of a conditional diffusion model vs a deterministic U-Net", "",
+             f"Models: `{meta['model']}` (step {meta['model_step']}), `{meta['unet']}` (step {meta['unet_step']}). "
+             f"{meta['n_cases'].get('validation', 0)} validation and {meta['n_cases'].get('test', 0)} test cases "
+             "(whole MNI152 brains at 2 mm and 1 mm with lesions inserted in a held-out slab, 3 raters; see the "
+             "script's docstring). Mean ± std over seeds of the mean over cases. Dice, HD95 (mm) and ECE against "
+             "the middle rater, GED against all three, uncertainty-error AUROC of the predictive entropy inside "
+             f"the brain, all within the slab. {meta['machine']}.", ""]
+    lines += _table(rows, settings, chosen, "test", with_val=True)
+    for split in sorted({r["split"] for r in rows} - {"validation", "test"}):
+        lines += ["", f"On `{split}` (a subset of the test cases, where a setting is too slow for all):", ""]
+        lines += _table(rows, settings, None, split, with_val=False)
     write_text("\n".join(lines) + "\n", path)
 
 
@@ -219,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated setting keys (default: all)")
     parser.add_argument("--draws", type=int, default=4, help="cases per brain and split")
     parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: PyTorch's default)")
+    parser.add_argument("--splits", default="validation,test", help="comma-separated splits to run")
+    parser.add_argument("--max-cases", type=int, default=0, help="only the first N cases of each split (0: all)")
+    parser.add_argument("--append", action="store_true",
+                        help="merge into the rows of an earlier run's JSON beside --out (same setting, split and "
+                             "seed replaced)")
     parser.add_argument("--quick", action="store_true", help="a smoke run (see the docstring)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -236,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     listings = make_cases(work, 1 if args.quick else args.draws, args.quick)
     cases = {split: [load_case(s) for s in find_cases(p)] for split, p in listings.items()}
     where = {name: r for p in listings.values() for name, r in regions(p).items()}
+    cases = {(f"{k}[:{args.max_cases}]" if args.max_cases else k): (v[:args.max_cases] if args.max_cases else v)
+             for k, v in cases.items() if k in args.splits.split(",")}
     rows = []
     for key, (members, steps, kind) in settings.items():
         model, info = models[kind]
@@ -243,12 +260,19 @@ def main(argv: list[str] | None = None) -> int:
             for split, group in cases.items():
                 start = time.perf_counter()
                 result = run_setting(model, info, group, members, steps, seed, where)
-                rows.append({"setting": key, "split": split, "seed": seed, **result})
+                rows.append({"setting": key, "split": split, "seed": seed, "n_cases": len(group), **result})
                 print(f"{key} seed {seed} {split}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items())
                       + f" ({time.perf_counter() - start:.0f} s)", flush=True)
     meta = {"model": str(model_path), "unet": str(unet_path), "model_step": models["diffusion"][1].step,
             "unet_step": models["unet"][1].step, "seeds": seeds, "n_cases": {k: len(v) for k, v in cases.items()},
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    if args.append and out.with_suffix(".json").is_file():
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        new = {(r["setting"], r["split"], r["seed"]) for r in rows}
+        rows = [r for r in earlier["rows"] if (r["setting"], r["split"], r["seed"]) not in new] + rows
+        settings = {k: v for k, v in sorted((SETTINGS | QUICK).items(), key=lambda kv: kv[0] == "unet")
+                    if any(r["setting"] == k for r in rows)}
+        meta["n_cases"] = earlier["meta"]["n_cases"] | meta["n_cases"]
     write_json({"meta": meta, "rows": rows}, out.with_suffix(".json"))
     write_report(out, rows, settings, meta)
     print(f"wrote {out}")
