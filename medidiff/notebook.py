@@ -206,7 +206,8 @@ def slice_viewer(images: Mapping[str, Any], *, outlines: Mapping[str, Any] | Non
 
     Args:
         images: title -> a volume (a path of a NIfTI file or DICOM series, an array or a tensor), all of one shape.
-        outlines: colour -> a mask volume outlined on every panel (e.g. ``{"cyan": lesions}``).
+        outlines: colour -> a mask volume outlined on every panel (e.g. ``{"cyan": lesions}``); earlier ones are
+            drawn wider, so that an outline lying under a later one still shows.
         axis: the axis the slider moves along (2: axial for RAS volumes).
         start: the first slice shown (default: the slice holding the last image's largest value, e.g. a
             heatmap's).
@@ -236,6 +237,8 @@ def slice_viewer(images: Mapping[str, Any], *, outlines: Mapping[str, Any] | Non
         last = list(vols.values())[-1]
         start = int(np.argmax(np.nan_to_num(last).reshape(-1, n).max(0)))
 
+    widths = np.linspace(2.0, 0.8, len(masks)) if len(masks) > 1 else [1.0]  # an outline under another shows
+
     def plane(v: np.ndarray, index: int) -> np.ndarray:
         p = np.rot90(v[..., index])
         return p[:, ::-1] if mirror else p
@@ -245,9 +248,9 @@ def slice_viewer(images: Mapping[str, Any], *, outlines: Mapping[str, Any] | Non
         for ax, (title, v) in zip(axes[0], vols.items()):
             ax.imshow(plane(v, index), cmap=cmaps.get(title, "gray"), vmin=limits[title][0],
                       vmax=limits[title][1], interpolation="nearest")
-            for colour, m in masks.items():
+            for (colour, m), width in zip(masks.items(), widths):
                 if m[..., index].max() > 0.5 and m[..., index].min() < 0.5:
-                    ax.contour(plane(m, index), [0.5], colors=colour, linewidths=0.8)
+                    ax.contour(plane(m, index), [0.5], colors=colour, linewidths=width)
             ax.set_title(f"{title}\nslice {index + 1} of {n}", fontsize=9)
             ax.axis("off")
         plt.tight_layout()
