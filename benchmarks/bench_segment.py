@@ -193,7 +193,8 @@ def _table(rows: list[dict], settings: dict, chosen: str | None, test_split: str
             continue
         label = f"{members} × {steps}" if key != "unet" else "U-Net (deterministic)"
         label += " (chosen on validation)" if key == chosen else ""
-        lines.append(f"| {label} | {members * steps} | " + (f"{_cell([r['dice'] for r in vals])} | " if with_val else "")
+        val_cell = f"{_cell([r['dice'] for r in vals])} | " if with_val else ""
+        lines.append(f"| {label} | {members * steps} | " + val_cell
                      + " | ".join(_cell([r[m] for r in test], 2 if m in ("hd95", "seconds") else 3)
                                   for m in ("dice", "hd95", "ged", "ece", "uncertainty_error_auroc", "seconds"))
                      + f" | {len(test)} |")
