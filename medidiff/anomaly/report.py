@@ -126,22 +126,14 @@ def write_html(out_dir: Path, rows: list[dict], metrics: dict | None, settings: 
     panels = [pages.Panel("scan with outlines", outlines=("flagged", "lesion")),
               pages.Panel("heatmap", overlay="heatmap", outlines=("flagged", "lesion")),
               pages.Panel("uncertainty", overlay="uncertainty", outlines=("flagged", "lesion"))]
-    cases = []
-    for row in rows:
-        view = views.get(row["case"])
-        if not view:
-            continue
-        facts = [("case score (mean of the top heatmap values)", f"{row['score']:.4f}"),
-                 ("voxels flagged", "none (no threshold)" if row["n_voxels_flagged"] == ""
-                  else str(row["n_voxels_flagged"]))]
+    def facts(row: dict, view: dict) -> list[tuple[str, str]]:
+        out = [("case score (mean of the top heatmap values)", f"{row['score']:.4f}"),
+               ("voxels flagged", "none (no threshold)" if row["n_voxels_flagged"] == ""
+                else str(row["n_voxels_flagged"]))]
         if "view_threshold" in view:
-            facts.append(("threshold in this scan's units", f"{float(view['view_threshold'][0]):.4g}"))
-        cases.append(pages.case_section(row["case"], view, panels, scales=scales, outlines=OUTLINES, facts=facts))
-    missing = [row["case"] for row in rows if not views.get(row["case"])]
-    intro = [_intro(settings)]
-    if missing:
-        intro.append(f"No images kept for: {', '.join(missing)} (complete from an earlier run); see their "
-                     f"_overlay.png files.")
-    text = pages.page("Anomaly detection report", intro=intro, tables=_tables(rows, metrics, bold=False),
-                      legend=LEGEND, scales=scales, outlines=OUTLINES, cases=cases)
-    return pages.write_page(text, Path(out_dir) / "report.html")
+            out.append(("threshold in this scan's units", f"{float(view['view_threshold'][0]):.4g}"))
+        return out
+
+    return pages.write_run_page(out_dir, "Anomaly detection report", rows=rows, views=views, panels=panels,
+                                facts=facts, intro=[_intro(settings)], tables=_tables(rows, metrics, bold=False),
+                                legend=LEGEND, scales=scales, outlines=OUTLINES)

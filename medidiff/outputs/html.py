@@ -38,7 +38,7 @@ from . import figures
 from .files import PathLike, write_text
 
 __all__ = ["Panel", "Scale", "Outline", "CaseSection", "Table", "view_arrays", "views_of", "run_scale",
-           "case_section", "page", "write_page", "ORIENTATION_LEGEND", "SLICE_LEGEND", "SCALE_LEGEND"]
+           "write_run_page", "case_section", "page", "write_page", "ORIENTATION_LEGEND", "SLICE_LEGEND", "SCALE_LEGEND"]
 
 #: The prefix of the keys ``view_arrays`` returns (kept with a case's other arrays).
 PREFIX = "view_"
@@ -471,6 +471,35 @@ def page(title: str, *, intro: Sequence[str] = (), tables: Sequence[Table] = (),
     parts += [_case_html(c, f"case-{k}") for k, c in enumerate(cases)]
     parts.append(f"<script>{_SCRIPT}</script></body></html>\n")
     return "".join(parts)
+
+
+def write_run_page(out_dir: PathLike, title: str, *, rows: Sequence[Mapping[str, Any]],
+                   views: Mapping[str, Mapping[str, torch.Tensor]], panels: Sequence[Panel],
+                   facts: Any, intro: Sequence[str] = (), tables: Sequence[Table] = (),
+                   legend: Sequence[tuple[str, str]] = (), scales: Sequence[Scale | None] = (),
+                   outlines: Mapping[str, Outline] = ()) -> Path:
+    """A task's ``report.html``: one section per ``scores.csv`` row with kept views, a note naming the others.
+
+    Args:
+        out_dir: the run folder.
+        title: the page title.
+        rows: the ``scores.csv`` rows (``case`` names the case).
+        views: per case name, its ``view_arrays`` (a case without them, complete from an earlier run, is named
+            in the introduction and pointed to its ``_overlay.png``).
+        panels: the panels of every case.
+        facts: ``facts(row, view) -> [(label, value), ...]`` shown beside a case.
+        intro, tables, legend, scales, outlines: see :func:`page`.
+    """
+    cases = [case_section(row["case"], views[row["case"]], panels, scales=scales, outlines=outlines,
+                          facts=facts(row, views[row["case"]]))
+             for row in rows if views.get(row["case"])]
+    missing = [row["case"] for row in rows if not views.get(row["case"])]
+    intro = list(intro)
+    if missing:
+        intro.append(f"No images kept for: {', '.join(missing)} (complete from an earlier run); see their "
+                     f"_overlay.png files.")
+    text = page(title, intro=intro, tables=tables, legend=legend, scales=scales, outlines=outlines, cases=cases)
+    return write_page(text, Path(out_dir) / "report.html")
 
 
 def write_page(text: str, path: PathLike, protected: Iterable[PathLike] = ()) -> Path:

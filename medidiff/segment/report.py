@@ -104,21 +104,14 @@ def write_html(out_dir: Path, rows: list[dict], metrics: dict | None, settings: 
                               cmap="viridis")]
     panels = [pages.Panel("scan with outlines", outlines=("segmentation", "reference")),
               pages.Panel("uncertainty", overlay="uncertainty", outlines=("segmentation", "reference"))]
-    cases = []
-    for row in rows:
-        view = views.get(row["case"])
-        if not view:
-            continue
-        facts = [("segmented voxels", str(row["voxels"])), ("volume (ml)", cell(row["volume_ml"])),
-                 ("mean uncertainty over the members' foreground (nats)", cell(row["uncertainty"], 4))]
+
+    def facts(row: dict, _view: dict) -> list[tuple[str, str]]:
+        out = [("segmented voxels", str(row["voxels"])), ("volume (ml)", cell(row["volume_ml"])),
+               ("mean uncertainty over the members' foreground (nats)", cell(row["uncertainty"], 4))]
         if row.get("dice") not in ("", None):
-            facts.append(("Dice with the reference", cell(row["dice"])))
-        cases.append(pages.case_section(row["case"], view, panels, scales=scales, outlines=OUTLINES, facts=facts))
-    missing = [row["case"] for row in rows if not views.get(row["case"])]
-    intro = [_intro(settings)]
-    if missing:
-        intro.append(f"No images kept for: {', '.join(missing)} (complete from an earlier run); see their "
-                     f"_overlay.png files.")
-    text = pages.page("Segmentation report", intro=intro, tables=_tables(rows, metrics, bold=False), legend=LEGEND,
-                      scales=scales, outlines=OUTLINES, cases=cases)
-    return pages.write_page(text, Path(out_dir) / "report.html")
+            out.append(("Dice with the reference", cell(row["dice"])))
+        return out
+
+    return pages.write_run_page(out_dir, "Segmentation report", rows=rows, views=views, panels=panels, facts=facts,
+                                intro=[_intro(settings)], tables=_tables(rows, metrics, bold=False), legend=LEGEND,
+                                scales=scales, outlines=OUTLINES)
