@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="lesion mask of a single scan (enables metrics.json)")
     p.add_argument("--mask", help="brain/foreground mask of a single scan")
     p.add_argument("--calibration", help="healthy scans to calibrate the threshold on")
-    p.add_argument("--threshold", help="a fixed threshold: a number or a thresholds.json")
+    p.add_argument("--threshold", help="a fixed threshold on the model's [-1, 1] scale (as thresholds.json "
+                                       "records it), or a thresholds.json; each case's value in its heatmap's "
+                                       "units is in scores.csv (threshold_scan_units) and the heatmap's cal_min")
     p.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, help="noise seed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -49,7 +49,8 @@ def test_datalist_with_labels_masks_and_calibration(tmp_path, tiny_model):
     assert {"auroc", "auprc", "dice", "dice_best", "per_case"} <= set(metrics)
     assert 0.0 <= metrics["auroc"] <= 1.0 and metrics["dice_best_label"] == "dice_best (oracle threshold)"
     rows = list(csv.DictReader((out / "scores.csv").open()))
-    assert list(rows[0]) == ["case", "score", "max", "n_voxels_flagged", "mean_spread", "time_s", "nfe"]
+    assert list(rows[0]) == ["case", "score", "max", "n_voxels_flagged", "threshold_scan_units", "mean_spread",
+                             "time_s", "nfe"]
     assert rows[0]["mean_spread"] == "" and not (out / "a_uncertainty.nii.gz").exists()  # one sample: no spread
     assert int(rows[0]["nfe"]) == 2 * 4  # 2 steps on each of the 4 slices
     record = json.loads((out / "thresholds.json").read_text())
@@ -57,8 +58,20 @@ def test_datalist_with_labels_masks_and_calibration(tmp_path, tiny_model):
     assert json.loads((out / "detection.json").read_text())["threshold"] == record["threshold"]
     assert "voxel AUROC" in result.summary and (out / "report.md").is_file()
     assert "(calibrated at voxel FPR 0.1)" in (out / "report.md").read_text()
-    heat = nib.load(out / "a_heatmap.nii.gz").get_fdata()
+    heat_img = nib.load(out / "a_heatmap.nii.gz")
+    heat = heat_img.get_fdata()
     assert heat[brain == 0].max() == 0.0  # nothing outside the brain mask
+    # one threshold scale: the heatmap thresholded in a viewer at the written value is the anomaly mask
+    in_units = float(rows[0]["threshold_scan_units"])
+    assert float(heat_img.header["cal_min"]) == pytest.approx(in_units, rel=1e-6)
+    assert float(heat_img.header["cal_max"]) == pytest.approx(max(in_units, heat.max()), rel=1e-6)
+    assert f"{in_units:.6g}" in heat_img.header["descrip"].item().decode()
+    flagged = np.asarray(nib.load(out / "a_anomaly_mask.nii.gz").dataobj) > 0
+    assert int(rows[0]["n_voxels_flagged"]) == int(flagged.sum()) > 0
+    assert np.sum(flagged != ((heat > in_units) & (brain > 0))) <= 1  # float32 rounding at the boundary only
+    scale = in_units / record["threshold"]  # the case's intensity scale: not 1, the units differ
+    assert abs(scale - 1.0) > 0.5
+    assert f"{in_units:.4g}" in (out / "report.md").read_text()
 
 
 def test_other_grid_and_a_corrupt_file(tmp_path, tiny_model):

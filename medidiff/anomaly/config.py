@@ -99,8 +99,10 @@ class AnomalySection(TaskSection):
         model: weights (``.safetensors`` with its ``.json``, or a folder with ``model.safetensors``).
         inputs: the scans: a NIfTI file or folder, DICOM, or a JSON datalist of ``image``/``label``/``mask``.
         calibration: healthy scans (same forms) on which the threshold is calibrated.
-        threshold: a fixed threshold (a number in the heatmap's units, or a ``thresholds.json``); overrides
-            ``calibration``.
+        threshold: a fixed threshold on the model's ``[-1, 1]`` intensity scale (a number, as
+            ``thresholds.json`` records it, or a ``thresholds.json``); overrides ``calibration``. Each case's
+            heatmap is in its scan's units: the threshold there is the case's ``threshold_scan_units`` in
+            ``scores.csv`` and its heatmap's ``cal_min``.
         fpr: voxel false-positive rate the threshold is calibrated for.
         mask: a brain/foreground mask for a single input (a datalist gives one per case).
         labels: a ground-truth lesion mask for a single input (a datalist gives one per case).

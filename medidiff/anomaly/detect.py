@@ -248,7 +248,11 @@ def _write_case(r: CaseMaps, options: AnomalySection, threshold: float | None, o
     def path(kind: str, ext: str = "nii.gz") -> Path:
         return outputs.result_path(out_dir, case.name, kind, ext)
 
-    written = [outputs.write_like(heatmap, case.image, path("heatmap"), protected=protected),
+    in_units = None if threshold is None else threshold * factor
+    display = None if in_units is None else (in_units, max(in_units, float(heatmap.max())))
+    written = [outputs.write_like(heatmap, case.image, path("heatmap"), protected=protected, display=display,
+                                  description=None if in_units is None else f"medidiff anomaly map; threshold "
+                                                                            f"{in_units:.6g} (cal_min)"),
                outputs.write_like(r.healthy, case.image, path("healthy"), protected=protected)]
     if options.reconstruction.samples > 1:
         written.append(outputs.write_like(r.spread * restore_factor(r.prepared, "difference"), case.image,
@@ -264,7 +268,7 @@ def _write_case(r: CaseMaps, options: AnomalySection, threshold: float | None, o
     written.append(outputs.overlay_png(
         case.image, heatmap, contours or None, path("overlay", "png"), title=f"{case.name}: anomaly map",
         units="|residual| (input units)", n_slices=options.overlay_slices,
-        threshold=None if threshold is None else threshold * factor, protected=protected))
+        threshold=in_units, protected=protected))
     return written, flagged
 
 
@@ -311,6 +315,7 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
             fg = r.prepared.input_foreground
             row = {"case": r.case.name, "score": maps.case_score(r.score, fg, top_k=options.top_k),
                    "max": float(r.score.max()), "n_voxels_flagged": int(flagged.sum()) if flagged is not None else "",
+                   "threshold_scan_units": "" if thr is None else thr * restore_factor(r.prepared, _units(options)),
                    "mean_spread": r.mean_spread if options.reconstruction.samples > 1 else "",
                    "time_s": round(r.time_s, 3), "nfe": r.nfe}
             arrays = {} if r.case.label is None else {"score": r.score, "labels": r.case.label, "mask": fg}

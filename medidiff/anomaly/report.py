@@ -51,7 +51,9 @@ def _threshold_text(settings: dict) -> str:
         return "none (no calibration scans or threshold given): no anomaly masks"
     origin = (f"calibrated at voxel FPR {record['fpr']:g}" if record.get("fpr") is not None
               else f"from {record.get('source', 'the user')}")
-    return f"{settings['threshold']:.4g} ({origin})"
+    return (f"{settings['threshold']:.4g} on the model's [-1, 1] scale ({origin}); each scan's heatmap is in its "
+            "own intensity units, where the threshold is the case's value in the table below (and its heatmap's "
+            "cal_min)")
 
 
 def _intro(settings: dict) -> str:
@@ -59,6 +61,10 @@ def _intro(settings: dict) -> str:
     return (f"Model: `{settings['model']}`; method `{r['method']}`, sampler `{r['sampler']}` "
             f"({r['steps']} steps) from t_L = {r['t_levels']}, {r['n_samples']} sample(s), "
             f"{r['noise']} noise; threshold {_threshold_text(settings)}.")
+
+
+def _number(value, fmt: str) -> str:
+    return "—" if value in ("", None) else format(value, fmt)
 
 
 def _tables(rows: list[dict], metrics: dict | None, bold: bool) -> list[pages.Table]:
@@ -70,9 +76,11 @@ def _tables(rows: list[dict], metrics: dict | None, bold: bool) -> list[pages.Ta
                                   [[name, cell(m.get("auroc")), cell(m.get("auprc")), cell(m.get("dice")),
                                     cell(m.get("dice_best"))]
                                    for name, m in [*metrics["per_case"].items(), (pooled, metrics)]]))
-    tables.append(pages.Table("Cases", ["case", "score", "max", "voxels flagged", "time (s)", "NFE"],
+    tables.append(pages.Table("Cases", ["case", "score", "max", "voxels flagged",
+                                        "threshold (heatmap units: the scan's)", "time (s)", "NFE"],
                               [[row["case"], f"{row['score']:.4f}", f"{row['max']:.4f}",
                                 "—" if row["n_voxels_flagged"] == "" else row["n_voxels_flagged"],
+                                _number(row.get("threshold_scan_units"), ".4g"),
                                 f"{row['time_s']:.1f}", row["nfe"]] for row in rows]))
     return tables
 

@@ -97,7 +97,9 @@ def save_threshold(path: str | Path, threshold: float, *, fpr: float, extra: dic
         The path written.
     """
     record = {"threshold": float(threshold), "fpr": float(fpr),
-              "units": "anomaly map on the model's [-1, 1] intensity scale", **(extra or {})}
+              "units": "anomaly map on the model's [-1, 1] intensity scale",
+              "in_scan_units": "differs per scan (its intensity scaling): each run's scores.csv "
+                               "threshold_scan_units and each heatmap's cal_min", **(extra or {})}
     return write_json(record, path)
 
 

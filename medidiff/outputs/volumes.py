@@ -44,6 +44,8 @@ def write_nifti(
     dtype: Any = None,
     protected: Iterable[PathLike] = (),
     xform_code: int = 1,
+    display: tuple[float, float] | None = None,
+    description: str | None = None,
 ) -> Path:
     """Write a volume as NIfTI with the given affine, atomically.
 
@@ -57,6 +59,9 @@ def write_nifti(
         protected: input paths that must not be overwritten.
         xform_code: the NIfTI qform and sform code: 1 (scanner anatomical) by default; 0 marks a volume
             whose position in the patient is unknown (only the affine's voxel sizes, kept in pixdim, count).
+        display: ``(cal_min, cal_max)``, the display range viewers open the volume with (e.g. a heatmap
+            from its threshold up, so only flagged values show).
+        description: the header's ``descrip`` text (80 characters at most are kept).
 
     Returns:
         ``path`` as a ``Path``.
@@ -80,6 +85,10 @@ def write_nifti(
     image.set_qform(affine, code=int(xform_code))
     image.set_sform(affine, code=int(xform_code))
     image.header.set_xyzt_units("mm")
+    if display is not None:
+        image.header["cal_min"], image.header["cal_max"] = float(display[0]), float(display[1])
+    if description is not None:
+        image.header["descrip"] = description.encode("ascii", "replace")[:79]
     with atomic_write(path, protected) as tmp:
         nib.save(image, tmp)
     return Path(path)
@@ -96,6 +105,8 @@ def write_like(
     *,
     dtype: Any = None,
     protected: Iterable[PathLike] = (),
+    display: tuple[float, float] | None = None,
+    description: str | None = None,
 ) -> Path:
     """Write ``data`` as NIfTI with the geometry (affine) of ``reference``, so it overlays the input.
 
@@ -110,6 +121,7 @@ def write_like(
         path: the file to write.
         dtype: stored type (default: float32 for maps, uint8 for masks).
         protected: input paths that must not be overwritten.
+        display, description: see :func:`write_nifti`.
 
     Returns:
         ``path`` as a ``Path``.
@@ -124,7 +136,7 @@ def write_like(
             fix="map the result back with medidiff.cases.restore(...) first.",
         )
     return write_nifti(data, path, reference, dtype=dtype, protected=protected,
-                       xform_code=1 if geometry_known(reference) else 0)
+                       xform_code=1 if geometry_known(reference) else 0, display=display, description=description)
 
 
 def geometry_known(reference: Any) -> bool:
