@@ -76,12 +76,13 @@ def test_calibration_errors_name_the_problem():
 def test_saved_record_keys_and_load_checks(tmp_path):
     import json
 
+    units = {"units": "anomaly map on the model's [-1, 1] intensity scale",
+             "in_scan_units": "differs per scan (its intensity scaling): each run's scores.csv threshold_scan_units "
+                              "and each heatmap's cal_min"}
     path = thresholds.save_threshold(tmp_path / "t.json", np.float32(0.5), fpr=0.1, extra={"cases": 3})
-    assert json.loads(path.read_text(encoding="utf-8")) == {
-        "threshold": 0.5, "fpr": 0.1, "units": "anomaly map on the model's [-1, 1] intensity scale", "cases": 3}
+    assert json.loads(path.read_text(encoding="utf-8")) == {"threshold": 0.5, "fpr": 0.1, **units, "cases": 3}
     plain = thresholds.save_threshold(tmp_path / "p.json", 1, fpr=0.05)
-    assert thresholds.load_record(plain) == {
-        "threshold": 1.0, "fpr": 0.05, "units": "anomaly map on the model's [-1, 1] intensity scale"}
+    assert thresholds.load_record(plain) == {"threshold": 1.0, "fpr": 0.05, **units}
     text = tmp_path / "s.json"
     text.write_text('{"threshold": "0.25", "note": "\u00e9"}', encoding="utf-8")
     record = thresholds.load_record(text)
