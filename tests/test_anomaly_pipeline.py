@@ -49,8 +49,9 @@ def test_datalist_with_labels_masks_and_calibration(tmp_path, tiny_model):
     assert {"auroc", "auprc", "dice", "dice_best", "per_case"} <= set(metrics)
     assert 0.0 <= metrics["auroc"] <= 1.0 and metrics["dice_best_label"] == "dice_best (oracle threshold)"
     rows = list(csv.DictReader((out / "scores.csv").open()))
-    assert list(rows[0]) == ["case", "score", "max", "n_voxels_flagged", "threshold_scan_units", "mean_spread",
-                             "time_s", "nfe"]
+    assert list(rows[0]) == ["case", "score", "max", "n_voxels_flagged", "n_findings", "largest_finding_mm3",
+                             "threshold_scan_units", "mean_spread", "time_s", "nfe", "lesions", "lesions_found",
+                             "false_positive_findings"]
     assert rows[0]["mean_spread"] == "" and not (out / "a_uncertainty.nii.gz").exists()  # one sample: no spread
     assert int(rows[0]["nfe"]) == 2 * 4  # 2 steps on each of the 4 slices
     record = json.loads((out / "thresholds.json").read_text())
@@ -72,6 +73,24 @@ def test_datalist_with_labels_masks_and_calibration(tmp_path, tiny_model):
     scale = in_units / record["threshold"]  # the case's intensity scale: not 1, the units differ
     assert abs(scale - 1.0) > 0.5
     assert f"{in_units:.4g}" in (out / "report.md").read_text()
+    # findings: the flagged voxels' regions, largest first, and lesion-level counts against the label
+    found = list(csv.DictReader((out / "a_findings.csv").open()))
+    assert len(found) == int(rows[0]["n_findings"]) > 0 and sum(int(f["voxels"]) for f in found) == flagged.sum()
+    assert [int(f["rank"]) for f in found] == list(range(1, len(found) + 1))
+    assert int(found[0]["voxels"]) == max(int(f["voxels"]) for f in found)
+    voxel_mm3 = abs(np.linalg.det(affine[:3, :3]))
+    assert float(rows[0]["largest_finding_mm3"]) == pytest.approx(int(found[0]["voxels"]) * voxel_mm3, rel=1e-4)
+    i, j, k = (int(v) for v in found[0]["peak_voxel"].split())
+    assert flagged[i, j, k] and heat[i, j, k] == pytest.approx(float(found[0]["peak"]), rel=1e-5)
+    assert (int(rows[0]["lesions"]), metrics["lesions"]) == (1, 1)  # the one square lesion
+    touches = int(found[0]["voxels"]) > 0 and bool((flagged & (label > 0)).any())
+    assert int(rows[0]["lesions_found"]) == int(touches) == metrics["lesions_found"]
+    assert metrics["false_positive_findings_per_scan"] == metrics["false_positive_findings"] == int(
+        rows[0]["false_positive_findings"])
+    report = (out / "report.md").read_text()
+    assert "| case | lesions | found | false-positive findings |" in report
+    assert f"| a | 1 | {rows[0]['lesions_found']} |" in report
+    assert f"| a | 1 | {found[0]['volume_mm3']} |" in report  # the largest finding listed first
 
 
 def test_other_grid_and_a_corrupt_file(tmp_path, tiny_model):

@@ -17,11 +17,15 @@ case, on the scan's own grid (``medidiff.cases.restore``):
   reconstructions, in the scan's units (high where the healthy anatomy is uncertain), when ``n_samples > 1``;
 - ``<case>_anomaly_mask.nii.gz``: voxels above the threshold (uint8), when there is one; for DICOM scans
   also ``<case>_anomaly_mask.dcm``, a DICOM SEG in the scan's study and frame of reference;
-- ``<case>_overlay.png``: the most anomalous slices with the map, lesion and flagged outlines;
+- ``<case>_findings.csv``: the flagged voxels' connected regions, largest first (volume in mm³, centroid in
+  world mm, peak value and voxel; ``medidiff.anomaly.findings``), when there is a threshold;
+- ``<case>_overlay.png``: the slices through the largest findings (without findings, the most anomalous
+  slices) with the map, lesion and flagged outlines;
 
 and for the run ``scores.csv``, ``thresholds.json`` and ``detection.json`` (settings and threshold; without
 calibration scans or a threshold, one saved beside the model is used, see ``thresholds.saved_threshold``),
-``metrics.json`` when labels are given, ``report.md`` and ``report.html`` (a self-contained page: every
+``metrics.json`` when labels are given (voxel AUROC/AUPRC/Dice and lesion-level counts: lesions found and
+false-positive findings per scan), ``report.md`` and ``report.html`` (a self-contained page: every
 slice with a flagged voxel or a reference lesion, one colour scale for the run; ``medidiff.anomaly.report``),
 ``failures.csv`` for skipped cases. Thresholds
 and metrics use the map on the model's ``[-1, 1]`` scale, the same for every scan.
@@ -54,7 +58,7 @@ from medidiff.outputs.html import views_of
 from medidiff.results import TaskResult
 from medidiff.sections import open_model
 
-from . import maps, thresholds
+from . import findings, maps, thresholds
 from .config import AnomalySection
 from .healthy import healthy_nfe, patch_tiles, reconstruct_healthy
 from .report import case_view, write_html, write_report
@@ -239,8 +243,8 @@ def _threshold(denoiser, info: ModelInfo, options: AnomalySection, model_path: P
 
 
 def _write_case(r: CaseMaps, options: AnomalySection, threshold: float | None, out_dir: Path,
-                inputs: Path) -> tuple[list[Path], torch.Tensor | None]:
-    """Every file of one case, and its flagged voxels (``None`` without a threshold)."""
+                inputs: Path) -> tuple[list[Path], torch.Tensor | None, list[findings.Finding]]:
+    """Every file of one case, its flagged voxels (``None`` without a threshold) and their regions."""
     case, protected = r.case, [inputs]
     factor = restore_factor(r.prepared, _units(options))
     heatmap = r.score * factor
@@ -262,14 +266,19 @@ def _write_case(r: CaseMaps, options: AnomalySection, threshold: float | None, o
         flagged = (r.score > threshold) & (r.prepared.input_foreground > 0.5)
         written.append(outputs.write_like(flagged.to(torch.uint8), case.image, path("anomaly_mask"),
                                           protected=protected))
+    found = [] if flagged is None else findings.findings(flagged, heatmap, outputs.affine_of(case.image))
+    if flagged is not None:
+        written.append(outputs.write_table([f.row() for f in found], path("findings", "csv"), protected=protected,
+                                           columns=findings.FINDING_COLUMNS))
     if options.dicom and case.source.kind == "dicom":
         written += _dicom_outputs(heatmap, flagged, case, options, out_dir, inputs)
     contours = {k: v for k, v in (("lesion", case.label), ("flagged", flagged)) if v is not None}
     written.append(outputs.overlay_png(
         case.image, heatmap, contours or None, path("overlay", "png"), title=f"{case.name}: anomaly map",
         units="|residual| (input units)", n_slices=options.overlay_slices,
+        slices=findings.finding_slices(found, options.overlay_slices) or None,
         threshold=in_units, protected=protected))
-    return written, flagged
+    return written, flagged, found
 
 
 def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: AnomalySection | None = None, *,
@@ -311,13 +320,17 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
 
         def one(source) -> CaseOutput:
             r = analyse(denoiser, info, load_case(source), options, seed=seed)
-            written, flagged = _write_case(r, options, thr, out_dir, inputs_path)
+            written, flagged, found = _write_case(r, options, thr, out_dir, inputs_path)
             fg = r.prepared.input_foreground
             row = {"case": r.case.name, "score": maps.case_score(r.score, fg, top_k=options.top_k),
                    "max": float(r.score.max()), "n_voxels_flagged": int(flagged.sum()) if flagged is not None else "",
+                   "n_findings": len(found) if flagged is not None else "",
+                   "largest_finding_mm3": found[0].volume_mm3 if found else "",
                    "threshold_scan_units": "" if thr is None else thr * restore_factor(r.prepared, _units(options)),
                    "mean_spread": r.mean_spread if options.reconstruction.samples > 1 else "",
                    "time_s": round(r.time_s, 3), "nfe": r.nfe}
+            if flagged is not None and r.case.label is not None:
+                row.update(findings.lesion_detection(flagged, r.case.label))
             arrays = {} if r.case.label is None else {"score": r.score, "labels": r.case.label, "mask": fg}
             factor = restore_factor(r.prepared, _units(options))
             spread = (r.spread * restore_factor(r.prepared, "difference") if options.reconstruction.samples > 1
@@ -359,6 +372,11 @@ def _summarise(got: BatchResult, calibration_failures: list[dict], denoiser, inf
         metrics = detection_metrics(evaluated, threshold=thr)
         metrics["dice_best_label"] = thresholds.ORACLE_LABEL
         metrics["nfe_per_slice"] = healthy_nfe(options.reconstruction, process=denoiser.process)
+        counted = [row for row in rows if row.get("lesions", "") != ""]
+        if counted:  # lesion-level detection beside the voxel metrics (medidiff.anomaly.findings)
+            metrics.update({k: int(sum(int(row[k]) for row in counted))
+                            for k in ("lesions", "lesions_found", "false_positive_findings")})
+            metrics["false_positive_findings_per_scan"] = metrics["false_positive_findings"] / len(counted)
         written_all.append(outputs.write_json(metrics, out_dir / "metrics.json"))
     if rows:
         written_all.append(write_report(out_dir, rows, metrics, settings))

@@ -67,7 +67,32 @@ def _number(value, fmt: str) -> str:
     return "—" if value in ("", None) else format(value, fmt)
 
 
-def _tables(rows: list[dict], metrics: dict | None, bold: bool) -> list[pages.Table]:
+#: Findings listed per case in the reports (the rest are in ``<case>_findings.csv``).
+LISTED_FINDINGS = 5
+
+
+def _findings_table(out_dir: Path, rows: list[dict]) -> pages.Table | None:
+    """The largest flagged regions of each case, from its ``<case>_findings.csv``."""
+    import csv
+
+    listed = []
+    for row in rows:
+        path = Path(out_dir) / f"{row['case']}_findings.csv"
+        if not path.is_file():
+            continue
+        with path.open(newline="", encoding="utf-8") as f:
+            for finding in list(csv.DictReader(f))[:LISTED_FINDINGS]:
+                listed.append([row["case"], finding["rank"], finding["volume_mm3"],
+                               f"({finding['x_mm']}, {finding['y_mm']}, {finding['z_mm']})",
+                               f"{float(finding['peak']):.4g}", finding["peak_voxel"]])
+    if not listed:
+        return None
+    return pages.Table(f"Findings: the largest flagged regions of each case (at most {LISTED_FINDINGS}; all in "
+                       "<case>_findings.csv)", ["case", "rank", "volume (mm³)", "centroid (world mm, RAS)",
+                                                 "peak (scan units)", "peak voxel (i j k)"], listed)
+
+
+def _tables(rows: list[dict], metrics: dict | None, bold: bool, out_dir: Path | None = None) -> list[pages.Table]:
     tables = []
     if metrics:
         pooled = "**all (pooled voxels)**" if bold else "all (pooled voxels)"
@@ -82,13 +107,22 @@ def _tables(rows: list[dict], metrics: dict | None, bold: bool) -> list[pages.Ta
                                 "—" if row["n_voxels_flagged"] == "" else row["n_voxels_flagged"],
                                 _number(row.get("threshold_scan_units"), ".4g"),
                                 f"{row['time_s']:.1f}", row["nfe"]] for row in rows]))
-    return tables
+    if metrics and "lesions" in metrics:
+        tables.append(pages.Table("Lesion-level detection (a lesion is found when a flagged voxel lies in it)",
+                                  ["case", "lesions", "found", "false-positive findings"],
+                                  [[row["case"], row["lesions"], row["lesions_found"], row["false_positive_findings"]]
+                                   for row in rows if row.get("lesions", "") != ""]
+                                  + [["all", metrics["lesions"], metrics["lesions_found"],
+                                      f"{metrics['false_positive_findings']} "
+                                      f"({metrics['false_positive_findings_per_scan']:.2f} per scan)"]]))
+    found = None if out_dir is None else _findings_table(out_dir, rows)
+    return tables + ([found] if found else [])
 
 
 def write_report(out_dir: Path, rows: list[dict], metrics: dict | None, settings: dict) -> Path:
     """Write ``report.md`` from the run's ``scores.csv`` rows, metrics and ``detection.json`` settings."""
     lines = ["# Anomaly detection report", "", _intro(settings), ""]
-    for table in _tables(rows, metrics, bold=True):
+    for table in _tables(rows, metrics, bold=True, out_dir=out_dir):
         lines += [*pages.md_table(table), ""]
     for row in rows:
         lines += [f"## {row['case']}", "", f"![{row['case']}]({row['case']}_overlay.png)", ""]
@@ -143,5 +177,6 @@ def write_html(out_dir: Path, rows: list[dict], metrics: dict | None, settings: 
         return out
 
     return pages.write_run_page(out_dir, "Anomaly detection report", rows=rows, views=views, panels=panels,
-                                facts=facts, intro=[_intro(settings)], tables=_tables(rows, metrics, bold=False),
-                                legend=LEGEND, scales=scales, outlines=OUTLINES)
+                                facts=facts, intro=[_intro(settings)],
+                                tables=_tables(rows, metrics, bold=False, out_dir=out_dir), legend=LEGEND,
+                                scales=scales, outlines=OUTLINES)

@@ -61,6 +61,7 @@ def overlay_png(
     units: str = "",
     n_slices: int = 6,
     *,
+    slices: Sequence[int] | None = None,
     axis: int = -1,
     ncols: int = 3,
     cmap: str = "inferno",
@@ -86,6 +87,7 @@ def overlay_png(
         title: figure title.
         units: the heatmap's units, shown on the colour bar.
         n_slices: number of slices for a 3D volume.
+        slices: the slices of a 3D volume to show (e.g. through the largest findings), instead of choosing.
         axis: slicing axis of a 3D volume.
         ncols: most panels per row.
         cmap: heatmap colour map.
@@ -121,7 +123,9 @@ def overlay_png(
     else:
         ax_ = axis % 3
         key = heat if heat is not None else (sum(m.astype(float) for m in masks.values()) if masks else None)
-        if key is None:  # evenly spaced over the slices that hold anything
+        if slices is not None:
+            idx = sorted({int(i) % img.shape[ax_] for i in slices})
+        elif key is None:  # evenly spaced over the slices that hold anything
             nz = np.nonzero(np.abs(img).sum(axis=tuple(d for d in range(3) if d != ax_)))[0]
             lo, hi = (int(nz[0]), int(nz[-1])) if nz.size else (0, img.shape[ax_] - 1)
             idx = [lo + i for i in relevant_slices(np.zeros(hi - lo + 1), n_slices, 0)]

@@ -233,18 +233,20 @@ def write_json(obj: Any, path: PathLike, protected: Iterable[PathLike] = ()) -> 
     return write_text(text, path, protected)
 
 
-def write_table(rows: Sequence[Mapping[str, Any]], path: PathLike, protected: Iterable[PathLike] = ()) -> Path:
+def write_table(rows: Sequence[Mapping[str, Any]], path: PathLike, protected: Iterable[PathLike] = (),
+                columns: Sequence[str] = ()) -> Path:
     """Write rows (dicts) as a CSV table, atomically; columns are the keys in first-seen order.
 
     Args:
         rows: the table's rows; a missing key leaves an empty cell.
         path: the file to write.
         protected: input paths that must not be overwritten.
+        columns: columns that come first, in this order (the header of a table without rows).
 
     Returns:
         ``path`` as a ``Path``.
     """
-    columns: dict[str, None] = {}
+    columns: dict[str, None] = dict.fromkeys(columns)
     for row in rows:
         columns.update(dict.fromkeys(row))
     with atomic_write(path, protected) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
