@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 
@@ -127,6 +128,13 @@ def test_a_dicom_series_gets_a_dicom_seg(tmp_path, tiny_model):
     from dicom_helpers import dciodvfy_errors
 
     assert dciodvfy_errors(seg_file) == []  # a PACS accepts it
+    source = pydicom.dcmread(sources[0])
+    assert str(seg.PatientName) == str(source.PatientName) and seg.StudyInstanceUID == source.StudyInstanceUID
+    anonymous = segment(tiny_model, folder, tmp_path / "anon", deidentify=True, **FAST)
+    assert anonymous.failures == 0
+    hidden = pydicom.dcmread(next((tmp_path / "anon").glob("*_segmentation.dcm")))
+    assert str(hidden.PatientName) != str(source.PatientName) and hidden.get("PatientBirthDate", "") == ""
+    assert hidden.StudyInstanceUID == source.StudyInstanceUID  # it still files with the scan
 
 
 def test_cli_segment_and_a_recipe_error_naming_the_key(tmp_path, tiny_model, capsys):

@@ -70,6 +70,8 @@ class SegmentSection(TaskSection):
         per_class: entropies per class (class against the rest) rather than over all classes.
         overlay_slices: slices shown in each case's overlay PNG.
         dicom: for DICOM scans, also write the segmentation as a DICOM SEG.
+        deidentify: leave the patient's name, ID, birth date, study dates and IDs out of that DICOM SEG (the
+            file names, logs, reports and manifests never hold them).
         select: DICOM series selection rule.
         progress: show progress bars.
     """
@@ -88,6 +90,7 @@ class SegmentSection(TaskSection):
     per_class: bool = False
     overlay_slices: PositiveInt = 6
     dicom: bool = True
+    deidentify: bool = False
     select: str = "all"
     progress: bool = True
 

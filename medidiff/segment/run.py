@@ -83,7 +83,7 @@ def _write_case(r: CaseSegmentation, options: SegmentSection, classes: list[str]
         try:
             written.append(outputs.write_dicom_seg(labels, case.image, case.source.paths, path("segmentation", "dcm"),
                                                    classes=classes, software_version=__version__,
-                                                   protected=protected))
+                                                   protected=protected, deidentify=options.deidentify))
         except DataError as e:
             log.warning("%s: no DICOM SEG (%s); the NIfTI segmentation is written", case.name, e)
     contours = {f"member {k + 1}": m > 0 for k, m in enumerate(r.member_labels)}
