@@ -170,6 +170,11 @@ def test_median_filter_sizes_mirrored_edges_and_batches():
         out = maps.median_filter(b, size)
         assert out.dtype == np.float32 and np.array_equal(out, b)
     assert np.array_equal(maps.median_filter(np.float32(b)), maps.median_filter(np.float32(b), 5))
+    # the default window is 5: a 4 x 4 block (16 voxels) holds the majority of a 5 x 5 window at its centre
+    # (16 of 25) but not of a 6 x 6 one (16 of 36)
+    block = np.zeros((12, 12), np.float32)
+    block[4:8, 4:8] = 1.0
+    assert maps.median_filter(block)[5, 5] == 1.0 and maps.median_filter(block, 6)[5, 5] == 0.0
     # mirrored edges: a 3x3 block in the corner keeps its corner under a 3x3 window
     c = np.zeros((6, 6), np.float32)
     c[:2, :2] = 1.0
