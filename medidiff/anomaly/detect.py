@@ -242,25 +242,37 @@ def _threshold(denoiser, info: ModelInfo, options: AnomalySection, model_path: P
                       batch, seed, digest)
 
 
-def _write_case(r: CaseMaps, options: AnomalySection, threshold: float | None, out_dir: Path,
+@dataclass
+class _ScanUnits:
+    """A case's maps in its scan's units: the heatmap, the spread (``None`` for one sample), the threshold."""
+
+    heatmap: torch.Tensor
+    spread: torch.Tensor | None
+    threshold: float | None
+
+
+def _scan_units(r: CaseMaps, options: AnomalySection, threshold: float | None) -> _ScanUnits:
+    factor = restore_factor(r.prepared, _units(options))
+    spread = (r.spread * restore_factor(r.prepared, "difference") if options.reconstruction.samples > 1 else None)
+    return _ScanUnits(r.score * factor, spread, None if threshold is None else threshold * factor)
+
+
+def _write_case(r: CaseMaps, units: _ScanUnits, options: AnomalySection, threshold: float | None, out_dir: Path,
                 inputs: Path) -> tuple[list[Path], torch.Tensor | None, list[findings.Finding]]:
     """Every file of one case, its flagged voxels (``None`` without a threshold) and their regions."""
     case, protected = r.case, [inputs]
-    factor = restore_factor(r.prepared, _units(options))
-    heatmap = r.score * factor
+    heatmap, in_units = units.heatmap, units.threshold
 
     def path(kind: str, ext: str = "nii.gz") -> Path:
         return outputs.result_path(out_dir, case.name, kind, ext)
 
-    in_units = None if threshold is None else threshold * factor
     display = None if in_units is None else (in_units, max(in_units, float(heatmap.max())))
     written = [outputs.write_like(heatmap, case.image, path("heatmap"), protected=protected, display=display,
                                   description=None if in_units is None else f"medidiff anomaly map; threshold "
                                                                             f"{in_units:.6g} (cal_min)"),
                outputs.write_like(r.healthy, case.image, path("healthy"), protected=protected)]
-    if options.reconstruction.samples > 1:
-        written.append(outputs.write_like(r.spread * restore_factor(r.prepared, "difference"), case.image,
-                                          path("uncertainty"), protected=protected))
+    if units.spread is not None:
+        written.append(outputs.write_like(units.spread, case.image, path("uncertainty"), protected=protected))
     flagged = None
     if threshold is not None:
         flagged = (r.score > threshold) & (r.prepared.input_foreground > 0.5)
@@ -320,23 +332,21 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
 
         def one(source) -> CaseOutput:
             r = analyse(denoiser, info, load_case(source), options, seed=seed)
-            written, flagged, found = _write_case(r, options, thr, out_dir, inputs_path)
+            units = _scan_units(r, options, thr)
+            written, flagged, found = _write_case(r, units, options, thr, out_dir, inputs_path)
             fg = r.prepared.input_foreground
             row = {"case": r.case.name, "score": maps.case_score(r.score, fg, top_k=options.top_k),
                    "max": float(r.score.max()), "n_voxels_flagged": int(flagged.sum()) if flagged is not None else "",
                    "n_findings": len(found) if flagged is not None else "",
                    "largest_finding_mm3": found[0].volume_mm3 if found else "",
-                   "threshold_scan_units": "" if thr is None else thr * restore_factor(r.prepared, _units(options)),
+                   "threshold_scan_units": "" if units.threshold is None else units.threshold,
                    "mean_spread": r.mean_spread if options.reconstruction.samples > 1 else "",
                    "time_s": round(r.time_s, 3), "nfe": r.nfe}
             if flagged is not None and r.case.label is not None:
                 row.update(findings.lesion_detection(flagged, r.case.label))
             arrays = {} if r.case.label is None else {"score": r.score, "labels": r.case.label, "mask": fg}
-            factor = restore_factor(r.prepared, _units(options))
-            spread = (r.spread * restore_factor(r.prepared, "difference") if options.reconstruction.samples > 1
-                      else None)
-            arrays.update(case_view(r.case.image, r.score * factor, lesion=r.case.label, flagged=flagged,
-                                    uncertainty=spread, threshold=None if thr is None else thr * factor,
+            arrays.update(case_view(r.case.image, units.heatmap, lesion=r.case.label, flagged=flagged,
+                                    uncertainty=units.spread, threshold=units.threshold,
                                     n_slices=options.overlay_slices))
             return CaseOutput(files=written, row=row, arrays=arrays, inputs=r.case.files)
 
