@@ -63,10 +63,6 @@ def _intro(settings: dict) -> str:
             f"{r['noise']} noise; threshold {_threshold_text(settings)}.")
 
 
-def _number(value, fmt: str) -> str:
-    return "—" if value in ("", None) else format(value, fmt)
-
-
 #: Findings listed per case in the reports (the rest are in ``<case>_findings.csv``).
 LISTED_FINDINGS = 5
 
@@ -105,7 +101,7 @@ def _tables(rows: list[dict], metrics: dict | None, bold: bool, out_dir: Path | 
                                         "threshold (heatmap units: the scan's)", "time (s)", "NFE"],
                               [[row["case"], f"{row['score']:.4f}", f"{row['max']:.4f}",
                                 "—" if row["n_voxels_flagged"] == "" else row["n_voxels_flagged"],
-                                _number(row.get("threshold_scan_units"), ".4g"),
+                                cell(row.get("threshold_scan_units"), fmt=".4g"),
                                 f"{row['time_s']:.1f}", row["nfe"]] for row in rows]))
     if metrics and "lesions" in metrics:
         tables.append(pages.Table("Lesion-level detection (a lesion is found when a flagged voxel lies in it)",

@@ -258,10 +258,13 @@ def write_table(rows: Sequence[Mapping[str, Any]], path: PathLike, protected: It
     return Path(path)
 
 
-def cell(value: Any, digits: int = 3) -> str:
-    """A report table's cell: the number with ``digits`` decimals, or a dash where there is none (NaN, None)."""
+def cell(value: Any, digits: int = 3, fmt: str | None = None) -> str:
+    """A report table's cell: the number with ``digits`` decimals (or in the format ``fmt``, e.g. ``".4g"``), or
+    a dash where there is none (NaN, None, an empty CSV cell)."""
     try:
         value = float(value)
     except (TypeError, ValueError):
         return "—"
-    return f"{value:.{digits}f}" if np.isfinite(value) else "—"
+    if not np.isfinite(value):
+        return "—"
+    return format(value, fmt) if fmt else f"{value:.{digits}f}"
