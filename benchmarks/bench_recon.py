@@ -176,6 +176,8 @@ def main(argv=None) -> int:
     parser.add_argument("--heavy-slices", type=int, default=2, help="test slices for PC, DPS and merge")
     parser.add_argument("--prior-mode", default="whole", choices=["whole", "patches"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                        help="evaluate the priors in float32 (default: bf16 autocast where native)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -185,7 +187,8 @@ def main(argv=None) -> int:
     out = args.out or ROOT / "benchmarks/results" / ("recon_quick.md" if quick else "recon.md")
     lines = ["# Reconstruction benchmark", "",
              f"`python benchmarks/bench_recon.py{' --quick' if quick else ''}` on {platform.processor() or 'CPU'}, "
-             f"{args.threads} threads, torch {torch.__version__}; prior applied `{args.prior_mode}`. Mean ± std over "
+             f"{args.threads} threads, torch {torch.__version__}; prior applied `{args.prior_mode}`"
+             f"{', under bf16 autocast' if args.bf16 else ', float32'}. Mean ± std over "
              f"test slices and seeds {seeds}; PC, DPS and merge on the first {args.heavy_slices} test slice(s). "
              "Seconds are wall-clock per slice (slices and seeds batched).", ""]
     record = {}
@@ -197,7 +200,7 @@ def main(argv=None) -> int:
         den, info = load_denoiser(path)
         prior = AnySize(den, multiple=unet_multiple(info.net), mode=args.prior_mode,
                         patch=info.data_prep.size if args.prior_mode == "patches" else None, shift=True,
-                        generator=torch.Generator().manual_seed(0))
+                        generator=torch.Generator().manual_seed(0), bf16=args.bf16)
         window = tuple(info.data_prep.intensity.window) if modality == "ct" else None
         if modality == "mri":
             val = mri_slices(VAL_MRI[:1], crop=True) if quick else mri_slices(VAL_MRI)

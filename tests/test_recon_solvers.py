@@ -155,6 +155,26 @@ def test_any_size_with_a_unet_on_an_odd_image():
             assert prior(odd, t).shape == odd.shape
 
 
+
+def test_any_size_bf16_runs_the_network_under_autocast_and_keeps_the_dtype():
+    from medidiff.core.precision import bf16_native
+
+    seen = []
+
+    def probe(x, t):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return torch.nn.functional.conv2d(x, torch.full((1, 1, 3, 3), 1 / 9), padding=1)
+
+    x, t = torch.randn(2, 1, 13, 11, dtype=torch.float64), torch.full((2,), 0.5)
+    exact = AnySize(Wrapped(probe), multiple=4)(x.float(), t)
+    fast = AnySize(Wrapped(probe), multiple=4, bf16=True)(x.float(), t)
+    assert seen == [False, bf16_native(x.device)]
+    assert fast.dtype == torch.float32 and fast.shape == x.shape
+    assert torch.allclose(fast, exact, atol=2e-2)  # bf16 keeps ~3 significant digits
+    if bf16_native(x.device):
+        assert not torch.equal(fast, exact)
+
+
 # -- DiffusionMBIR ----------------------------------------------------------------------------------
 def test_z_differences_and_their_adjoint():
     x, d = torch.randn(5, 1, 3, 3, dtype=torch.float64), torch.randn(4, 1, 3, 3, dtype=torch.float64)

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 
 import torch
 
+from medidiff.core.precision import autocast_for
+
 __all__ = ["AnySize", "pad_multiple", "unet_multiple", "PRIOR_MODES"]
 
 PRIOR_MODES = ("whole", "patches")
@@ -98,11 +100,13 @@ class AnySize(torch.nn.Module):
         shift: move the padding (``whole``) or the tiling (``patches``) by a random offset at every call.
         generator: for the shifts (reproducible runs).
         batch_size: tiles per network call.
+        bf16: evaluate the network under bf16 autocast where the device computes bf16 natively
+            (:func:`medidiff.core.precision.autocast_for`); the output keeps the input's dtype.
     """
 
     def __init__(self, denoiser, *, multiple: int = 1, mode: str = "whole", patch: Sequence[int] | int | None = None,
                  overlap: int = 0, shift: bool = False, generator: torch.Generator | None = None,
-                 batch_size: int = 64):
+                 batch_size: int = 64, bf16: bool = False):
         super().__init__()
         if mode not in PRIOR_MODES:
             raise ValueError(f"prior mode {mode!r} is unknown; choose one of {PRIOR_MODES}")
@@ -112,7 +116,7 @@ class AnySize(torch.nn.Module):
             raise ValueError("need multiple >= 1, overlap >= 0 and batch_size >= 1")
         self.denoiser, self.multiple, self.mode = denoiser, int(multiple), mode
         self.patch, self.overlap, self.shift = patch, int(overlap), shift
-        self.generator, self.batch_size = generator, int(batch_size)
+        self.generator, self.batch_size, self.bf16 = generator, int(batch_size), bool(bf16)
 
     @property
     def process(self):
@@ -126,10 +130,13 @@ class AnySize(torch.nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``x0_hat`` for images ``(B, C, *spatial)`` of any size at times ``t`` (shape ``(B,)``)."""
         ndim = x.ndim - 2
-        if self.mode == "whole":
-            padded, crop = pad_multiple(x, self.multiple, self._offsets(ndim, [self.multiple] * ndim))
-            return self.denoiser(padded, t)[crop]
-        return self._patches(x, t)
+        with autocast_for(x.device, self.bf16):
+            if self.mode == "whole":
+                padded, crop = pad_multiple(x, self.multiple, self._offsets(ndim, [self.multiple] * ndim))
+                out = self.denoiser(padded, t)[crop]
+            else:
+                out = self._patches(x, t)
+        return out.to(x.dtype)
 
     def _patches(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ndim = x.ndim - 2

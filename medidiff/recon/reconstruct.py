@@ -86,7 +86,8 @@ def make_prior(denoiser, info: ModelInfo, options, *, seed: int = 0):
     generator = torch.Generator().manual_seed(member_seed(seed, 7))
     patch = info.data_prep.size if options.mode == "patches" else None
     prior = AnySize(denoiser, multiple=unet_multiple(info.net), mode=options.mode, patch=patch,
-                    overlap=options.overlap, shift=options.shift, generator=generator, batch_size=options.batch_size)
+                    overlap=options.overlap, shift=options.shift, generator=generator, batch_size=options.batch_size,
+                    bf16=options.bf16)
     return prior if info.spatial_dims == 2 else _StackAsVolume(prior)
 
 

@@ -13,26 +13,16 @@ runs through the same path: one member of one step is its prediction.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
 from medidiff.core import ensemble, samplers
+from medidiff.core.precision import autocast_for
 from medidiff.train_segment import conditioning
 
 from .config import EnsembleOptions
 
-__all__ = ["sample_members", "members_nfe", "autocast_for"]
-
-
-def autocast_for(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX); else a null context."""
-    if not enabled:
-        return contextlib.nullcontext()
-    if device.type == "cuda" or (device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX512",
-                                                                                                       "AMX")):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+__all__ = ["sample_members", "members_nfe"]
 
 
 def members_nfe(options: EnsembleOptions) -> int:
