@@ -16,8 +16,8 @@ unclipped above, the background clamped at -1: ``COND_FLOOR``). Two sources (``d
   so healthy brains stay empty). Axial slabs in ``data.holdout`` (indices of the 2 mm brain, the same
   millimetres of the 1 mm one) are left out of training for evaluation.
 
-``PairedAugmented`` mirrors and warps image and mask together (nearest for the mask) and changes the image's
-gamma.
+``PairedAugmented`` mirrors and warps (affine and elastic) image and mask together, the mask re-binarised, and
+changes only the image's resolution, bias field, gamma, contrast and noise.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data.augment import Augmented, random_affine, random_gamma
+from .data.augment import Augmented
 from .errors import DataError, RecipeError
 from .train_data import MRI_PERCENTILES, DataBundle, DataConfig, TensorDataset, _split_cases
 
@@ -59,7 +59,8 @@ def mask_channels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 class PairedAugmented(Augmented):
-    """Pairs warped together by one random affine (mask channels re-binarised) and the image's gamma changed.
+    """Pairs warped together by one random affine and elastic warp (mask channels re-binarised); the image alone
+    gets the intensity changes (a scanner changes how the anatomy looks, not where the lesion is).
 
     Draws come from torch's global generator, as ``medidiff.data.augment.Augmented``'s (exact resume).
     """
@@ -69,18 +70,18 @@ class PairedAugmented(Augmented):
         mask, image = item["image"], item["cond"]
         if self.flip and float(torch.rand(())) < self.flip:
             mask, image = mask.flip(1), image.flip(1)
-        if self.rotate_deg or self.scale or self.translate:
-            both = random_affine(torch.cat([mask, image]), rotate_deg=self.rotate_deg, scale=self.scale,
-                                 translate=self.translate)
-            warped, image = both[:mask.shape[0]], both[mask.shape[0]:]
-            if mask.shape[0] == 1:
-                mask = torch.where(warped > 0, 1.0, -1.0)
-            else:
-                mask = torch.nn.functional.one_hot(warped.argmax(0), mask.shape[0]).movedim(-1, 0).float() * 2 - 1
-        if self.gamma:
-            image = random_gamma(image, gamma=self.gamma)
-        item["image"], item["cond"] = mask, image
+        if self.warps:
+            both = self.geometry(torch.cat([mask, image]))
+            mask, image = _binarised(both[:mask.shape[0]]), both[mask.shape[0]:]
+        item["image"], item["cond"] = mask, self.intensity(image)
         return item
+
+
+def _binarised(mask: torch.Tensor) -> torch.Tensor:
+    """Interpolated mask channels back to -1 and 1: one channel thresholded at 0, one-hot channels by argmax."""
+    if mask.shape[0] == 1:
+        return torch.where(mask > 0, 1.0, -1.0)
+    return torch.nn.functional.one_hot(mask.argmax(0), mask.shape[0]).movedim(-1, 0).float() * 2 - 1
 
 
 def _bundle(train: Dataset, val: Dataset | None, cfg: DataConfig, channels: int, cond_channels: int,
