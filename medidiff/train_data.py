@@ -56,7 +56,10 @@ MRI_PERCENTILES = (0.5, 99.5)
 
 
 class AugmentConfig(BaseModel):
-    """Random training augmentation (``medidiff.data.augment``): affine warps, intensity gamma, left-right flips.
+    """Random training augmentation (``medidiff.data.augment``): other poses, shapes, scanners and contrasts.
+
+    The elastic, resolution, bias-field, contrast and noise augmentations are off by default (``resolution_factor``
+    matters only with ``resolution``), so older recipes train and draw as before.
 
     Attributes:
         rotate_deg: largest rotation angle in degrees (about each axis in 3D); 0 with ``scale`` and ``translate``
@@ -65,6 +68,19 @@ class AugmentConfig(BaseModel):
         translate: largest shift, as a fraction of the image size.
         gamma: largest intensity gamma, ``exp(U(-gamma, gamma))`` (0: off).
         flip: probability of a left-right mirror (0: off).
+        elastic: largest elastic displacement along each axis, as a fraction of the image size: a smooth random
+            field through control points every quarter of the image, in the same interpolation as the affine
+            warp (0: off; below 1/16 a square 2D image cannot fold, 1/24 in 3D).
+        resolution: probability that an image's resolution is lowered: blurred and resampled as voxels up to
+            ``resolution_factor`` times larger along each axis would record it, then interpolated back (0: off).
+        resolution_factor: largest voxel-size factor per axis of a lowered resolution (drawn in ``[1, factor]``
+            per axis, so thick slices are simulated too).
+        bias_field: largest log-amplitude of a smooth multiplicative bias field, ``exp(b)`` with ``|b| <=
+            bias_field`` over control points every half image; the background stays at -1 (0: off).
+        contrast: largest log-factor of a linear intensity scaling through the background, ``exp(U(-contrast,
+            contrast))`` on the ``[0, 1]`` scale (0: off).
+        noise: largest standard deviation of Rician noise on the tissue (drawn in ``[0, noise]``), as a fraction
+            of the intensity range (``2 * noise`` on the ``[-1, 1]`` scale); the background stays at -1 (0: off).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -74,6 +90,12 @@ class AugmentConfig(BaseModel):
     translate: float = Field(0.04, ge=0.0, lt=1.0)
     gamma: float = Field(0.15, ge=0.0)
     flip: float = Field(0.0, ge=0.0, le=1.0)
+    elastic: float = Field(0.0, ge=0.0, le=0.25)
+    resolution: float = Field(0.0, ge=0.0, le=1.0)
+    resolution_factor: float = Field(2.0, ge=1.0, le=8.0)
+    bias_field: float = Field(0.0, ge=0.0, le=1.0)
+    contrast: float = Field(0.0, ge=0.0, le=1.0)
+    noise: float = Field(0.0, ge=0.0, le=0.5)
 
 
 class LabelsConfig(BaseModel):
