@@ -200,6 +200,7 @@ class ModelInfo(_Strict):
         data_prep: how the training data were prepared.
         noise: the training noise.
         step, weights, checkpoint, loss_weighting: provenance of the weights.
+        init_from: the model training started from (fine-tuning): ``name``, ``sha256`` and ``step``.
         task: what the model is for (``healthy``, ``prior``, ``segment``...), free text.
         extra: anything else a task records.
     """
@@ -215,6 +216,7 @@ class ModelInfo(_Strict):
     weights: Literal["ema", "raw"] | None = None
     checkpoint: str | None = None
     loss_weighting: str | None = None
+    init_from: dict[str, Any] | None = None
     task: str | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
 

@@ -51,7 +51,7 @@ from .train_checkpoints import (
 from .train_config import TrainingConfig, TrainResult, lr_factor
 from .train_data import BatchStream, checked_data_prep
 from .train_objectives import check_objective, objective_loss
-from .weights import WEIGHTS_NAME, save_model
+from .weights import WEIGHTS_NAME, model_paths, save_model
 
 __all__ = [
     "TrainingConfig",
@@ -496,8 +496,42 @@ def run_recipe(recipe: Any, out_dir: str | Path) -> TrainResult:
     net = recipe.model.build(spatial_dims=recipe.data.spatial_dims, in_channels=bundle.channels,
                              cond_channels=bundle.cond_channels)
     check_objective(recipe.training.objective, net.config, bundle.cond_channels)
+    init = recipe.training.init_from
+    extra = {"init_from": initial_weights(net, init, recipe.model.prediction)} if init else None
+    init_file = [model_paths(init)[0]] if init else []
     result = fit(net, recipe.process.build(), bundle.train, config=recipe.training, out_dir=out_dir,
                  prediction=recipe.model.prediction, val_set=bundle.val, seed=recipe.seed, device=recipe.device,
-                 data_prep=bundle.data_prep, num_workers=recipe.data.num_workers)
-    result.inputs = bundle.inputs
+                 data_prep=bundle.data_prep, extra_meta=extra, num_workers=recipe.data.num_workers)
+    result.inputs = bundle.inputs + init_file
     return result
+
+
+def initial_weights(net: nn.Module, path: str | Path, prediction: str) -> dict:
+    """Load a saved model's weights into ``net`` (``training.init_from``: fine-tuning).
+
+    Args:
+        net: the recipe's network, freshly built.
+        path: the saved model (checked and loaded without unpickling, ``medidiff.weights.load_checked``).
+        prediction: the recipe's parametrisation, which the saved model must share.
+
+    Returns:
+        The record for ``model.json``: the weights file's name, its SHA-256 and its training step.
+
+    Raises:
+        ModelError: the file is missing, unsafe or corrupt.
+        TrainingError: its network or prediction differs from the recipe's.
+    """
+    import json
+
+    from .weights import load_checked
+
+    denoiser, info, digest = load_checked(path)
+    if json.dumps(info.net, sort_keys=True) != json.dumps(dict(net.config), sort_keys=True, default=list):
+        raise TrainingError(f"the network of {path} differs from the recipe's model section",
+                            where="training.init_from",
+                            fix="copy the saved model's network settings (its .json 'net') into the recipe's model section.")
+    if info.prediction != prediction:
+        raise TrainingError(f"{path} predicts {info.prediction!r}, the recipe {prediction!r}",
+                            where="training.init_from", fix=f"set model.prediction: {info.prediction}.")
+    net.load_state_dict(denoiser.net.state_dict(), strict=True)
+    return {"name": model_paths(path)[0].name, "sha256": digest, "step": info.step}

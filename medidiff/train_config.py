@@ -50,6 +50,9 @@ class TrainingConfig(BaseModel):
         keep_checkpoints: how many recent checkpoints to keep.
         resume: continue from the latest checkpoint in the output folder (start afresh if there is none).
         stop_after: end the run cleanly after this step (with a checkpoint), e.g. for time-limited jobs.
+        init_from: start from the weights of a saved model (a ``.safetensors`` file with its ``.json``, or a
+            run folder) instead of random ones: fine-tuning. Its network must be the recipe's (``model``)
+            and its prediction the same; its name, SHA-256 and step are recorded in ``model.json``.
         tensorboard: write TensorBoard logs to ``tb/``.
         progress: show a progress bar.
         compile: ``torch.compile`` the network (CUDA).
@@ -86,6 +89,7 @@ class TrainingConfig(BaseModel):
     keep_checkpoints: PositiveInt = 2
     resume: bool = False
     stop_after: PositiveInt | None = None
+    init_from: str | None = None
     tensorboard: bool = True
     progress: bool = True
     compile: bool = False

@@ -26,7 +26,7 @@ from .errors import ModelError
 from .modelinfo import FORMAT, ModelInfo, parse_model_info
 from .outputs import atomic_write, write_json
 
-__all__ = ["save_model", "load_denoiser", "load_checked", "load_meta", "check_weights_file", "WEIGHTS_NAME",
+__all__ = ["save_model", "model_paths", "load_denoiser", "load_checked", "load_meta", "check_weights_file", "WEIGHTS_NAME",
            "CONFIG_NAME", "FORMAT"]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -84,7 +84,8 @@ def save_model(
     return weights
 
 
-def _paths(path: str | Path) -> tuple[Path, Path]:
+def model_paths(path: str | Path) -> tuple[Path, Path]:
+    """``(weights file, model.json)`` of a weights folder or a ``.safetensors`` file."""
     path = Path(path)
     if path.is_dir():
         return path / WEIGHTS_NAME, path / CONFIG_NAME
@@ -149,7 +150,7 @@ def check_weights_file(path: str | Path) -> str:
     """
     from .manifest import sha256_file
 
-    weights, _ = _paths(path)
+    weights, _ = model_paths(path)
     if not weights.is_file():
         raise ModelError("weights file not found", where=weights)
     reason = _not_safetensors(weights)
@@ -170,7 +171,7 @@ def load_meta(path: str | Path) -> ModelInfo:
     Raises:
         ModelError: it is missing, not JSON, or not a valid medidiff model record (e.g. no ``data_prep``).
     """
-    _, config_path = _paths(path)
+    _, config_path = model_paths(path)
     if not config_path.is_file():
         raise ModelError("model config not found", where=config_path,
                          fix=f"keep {CONFIG_NAME} beside the weights (medidiff writes both).")
@@ -209,7 +210,7 @@ def load_checked(path: str | Path, device: str | torch.device = "cpu") -> tuple[
 
     from .nets import build_network
 
-    weights_path, config_path = _paths(path)
+    weights_path, config_path = model_paths(path)
     digest = check_weights_file(path)
     meta = load_meta(path)
     try:

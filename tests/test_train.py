@@ -167,3 +167,28 @@ def test_recipe_options_reach_the_loss(tmp_path):
     meta = json.loads((tmp_path / "model.json").read_text())
     assert result.step == 2 and all(math.isfinite(v) for v in result.history["loss"])
     assert meta["prediction"] == "v" and meta["noise"]["kind"] == "simplex" and meta["loss_weighting"] == "min_snr"
+
+
+def test_fine_tuning_starts_from_the_saved_weights_and_records_them(tmp_path):
+    """``training.init_from``: step 0 holds the saved weights exactly; a different network is refused."""
+    from safetensors.torch import load_file
+    from train_helpers import tiny_recipe
+
+    from medidiff.recipes import parse_recipe
+    from medidiff.train import initial_weights, run_recipe
+
+    first = run_recipe(parse_recipe(tiny_recipe(training={"steps": 4})), tmp_path / "a")
+    saved = load_file(str(tmp_path / "a" / "model.safetensors"))
+    recipe = parse_recipe(tiny_recipe(training={"steps": 4, "init_from": str(tmp_path / "a")}))
+    net = recipe.model.build(spatial_dims=2, in_channels=1, cond_channels=0)
+    record = initial_weights(net, tmp_path / "a", "eps")
+    assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
+    assert record["name"] == "model.safetensors" and record["step"] == first.step == 4 and len(record["sha256"]) == 64
+    result = run_recipe(recipe, tmp_path / "b")
+    meta = json.loads((tmp_path / "b" / "model.json").read_text())
+    assert meta["init_from"] == record and tmp_path / "a" / "model.safetensors" in result.inputs
+    wider = parse_recipe(tiny_recipe(model={"channels": [8, 24]}))
+    with pytest.raises(TrainingError, match="differs from the recipe"):
+        initial_weights(wider.model.build(spatial_dims=2, in_channels=1, cond_channels=0), tmp_path / "a", "eps")
+    with pytest.raises(TrainingError, match="predicts 'eps'"):
+        initial_weights(net, tmp_path / "a", "v")
