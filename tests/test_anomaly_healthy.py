@@ -142,3 +142,26 @@ def test_simplex_noise_and_bad_settings():
         reconstruct_healthy(Identity(process), x, sampler="warp")
     with pytest.raises(ValueError, match="n_sample"):
         reconstruct_healthy(Identity(process), x, n_sample=3)  # a misspelt option is not ignored
+
+
+def test_bf16_evaluates_the_network_under_autocast_and_keeps_float32():
+    """``bf16``: the network runs under autocast where the CPU computes bf16 natively; the maps stay float32
+    and within bf16's precision of the float32 ones."""
+    from medidiff.core.precision import bf16_native
+
+    class Smoother(nn.Module):
+        def __init__(self, process):
+            super().__init__()
+            self.process, self.autocast = process, []
+
+        def forward(self, x_t, t):
+            self.autocast.append(torch.is_autocast_enabled("cpu"))
+            return torch.nn.functional.conv2d(x_t, torch.full((1, 1, 3, 3), 1 / 9), padding=1).clamp(-1, 1)
+
+    process = DDPM(n_steps=100)
+    x = torch.rand(2, 1, 12, 10, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    net = Smoother(process)
+    runs = {bf16: reconstruct_healthy(net, x, steps=2, n_samples=3, bf16=bf16, seed=4) for bf16 in (False, True)}
+    assert net.autocast == [False] * (len(net.autocast) // 2) + [bf16_native(x.device)] * (len(net.autocast) // 2)
+    for fast, exact in zip(runs[True], runs[False]):
+        assert fast.dtype == torch.float32 and torch.allclose(fast, exact, atol=3e-2)

@@ -39,6 +39,7 @@ from medidiff.core import ensemble, samplers
 from medidiff.core.guidance import Projection
 from medidiff.core.noise import noise_like
 from medidiff.core.operators import MaskOperator
+from medidiff.core.precision import Autocast
 from medidiff.core.processes import Process
 
 from .config import HealthyOptions
@@ -161,6 +162,7 @@ def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None =
         raise ValueError(f"expected images (B, C, *spatial) with 2 or 3 spatial dims, got {x.ndim} dims")
     x = x.clamp(-1.0, 1.0)  # the model's range; the residual is taken against the unclipped scan
     process = process if process is not None else denoiser.process
+    denoiser = Autocast(denoiser, o.bf16)
     try:
         sample_fn = samplers.get_sampler("ddim" if o.method == "invert" else o.sampler)
     except ValueError as e:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-from medidiff.core.precision import autocast_for
+from medidiff.core.precision import Autocast
 
 __all__ = ["AnySize", "pad_multiple", "unet_multiple", "PRIOR_MODES"]
 
@@ -114,9 +114,9 @@ class AnySize(torch.nn.Module):
             raise ValueError("the patches mode needs the patch size (the prior's training size)")
         if multiple < 1 or overlap < 0 or batch_size < 1:
             raise ValueError("need multiple >= 1, overlap >= 0 and batch_size >= 1")
-        self.denoiser, self.multiple, self.mode = denoiser, int(multiple), mode
+        self.denoiser, self.multiple, self.mode = Autocast(denoiser, bf16), int(multiple), mode
         self.patch, self.overlap, self.shift = patch, int(overlap), shift
-        self.generator, self.batch_size, self.bf16 = generator, int(batch_size), bool(bf16)
+        self.generator, self.batch_size = generator, int(batch_size)
 
     @property
     def process(self):
@@ -130,13 +130,10 @@ class AnySize(torch.nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``x0_hat`` for images ``(B, C, *spatial)`` of any size at times ``t`` (shape ``(B,)``)."""
         ndim = x.ndim - 2
-        with autocast_for(x.device, self.bf16):
-            if self.mode == "whole":
-                padded, crop = pad_multiple(x, self.multiple, self._offsets(ndim, [self.multiple] * ndim))
-                out = self.denoiser(padded, t)[crop]
-            else:
-                out = self._patches(x, t)
-        return out.to(x.dtype)
+        if self.mode == "whole":
+            padded, crop = pad_multiple(x, self.multiple, self._offsets(ndim, [self.multiple] * ndim))
+            return self.denoiser(padded, t)[crop]
+        return self._patches(x, t)
 
     def _patches(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ndim = x.ndim - 2
