@@ -11,6 +11,13 @@ sigmas to the 0-1000 range the sinusoidal embedding is made for).
 and the time, segments the conditioning image and returns class probabilities ``p`` as ``2 p - 1``, so it
 is an ``x0``-denoiser whose estimate does not depend on ``x_t`` and runs through every sampler unchanged
 (one step gives its segmentation).
+
+``build_classifier`` (config ``arch: classifier``) is the noise-aware classifier of classifier guidance
+(Wolleb et al. 2022, sec. 3; Dhariwal & Nichol 2021, sec. 4): the encoder half of the diffusion U-Net (its
+time embedding, input convolution, down blocks and middle block, as MONAI's ``DiffusionModelUNet`` builds
+them) with attention pooling (``AttentionPool``), called as ``net(x_t, timesteps) -> logits (B, classes)``.
+MONAI's own ``DiffusionModelEncoder`` ends in a flattening fully connected head tied to one input size and
+has no middle block, so it is not used.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["UNet", "SegmentationUNet", "build_unet", "build_segmentation_unet", "build_network", "count_parameters"]
+__all__ = ["UNet", "SegmentationUNet", "Classifier", "AttentionPool", "build_unet", "build_segmentation_unet",
+           "build_classifier", "build_network", "count_parameters"]
 
 
 class UNet(nn.Module):
@@ -189,8 +197,130 @@ def build_segmentation_unet(
     return SegmentationUNet(net, config)
 
 
+class AttentionPool(nn.Module):
+    """Attention pooling of a feature map into one vector (Radford et al. 2021's CLIP head, as in Dhariwal & Nichol
+    2021's classifier): the mean feature attends to every position; its output is projected to ``out_features``.
+
+    Unlike guided-diffusion's ``AttentionPool2d`` it has no learned positional embedding, so it pools any
+    number of spatial dims and any size.
+
+    Args:
+        channels: feature channels.
+        out_features: output size (the number of classes).
+        num_head_channels: channels per attention head (must divide ``channels``).
+    """
+
+    def __init__(self, channels: int, out_features: int, num_head_channels: int):
+        super().__init__()
+        if channels % num_head_channels:
+            raise ValueError(f"num_head_channels={num_head_channels} must divide the last level's {channels} channels")
+        self.attention = nn.MultiheadAttention(channels, channels // num_head_channels, batch_first=True)
+        self.proj = nn.Linear(channels, out_features)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *spatial) -> (B, out_features)``."""
+        tokens = h.flatten(2).transpose(1, 2)  # (B, N, C)
+        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
+        pooled, _ = self.attention(tokens[:, :1], tokens, tokens, need_weights=False)
+        return self.proj(pooled[:, 0])
+
+
+class Classifier(nn.Module):
+    """The encoder half of a MONAI ``DiffusionModelUNet`` with an attention-pooling head: class logits of ``x_t``.
+
+    Args:
+        unet: a ``DiffusionModelUNet``; its time embedding, input convolution, down blocks and middle block are
+            kept (its up blocks and output are dropped).
+        head: maps the middle block's features ``(B, C, *spatial)`` to logits ``(B, classes)``.
+        config: the keyword arguments of ``build_classifier`` that made it (with ``arch: classifier``).
+    """
+
+    def __init__(self, unet: nn.Module, head: nn.Module, config: dict):
+        super().__init__()
+        self.time_embed, self.conv_in = unet.time_embed, unet.conv_in
+        self.down_blocks, self.middle_block = unet.down_blocks, unet.middle_block
+        self.head, self.config = head, dict(config)
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.config["spatial_dims"])
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, classes)`` of noisy images ``x`` at network times ``timesteps`` (``(B,)``)."""
+        from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+
+        emb = self.time_embed(get_timestep_embedding(timesteps, self.config["channels"][0]).to(x.dtype))
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            h, _ = block(hidden_states=h, temb=emb, context=None)
+        return self.head(self.middle_block(hidden_states=h, temb=emb, context=None))
+
+
+def build_classifier(
+    spatial_dims: int = 2,
+    in_channels: int = 1,
+    num_classes: int = 2,
+    channels: Sequence[int] = (32, 64, 64),
+    attention_levels: Sequence[bool] = (False, False, True),
+    num_res_blocks: int | Sequence[int] = 1,
+    num_head_channels: int = 32,
+    norm_num_groups: int = 16,
+    resblock_updown: bool = False,
+) -> Classifier:
+    """Build a noise-aware classifier: the encoder half of ``build_unet``'s U-Net with attention pooling.
+
+    The arguments shared with ``build_unet`` mean the same; the head is group norm, SiLU and
+    ``AttentionPool`` (guided-diffusion's ``pool="attention"`` head, Wolleb et al. 2022's choice).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        num_classes: classes (logits).
+        channels: feature channels per level.
+        attention_levels: self-attention per level (the middle block always has it).
+        num_res_blocks: residual blocks per level.
+        num_head_channels: channels per attention head (must divide the last level's channels).
+        norm_num_groups: group-norm groups (must divide every entry of ``channels``).
+        resblock_updown: residual blocks for down-sampling.
+
+    Returns:
+        a ``Classifier`` called as ``net(x_t, timesteps) -> logits``.
+    """
+    from monai.networks.nets import DiffusionModelUNet
+
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if num_classes < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+    if len(attention_levels) != len(channels):
+        raise ValueError(f"attention_levels has {len(attention_levels)} entries for {len(channels)} levels")
+    bad = [c for c in channels if c % norm_num_groups]
+    if bad:
+        raise ValueError(f"norm_num_groups={norm_num_groups} must divide every channel count, not {bad}")
+    config = {
+        "arch": "classifier",
+        "spatial_dims": int(spatial_dims),
+        "in_channels": int(in_channels),
+        "num_classes": int(num_classes),
+        "channels": [int(c) for c in channels],
+        "attention_levels": [bool(a) for a in attention_levels],
+        "num_res_blocks": num_res_blocks if isinstance(num_res_blocks, int) else [int(n) for n in num_res_blocks],
+        "num_head_channels": int(num_head_channels),
+        "norm_num_groups": int(norm_num_groups),
+        "resblock_updown": bool(resblock_updown),
+    }
+    unet = DiffusionModelUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=in_channels,
+                              num_res_blocks=num_res_blocks, channels=tuple(channels),
+                              attention_levels=tuple(attention_levels), norm_num_groups=norm_num_groups,
+                              num_head_channels=num_head_channels, resblock_updown=resblock_updown)
+    last = int(channels[-1])
+    head = nn.Sequential(nn.GroupNorm(norm_num_groups, last), nn.SiLU(),
+                         AttentionPool(last, num_classes, num_head_channels))
+    return Classifier(unet, head, config)
+
+
 #: Network builders by ``config["arch"]`` (a config without ``arch`` is a diffusion U-Net).
-ARCHITECTURES = {"diffusion_unet": build_unet, "unet": build_segmentation_unet}
+ARCHITECTURES = {"diffusion_unet": build_unet, "unet": build_segmentation_unet, "classifier": build_classifier}
 
 
 def build_network(**config) -> nn.Module:
