@@ -21,6 +21,16 @@ is affine in ``x0`` with slope ``c = alpha_s - c_eps alpha_t / sigma_t`` (and ``
 which returns ``x0_hat``). Returning ``x0_hat - (zeta_t / c) g`` therefore moves the next state by exactly
 ``-zeta_t g``. :func:`ddim_slope` builds ``c`` for a time grid; without it the hook uses ``c = 1`` (a step
 of ``-zeta_t g`` on the estimate itself, which is the right slope for any sampler's final step).
+
+Classifier guidance (:class:`ClassifierGuidance`, with :class:`NoisyClassifier` adapting a network trained on
+noisy images) steers a sample toward a class ``y``. Dhariwal & Nichol 2021 (eq. 14, Algorithm 2) shift the
+noise estimate, ``eps' = eps - s sqrt(1 - alpha_bar_t) grad_{x_t} log p(y | x_t)``; with this module's
+``x_t = alpha x0 + sigma eps`` that is ``eps' = eps - s sigma g``. Every sampler derives ``eps`` from
+``x0_hat`` as ``(x_t - alpha x0_hat) / sigma``, so the same shift is ``x0' = x0_hat + (sigma^2 / alpha) s g``:
+then ``(x_t - alpha x0') / sigma = eps - s sigma g`` exactly, and the score ``(alpha x0_hat - x_t) / sigma^2``
+moves by ``s g``, the guided score ``grad log p_t(x) + s grad log p(y | x)`` of Song et al. 2021 (sec. 5)
+for every process (VP, sub-VP, VE with ``alpha = 1``, DDPM). The gradient is taken through the classifier
+only, so the denoiser runs without autograd (``needs_grad = False``).
 """
 
 from __future__ import annotations
@@ -31,9 +41,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .operators import LinearOperator, cg_solve, sq_norm
-from .utils import bcast
+from .utils import batch_time, bcast
 
-__all__ = ["Projection", "MeasurementMerge", "ConjugateGradient", "DPS", "ddim_slope", "Compose"]
+__all__ = ["Projection", "MeasurementMerge", "ConjugateGradient", "DPS", "ddim_slope", "Compose", "NoisyClassifier",
+           "ClassifierGuidance"]
 
 
 class Projection:
@@ -192,3 +203,77 @@ class Compose:
         for h in self.hooks:
             x0_hat = h(x0_hat, x_t, t)
         return x0_hat
+
+
+class NoisyClassifier(torch.nn.Module):
+    """A classifier of noisy images ``net(x_in, t_net) -> logits`` as a function of ``(x_t, t)``.
+
+    The input and time are prepared as ``medidiff.core.denoiser.Denoiser`` prepares them: ``x_t`` divided by
+    ``sqrt(alpha^2 + sigma^2)`` when ``scale_input`` (a no-op for VP processes), ``t`` mapped by
+    ``process.net_time``. Training (``p(y | x_t, t)`` on ``process.noised`` images) and guidance use the same
+    adapter, so they agree on both.
+
+    Args:
+        net: a module called as ``net(x, timesteps) -> (B, classes)`` (``medidiff.nets.build_classifier``).
+        process: the forward process whose ``x_t`` it classifies.
+        scale_input: scale the input to unit variance (as the denoiser does).
+        time_fn: maps ``t`` to the network's time input; defaults to ``process.net_time``.
+    """
+
+    def __init__(self, net: torch.nn.Module, process, *, scale_input: bool = True,
+                 time_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        super().__init__()
+        self.net, self.process, self.scale_input = net, process, scale_input
+        self.time_fn = time_fn or process.net_time
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """Class logits ``(B, classes)`` of ``x_t`` at times ``t`` (``(B,)`` or a number)."""
+        t = batch_time(t, x_t)
+        x_in = x_t
+        if self.scale_input:
+            alpha, sigma = self.process.marginal(t)
+            x_in = x_t / bcast(torch.sqrt(alpha**2 + sigma**2), x_t)
+        return self.net(x_in, self.time_fn(t).to(x_in.dtype))
+
+
+class ClassifierGuidance:
+    """Classifier guidance (Dhariwal & Nichol 2021, eq. 14) toward class ``target`` as an ``x0_hat`` correction.
+
+    Returns ``x0_hat + s (sigma_t^2 / alpha_t) grad_{x_t} log p(target | x_t, t)``, the noise-space shift
+    ``eps - s sigma_t grad log p`` of the paper written for ``x0_hat`` (derived in the module docstring). With
+    DDIM (``eta = 0``) it is Dhariwal & Nichol's Algorithm 2 and Wolleb et al. 2022's decoding step. The
+    gradient is computed in (at least) float32 through the classifier alone, per sample.
+
+    Args:
+        classifier: ``classifier(x_t, t) -> logits (B, classes)`` at continuous times ``t`` of shape ``(B,)``
+            (e.g. a :class:`NoisyClassifier`).
+        process: the process of the sampler (its ``marginal`` gives ``alpha_t`` and ``sigma_t``).
+        scale: the guidance scale ``s >= 0`` (0: no correction).
+        target: the class steered toward: an int or a ``(B,)`` tensor of classes.
+    """
+
+    needs_grad = False
+
+    def __init__(self, classifier: Callable, process, scale: float, target: int | torch.Tensor = 0):
+        if scale < 0:
+            raise ValueError(f"the guidance scale must be >= 0, got {scale}")
+        self.classifier, self.process, self.scale, self.target = classifier, process, float(scale), target
+
+    def log_prob_grad(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(grad_{x_t} log p(target | x_t, t), log p(target | x_t, t))``, shaped like ``x_t`` and ``(B,)``."""
+        with torch.enable_grad():
+            dtype = torch.promote_types(x_t.dtype, torch.float32)  # at least float32
+            x = x_t.detach().to(dtype).requires_grad_(True)
+            log_p = torch.log_softmax(self.classifier(x, t.to(dtype)).to(dtype), dim=-1)
+            target = torch.as_tensor(self.target, device=x.device, dtype=torch.long).expand(x.shape[0])
+            chosen = log_p.gather(1, target[:, None])[:, 0]
+            (grad,) = torch.autograd.grad(chosen.sum(), x)
+        return grad.to(x_t.dtype), chosen.detach()
+
+    def __call__(self, x0_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.scale == 0:
+            return x0_hat
+        grad, _ = self.log_prob_grad(x_t, t)
+        alpha, sigma = self.process.marginal(t.to(torch.float64))
+        shift = (self.scale * sigma**2 / alpha).to(x0_hat.dtype)
+        return (x0_hat + bcast(shift, grad) * grad).detach()
