@@ -2,7 +2,8 @@
 
 ``fit`` trains a denoiser on a ``Dataset`` of dicts ``{"image": (C, *spatial) in [-1, 1], optional
 "cond": (Cc, *spatial)}`` with the denoising loss of ``medidiff.core.losses`` (or the segmentation loss of a
-deterministic network: ``training.objective``, ``medidiff.train_objectives``). It does AdamW with linear
+deterministic network, or the cross entropy of a noise-aware classifier on items with an int ``"class"``:
+``training.objective``, ``medidiff.train_objectives``). It does AdamW with linear
 warm-up then a cosine or constant learning rate, gradient clipping and accumulation, bf16 autocast on
 CUDA, EMA, a validation loss at fixed times and noise, sample images, TensorBoard, a progress bar,
 atomic checkpoints and exact resume, and DDP under ``torchrun`` (rank 0 does the I/O).
@@ -235,10 +236,12 @@ class _Engine:
         if self.device.type == "cuda" and self.cfg.channels_last:
             fmt = torch.channels_last if x0.ndim == 4 else torch.channels_last_3d
             x0 = x0.contiguous(memory_format=fmt)
+        labels = batch.get("class")  # per-image classes, for a classifier
+        labels = None if labels is None else labels.to(self.device, non_blocking=True)
         t = self.process.sample_time(x0.shape[0], generator=generator, device=self.device)
         eps = _draw_noise(x0, self.cfg.noise, generator, self.cfg.noise_options)
         with self._autocast():
-            loss = objective_loss(self.cfg, denoiser, x0, cond, noise=eps, t=t)
+            loss = objective_loss(self.cfg, denoiser, x0, cond, noise=eps, t=t, labels=labels)
         return loss, x0.shape[0]
 
     def train_step(self, batches: BatchStream) -> tuple[float, int]:
@@ -493,15 +496,22 @@ def run_recipe(recipe: Any, out_dir: str | Path) -> TrainResult:
 
     bundle = build_data(recipe.data, recipe.seed)
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank
-    net = recipe.model.build(spatial_dims=recipe.data.spatial_dims, in_channels=bundle.channels,
-                             cond_channels=bundle.cond_channels)
+    extra: dict[str, Any] = {}
+    if recipe.training.objective == "classification":  # the encoder half of the model section's U-Net
+        from .train_classifier import classifier_network
+
+        net, extra = classifier_network(recipe.model, recipe.data.spatial_dims, bundle)
+    else:
+        net = recipe.model.build(spatial_dims=recipe.data.spatial_dims, in_channels=bundle.channels,
+                                 cond_channels=bundle.cond_channels)
     check_objective(recipe.training.objective, net.config, bundle.cond_channels)
     init = recipe.training.init_from
-    extra = {"init_from": initial_weights(net, init, recipe.model.prediction)} if init else None
+    if init:
+        extra["init_from"] = initial_weights(net, init, recipe.model.prediction)
     init_file = [model_paths(init)[0]] if init else []
     result = fit(net, recipe.process.build(), bundle.train, config=recipe.training, out_dir=out_dir,
                  prediction=recipe.model.prediction, val_set=bundle.val, seed=recipe.seed, device=recipe.device,
-                 data_prep=bundle.data_prep, extra_meta=extra, num_workers=recipe.data.num_workers)
+                 data_prep=bundle.data_prep, extra_meta=extra or None, num_workers=recipe.data.num_workers)
     result.inputs = bundle.inputs + init_file
     return result
 

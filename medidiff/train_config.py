@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 __all__ = ["TrainingConfig", "TrainResult", "lr_factor"]
 
@@ -35,8 +35,11 @@ class TrainingConfig(BaseModel):
         ema_decay: EMA decay (``null`` for no EMA).
         ema_warmup: ramp the EMA decay up over the first steps.
         save_ema: write the EMA weights (not the raw ones) to ``model.safetensors``.
-        objective: ``denoising`` (the diffusion loss; every diffusion model) or ``segmentation`` (Dice + cross
-            entropy of a deterministic segmentation network, ``model.arch: unet``; ``medidiff.train_objectives``).
+        objective: ``denoising`` (the diffusion loss; every diffusion model), ``segmentation`` (Dice + cross
+            entropy of a deterministic segmentation network, ``model.arch: unet``) or ``classification`` (cross
+            entropy of a noise-aware classifier of noised images against each image's class: the encoder half of
+            the ``model`` section's U-Net with attention pooling, for classifier guidance; data with per-image
+            classes such as ``sample:lesion_classes``; ``sample_every`` must be 0); ``medidiff.train_objectives``.
         loss_weighting: ``uniform`` or ``min_snr``.
         min_snr_gamma: the Min-SNR clipping value.
         noise: training noise, ``gaussian`` or ``simplex``.
@@ -75,7 +78,7 @@ class TrainingConfig(BaseModel):
     ema_decay: float | None = Field(0.999, ge=0.0, lt=1.0)
     ema_warmup: bool = True
     save_ema: bool = True
-    objective: Literal["denoising", "segmentation"] = "denoising"
+    objective: Literal["denoising", "segmentation", "classification"] = "denoising"
     loss_weighting: Literal["uniform", "min_snr"] = "uniform"
     min_snr_gamma: PositiveFloat = 5.0
     noise: Literal["gaussian", "simplex"] = "gaussian"
@@ -94,6 +97,12 @@ class TrainingConfig(BaseModel):
     progress: bool = True
     compile: bool = False
     channels_last: bool = True
+
+    @model_validator(mode="after")
+    def _samples_need_a_denoiser(self) -> TrainingConfig:
+        if self.objective == "classification" and self.sample_every:
+            raise ValueError("a classifier makes no sample images: set sample_every: 0 with objective classification")
+        return self
 
 
 @dataclass

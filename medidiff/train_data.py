@@ -132,7 +132,9 @@ class DataConfig(BaseModel):
     Attributes:
         source: ``synthetic``, ``sample:brain`` (the bundled 2 mm brain), ``sample:mni152`` and ``sample:ct``
             (patches for priors, ``medidiff.train_patches``), ``sample:lesions`` (brain slices with generated
-            lesions and several raters' masks, ``medidiff.train_segment``) or a folder/file path.
+            lesions and several raters' masks, ``medidiff.train_segment``), ``sample:lesion_classes`` (the same
+            slices labelled healthy or lesion per image, for a noise-aware classifier, ``medidiff.train_classifier``)
+            or a folder/file path.
         spatial_dims: 2 or 3.
         size: image size per spatial axis (multiples of ``2 ** (levels - 1)`` of the U-Net).
         channels: image channels of synthetic data.
@@ -458,9 +460,10 @@ def _lazy(module: str, name: str) -> Callable[[DataConfig, int], DataBundle]:
 SOURCES: dict[str, Callable[[DataConfig, int], DataBundle]] = {
     "synthetic": _synthetic, "sample:brain": _brain, "sample:mni152": _lazy("train_patches", "mni152"),
     "sample:ct": _lazy("train_patches", "ct"),
-    "sample:lesions": _lazy("train_segment", "lesions")}
+    "sample:lesions": _lazy("train_segment", "lesions"),
+    "sample:lesion_classes": _lazy("train_classifier", "lesion_classes")}
 #: Named sources that give image and label pairs (``data.labels``).
-LABELLED_SOURCES = {"sample:lesions"}
+LABELLED_SOURCES = {"sample:lesions", "sample:lesion_classes"}
 
 
 def register_source(name: str, build: Callable[[DataConfig, int], DataBundle]) -> None:

@@ -7,7 +7,11 @@
   ``DiceCELoss``, batch-wise Dice so healthy slices with empty masks count) of a deterministic network
   (``medidiff.nets.SegmentationUNet``) that segments the item's ``cond`` image; the item's ``image`` is the
   mask on the model's ``[-1, 1]`` scale (one channel: foreground; several: one-hot classes). The same
-  pairs train the conditional diffusion model, so the two are compared on the same data.
+  pairs train the conditional diffusion model, so the two are compared on the same data;
+- ``classification``: cross entropy of a noise-aware classifier ``p(y | x_t, t)`` (``medidiff.nets.Classifier``
+  through ``medidiff.core.guidance.NoisyClassifier``) on the item's ``image`` noised to a random time by the
+  process, against the item's ``class`` (Wolleb et al. 2022, sec. 3; Dhariwal & Nichol 2021, sec. 4: the
+  classifier of classifier guidance, trained on the times and noise the denoiser is trained on).
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ from typing import Any
 
 import torch
 
+from .core.guidance import NoisyClassifier
 from .core.losses import diffusion_loss
-from .errors import RecipeError
+from .errors import RecipeError, TrainingError
 
-__all__ = ["OBJECTIVES", "objective_loss", "segmentation_loss", "check_objective"]
+__all__ = ["OBJECTIVES", "objective_loss", "segmentation_loss", "classification_loss", "check_objective"]
 
-OBJECTIVES = ("denoising", "segmentation")
+OBJECTIVES = ("denoising", "segmentation", "classification")
 
 
 def segmentation_loss(net, masks: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -44,8 +49,27 @@ def segmentation_loss(net, masks: torch.Tensor, image: torch.Tensor) -> torch.Te
     return loss(logits.float(), target)
 
 
+def classification_loss(classifier: NoisyClassifier, x0: torch.Tensor, labels: torch.Tensor, *,
+                        noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Cross entropy of a noise-aware classifier on ``x_t = alpha(t) x0 + sigma(t) noise``.
+
+    Args:
+        classifier: ``classifier(x_t, t) -> logits (B, classes)``; its ``process`` noises the images.
+        x0: the clean images ``(B, C, *spatial)``.
+        labels: their classes ``(B,)``.
+        noise: the noise ``(B, C, *spatial)``.
+        t: the times ``(B,)``.
+
+    Returns:
+        The scalar loss (mean over the batch).
+    """
+    x_t = classifier.process.noised(x0, t, noise)
+    logits = classifier(x_t, t)
+    return torch.nn.functional.cross_entropy(logits.float(), labels.long())
+
+
 def objective_loss(config: Any, denoiser, x0: torch.Tensor, cond: torch.Tensor | None, *, noise: torch.Tensor,
-                   t: torch.Tensor) -> torch.Tensor:
+                   t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """The loss of one batch under ``config.objective`` (a ``TrainingConfig``).
 
     Args:
@@ -53,14 +77,25 @@ def objective_loss(config: Any, denoiser, x0: torch.Tensor, cond: torch.Tensor |
         denoiser: the model (``denoiser.net`` is the network, DDP-wrapped or compiled as trained).
         x0: the batch's images ``(B, C, *spatial)`` (masks for a segmentation model).
         cond: its conditioning channels (the image segmented), or ``None``.
-        noise: the noise of the denoising loss.
-        t: the times of the denoising loss.
+        noise: the noise of the denoising (and classification) loss.
+        t: the times of the denoising (and classification) loss.
+        labels: the images' classes ``(B,)`` (the items' ``class``), for ``classification``.
 
     Returns:
         The scalar loss.
+
+    Raises:
+        TrainingError: ``classification`` on items without a ``class``.
     """
     if config.objective == "segmentation":
         return segmentation_loss(denoiser.net, x0, cond)
+    if config.objective == "classification":
+        if labels is None:
+            raise TrainingError("training.objective classification needs each item's class",
+                                where="data.source", fix="use data.source: sample:lesion_classes.")
+        classifier = NoisyClassifier(denoiser.net, denoiser.process, scale_input=denoiser.scale_input,
+                                     time_fn=denoiser.time_fn)
+        return classification_loss(classifier, x0, labels, noise=noise, t=t)
     return diffusion_loss(denoiser, x0, cond=cond, weighting=config.loss_weighting, gamma=config.min_snr_gamma,
                           noise=noise, t=t)
 
@@ -69,9 +104,20 @@ def check_objective(objective: str, net_config: dict, cond_channels: int) -> Non
     """Refuse a recipe whose objective, network and data do not go together.
 
     Raises:
-        RecipeError: a segmentation objective without a segmentation network or without image pairs, or a
-            segmentation network trained as a denoiser.
+        RecipeError: a segmentation objective without a segmentation network or without image pairs, a
+            segmentation network trained as a denoiser, or a classifier trained otherwise than by
+            ``classification`` (or the reverse).
     """
+    classifier = net_config.get("arch") == "classifier"
+    if (objective == "classification") != classifier:
+        raise RecipeError(f"training.objective {objective} does not train a network of arch "
+                          f"{net_config.get('arch', 'diffusion_unet')}", where="training.objective",
+                          fix="a noise-aware classifier is trained with objective classification, and only it.")
+    if classifier and cond_channels:
+        raise RecipeError("a noise-aware classifier classifies the image alone, without conditioning channels",
+                          where="data.source", fix="use data.source: sample:lesion_classes.")
+    if classifier:
+        return
     deterministic = net_config.get("arch") == "unet"
     if objective == "segmentation" and not deterministic:
         raise RecipeError("training.objective segmentation trains a deterministic network", where="model.arch",
