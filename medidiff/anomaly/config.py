@@ -20,6 +20,9 @@ from medidiff.sections import TaskSection
 __all__ = ["HealthyOptions", "MapOptions", "AnomalySection", "route"]
 
 
+#: The options of ``HealthyOptions`` that only method ``guided`` uses.
+GUIDANCE_OPTIONS = {"classifier", "guidance_scale", "target_class"}
+
 #: A path given as text or as a ``Path``.
 PathText = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)]
 
@@ -32,7 +35,9 @@ class HealthyOptions(_Section):
     """How the healthy reconstruction is made (``anomaly.reconstruction``).
 
     Attributes:
-        method: ``partial`` (AnoDDPM), ``invert`` (DDIM inversion) or ``patch`` (pDDPM).
+        method: ``partial`` (AnoDDPM), ``invert`` (DDIM inversion), ``patch`` (pDDPM) or ``guided`` (DDIM
+            inversion, then a DDIM decoding steered toward ``target_class`` by a noise-aware classifier: Wolleb
+            et al. 2022).
         t_levels: noise levels ``t_L`` in ``(0, 1]`` reconstructed from and averaged.
         sampler: reverse sampler (``ddim``, ``dpm_solver_2m``, ``ddpm``...).
         steps: sampler steps from each level (``null``: the whole DDPM chain, as AnoDDPM).
@@ -45,9 +50,14 @@ class HealthyOptions(_Section):
         batch_size: images (times samples and tiles) per network call.
         bf16: evaluate the network under bf16 autocast where the device computes bf16 natively (CUDA, CPUs
             with AVX512-BF16/AMX; ``medidiff.core.precision``): ~2.5x faster on such a CPU.
+        classifier: ``guided``: the noise-aware classifier's weights (trained with ``training.objective:
+            classification``, e.g. ``recipes/classifier_lesion_2d.yaml``), on the model's process and grid.
+        guidance_scale: ``guided``: the classifier gradient's scale ``s`` (0: plain DDIM inversion; Wolleb et
+            al. used 100 on BRATS, not tuned here).
+        target_class: ``guided``: the class steered toward (0: healthy).
     """
 
-    method: Literal["partial", "invert", "patch"] = "partial"
+    method: Literal["partial", "invert", "patch", "guided"] = "partial"
     t_levels: list[float] = Field(default_factory=lambda: [0.5], min_length=1)
     sampler: str = "ddim"
     steps: PositiveInt | None = 1
@@ -60,18 +70,23 @@ class HealthyOptions(_Section):
     patch_margin: int = Field(8, ge=0)
     batch_size: PositiveInt = 16
     bf16: bool = True
+    classifier: PathText | None = None
+    guidance_scale: float = Field(100.0, ge=0.0)
+    target_class: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _levels(self) -> HealthyOptions:
         bad = [t for t in self.t_levels if not 0 < t <= 1]
         if bad:
             raise ValueError(f"t_levels must lie in (0, 1], not {bad}")
+        if self.method == "guided" and self.classifier is None:
+            raise ValueError("method guided needs a classifier: set classifier to a noise-aware classifier's weights")
         return self
 
     @property
     def samples(self) -> int:
-        """Reconstructions per level actually made (DDIM inversion is deterministic: one)."""
-        return 1 if self.method == "invert" else self.n_samples
+        """Reconstructions per level actually made (DDIM inversion, guided or not, is deterministic: one)."""
+        return 1 if self.method in ("invert", "guided") else self.n_samples
 
 
 class MapOptions(_Section):
@@ -144,8 +159,10 @@ class AnomalySection(TaskSection):
 
     def map_settings(self) -> dict[str, Any]:
         """Every option that shapes the map, as saved with a threshold: one calibrated with other settings
-        is not reused (seed, batch size and bf16 autocast do not shape it: see HealthyOptions.bf16)."""
-        recon = self.reconstruction.model_dump(mode="json", exclude={"batch_size", "bf16"})
+        is not reused (seed, batch size and bf16 autocast do not shape it: see HealthyOptions.bf16; the guidance
+        options shape it only with method guided)."""
+        unused = {"batch_size", "bf16"} | (set() if self.reconstruction.method == "guided" else GUIDANCE_OPTIONS)
+        recon = self.reconstruction.model_dump(mode="json", exclude=unused)
         return {"reconstruction": recon, "map": self.map.model_dump(mode="json"), "intensity": self.intensity,
                 "min_foreground": self.min_foreground}
 

@@ -5,7 +5,7 @@ from there; pDDPM (Behrendt et al. 2023): the same with one patch noised at a ti
 
 Everything runs on the shared core: the forward noising is ``process.noised`` with Gaussian or simplex
 noise (``medidiff.core.noise.noise_like``), the reverse pass is any sampler of
-``medidiff.core.samplers`` started at ``t_start = t_L``. Three methods:
+``medidiff.core.samplers`` started at ``t_start = t_L``. Four methods:
 
 - ``partial``: noise the whole image to ``t_L`` and sample back (AnoDDPM; ``ddpm`` from ``t_L = 0.25``
   is its 250-evaluation setting, a few-step ``ddim`` or ``dpm_solver_2m`` does the same job in ~10).
@@ -19,6 +19,13 @@ noise (``medidiff.core.noise.noise_like``), the reverse pass is any sampler of
   noised and rebuilt while a hook pins the denoised estimate outside it to the clean input, so the
   rest of the image is re-noised consistently at every step and serves as context; the tile interiors
   are assembled. A model trained on whole-image noise sees the usual noise statistics everywhere.
+- ``guided``: Wolleb et al. 2022 (sec. 3): the same DDIM inversion to ``t_L``, then a DDIM decoding whose
+  every step is steered toward ``target_class`` (healthy) by a noise-aware classifier's gradient
+  (``medidiff.core.guidance.ClassifierGuidance``: ``eps - s sigma_t grad log p(healthy | x_t)``, Dhariwal &
+  Nichol 2021, eq. 14; the classifier from ``medidiff.anomaly.guided``). Deterministic, as ``invert``; with
+  ``guidance_scale: 0`` it is ``invert``. What differs from the paper: ``t_L`` and ``steps`` set the grid (the
+  paper steps through every one of the first ``L = 500`` of 1000 DDPM times), the classifier is trained on
+  generated lesions, and 3D volumes work alike (the paper is 2D).
 
 Every reconstruction of one image depends only on ``seed`` and the image's index (one generator per
 image, level and sample: ``medidiff.core.ensemble.run_members``), not on the batch size. Options come as
@@ -43,6 +50,7 @@ from medidiff.core.precision import Autocast
 from medidiff.core.processes import Process
 
 from .config import HealthyOptions
+from .guided import classifier_guidance
 
 __all__ = ["reconstruct_healthy", "healthy_nfe", "patch_tiles", "sampler_steps", "options"]
 
@@ -121,13 +129,13 @@ def healthy_nfe(opts: HealthyOptions | None = None, *, n_patches: int = 1, proce
         process: the model's process (for ``steps=None``).
 
     Returns:
-        The count.
+        The count of denoiser evaluations (``guided``'s classifier gradients are not counted).
     """
     o = options(opts, **overrides)
     total = 0
     for t in o.t_levels:
         k = sampler_steps(process, o.sampler, o.steps, t) if process is not None else int(o.steps)
-        if o.method == "invert":
+        if o.method in ("invert", "guided"):  # guided adds k passes of the classifier, forward and backward
             total += 2 * k
         else:
             total += samplers.nfe(o.sampler, k) * o.n_samples * (n_patches if o.method == "patch" else 1)
@@ -137,7 +145,7 @@ def healthy_nfe(opts: HealthyOptions | None = None, *, n_patches: int = 1, proce
 def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None = None, *, seed: int = 0,
                         process: Process | None = None, progress: bool = False, **overrides: Any
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Healthy reconstructions of a batch of images (partial diffusion, DDIM inversion or patch-wise).
+    """Healthy reconstructions of a batch of images (partial diffusion, DDIM inversion, guided or patch-wise).
 
     Args:
         denoiser: ``denoiser(x_t, t) -> x0_hat`` (a ``medidiff.core.denoiser.Denoiser``) on the images' scale.
@@ -155,7 +163,9 @@ def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None =
         for a single sample).
 
     Raises:
-        ValueError: an unknown option, method, sampler or noise, or levels outside ``(0, 1]``.
+        ValueError: an unknown option, method, sampler or noise, levels outside ``(0, 1]``, or a ``guided``
+            classifier that does not fit the model.
+        ModelError: the ``guided`` classifier's file is missing, unsafe or corrupt.
     """
     o = options(opts, **overrides)
     if x.ndim not in (4, 5):
@@ -163,8 +173,10 @@ def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None =
     x = x.clamp(-1.0, 1.0)  # the model's range; the residual is taken against the unclipped scan
     process = process if process is not None else denoiser.process
     denoiser = Autocast(denoiser, o.bf16)
+    inverted = o.method in ("invert", "guided")
+    guide = classifier_guidance(o, process, x) if o.method == "guided" else None
     try:
-        sample_fn = samplers.get_sampler("ddim" if o.method == "invert" else o.sampler)
+        sample_fn = samplers.get_sampler("ddim" if inverted else o.sampler)
     except ValueError as e:
         raise ValueError(f"sampler: {e}") from None
     spatial = tuple(x.shape[2:])
@@ -182,9 +194,9 @@ def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None =
         def members(items, _members, gens, n_steps=n_steps, t_start=t_start):
             images = torch.div(items, n_tiles, rounding_mode="floor").to(x.device)
             clean = x.index_select(0, images)
-            if o.method == "invert":
+            if inverted:
                 latent = samplers.ddim_invert(denoiser, clean, process, n_steps, t_end=t_start)
-                return sample_fn(denoiser, latent, process, n_steps, t_start=t_start)
+                return sample_fn(denoiser, latent, process, n_steps, t_start=t_start, hook=guide)
             hook = None
             if o.method == "patch":  # outside its region, each tile's estimate is pinned to the clean image
                 kept = torch.ones((len(items), 1, *spatial), dtype=x.dtype, device=x.device)
