@@ -1,0 +1,283 @@
+"""Classifier guidance for anomaly detection (Wolleb et al. 2022): the exact answer on a two-Gaussian toy, the
+hook's x0 shift against the paper's noise-space formula, the noise-aware classifier trained by the engine, and
+method ``guided`` from a recipe's options."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from train_helpers import TINY_MODEL, single_thread, tiny_recipe  # noqa: F401
+
+from medidiff.anomaly.config import AnomalySection, HealthyOptions, route
+from medidiff.anomaly.healthy import healthy_nfe, reconstruct_healthy
+from medidiff.core.guidance import ClassifierGuidance, NoisyClassifier
+from medidiff.core.processes import DDPM, VESDE, VPSDE
+from medidiff.core.samplers import ddim, ddim_invert
+from medidiff.core.utils import bcast
+from medidiff.errors import RecipeError
+from medidiff.nets import build_classifier
+from medidiff.train import TrainingConfig, fit
+from medidiff.train_classifier import ClassDataset
+from medidiff.train_data import synthetic_images
+from medidiff.weights import load_checked
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TINY_CLASSIFIER = {"channels": [8, 16], "attention_levels": [False, False], "norm_num_groups": 8,
+                   "num_head_channels": 8}
+
+
+class GaussianPair:
+    """Images of two classes, ``x0 | y ~ N(mu_y, tau^2 I)`` with ``p(y = 1) = prior``; exact answers under a process.
+
+    With ``x_t = alpha x0 + sigma eps``, ``x_t | y ~ N(alpha mu_y, v_t I)`` with ``v_t = alpha^2 tau^2 + sigma^2``, so
+    ``log p(y | x_t) = log pi_y - ||x_t - alpha mu_y||^2 / (2 v_t) + const`` and
+    ``E[x0 | x_t] = sum_y p(y | x_t) (mu_y + (alpha tau^2 / v_t) (x_t - alpha mu_y))``.
+    """
+
+    def __init__(self, process, mu0: torch.Tensor, mu1: torch.Tensor, tau: float, prior: float = 0.5):
+        self.process, self.mu, self.tau = process, torch.stack([mu0, mu1]), tau
+        self.log_prior = torch.log(torch.tensor([1 - prior, prior], dtype=mu0.dtype))
+
+    def _coefficients(self, x, t):
+        alpha, sigma = self.process.marginal(t.to(torch.float64))
+        alpha, sigma = bcast(alpha, x), bcast(sigma, x)
+        return alpha, sigma, alpha**2 * self.tau**2 + sigma**2
+
+    def logits(self, x_t, t):
+        """Exact ``log p(y | x_t)`` up to a constant: ``(B, 2)``."""
+        alpha, _, v = self._coefficients(x_t, t)
+        d2 = torch.stack([((x_t - alpha * m) ** 2 / v).flatten(1).sum(1) for m in self.mu], dim=1)
+        return self.log_prior - d2 / 2
+
+    def denoiser(self, x_t, t):
+        """Exact ``E[x0 | x_t]``."""
+        alpha, _, v = self._coefficients(x_t, t)
+        p = torch.softmax(self.logits(x_t, t), dim=1)
+        means = [m + alpha * self.tau**2 / v * (x_t - alpha * m) for m in self.mu]
+        return sum(bcast(p[:, y], x_t) * means[y] for y in range(2))
+
+    def healthy_flow(self, x_t, t: float):
+        """Where the probability-flow ODE of the healthy class alone takes ``x_t`` at ``t`` to at time 0: the
+        Gaussian's standardised value ``(x_t - alpha mu_0) / sqrt(v_t)`` is kept along the flow."""
+        alpha, _, v = self._coefficients(x_t, torch.tensor([t]))
+        return self.mu[0] + self.tau * (x_t - alpha * self.mu[0]) / v.sqrt()
+
+
+def _toy(process, n: int = 3):
+    """A healthy mean image and a diseased one (a bright 2 x 2 'lesion'), and diseased inputs drawn from it."""
+    g = torch.Generator().manual_seed(0)
+    mu0 = torch.rand((1, 4, 4), generator=g, dtype=torch.float64) - 0.5
+    lesion = torch.zeros_like(mu0)
+    lesion[:, 1:3, 1:3] = 1.0
+    mu1 = mu0 + 1.5 * lesion
+    toy = GaussianPair(process, mu0, mu1, tau=0.3)
+    x = mu1 + 0.3 * torch.randn((n, 1, 4, 4), generator=g, dtype=torch.float64)
+    return toy, x, lesion.bool().expand_as(x)
+
+
+def test_exact_classifier_guidance_decodes_a_diseased_input_to_the_healthy_class():
+    """With the exact classifier at scale 1, the guided score is the healthy class's own score (Bayes), so the
+    guided DDIM decoding of the inversion is the healthy Gaussian's flow: ``mu_0 + tau z`` with ``z`` the
+    latent's standardised value. Scale 0 is the plain inversion round trip; only the lesion's pixels move."""
+    process, t_level = VPSDE(), 0.5
+    toy, x, lesion = _toy(process)
+    errors = []
+    for steps in (200, 400):  # DDIM is first order: the error halves with twice the steps
+        latent = ddim_invert(toy.denoiser, x, process, steps, t_end=t_level)
+        plain = ddim(toy.denoiser, latent, process, steps, t_start=t_level)
+        guided = ddim(toy.denoiser, latent, process, steps, t_start=t_level,
+                      hook=ClassifierGuidance(toy.logits, process, 1.0, target=0))
+        expected = toy.healthy_flow(latent, t_level)
+        errors.append(float((guided - expected).norm()))
+    assert torch.allclose(plain, x, atol=0.03)  # the exact denoiser's inversion returns the input
+    unguided = ddim(toy.denoiser, latent, process, steps, t_start=t_level,
+                    hook=ClassifierGuidance(toy.logits, process, 0.0))
+    assert torch.equal(unguided, plain)
+    moved = float((expected - plain).norm())
+    assert moved > 3.0  # the lesion (norm 3 on the means) is taken out
+    assert errors[1] < 0.01 * moved and errors[1] < 0.6 * errors[0]
+    assert torch.allclose(guided[~lesion], plain[~lesion], atol=1e-9)  # mu_0 = mu_1 there: nothing to change
+    lesion_mean = [float(img[lesion].mean()) for img in (x, guided, toy.mu[0].expand_as(x))]
+    assert lesion_mean[2] - 0.1 < lesion_mean[1] < lesion_mean[0] - 1.0  # from ~mu_1 to ~mu_0
+
+
+@pytest.mark.parametrize("scale", [0.5, 4.0])
+def test_one_guided_step_shifts_x0_by_the_scaled_analytic_gradient(scale):
+    """One DDIM step from ``t_L`` returns ``E[x0 | x_t] + s (sigma^2 / alpha) grad log p(healthy | x_t)``, the
+    gradient being ``alpha p(diseased | x_t) (mu_0 - mu_1) / v_t`` for the two Gaussians."""
+    process, t_level = VPSDE(), 0.4
+    toy, x, _ = _toy(process)
+    x_t = process.noised(x, torch.full((3,), t_level, dtype=x.dtype), torch.randn_like(x))
+    out = ddim(toy.denoiser, x_t, process, 1, t_start=t_level, hook=ClassifierGuidance(toy.logits, process, scale))
+    t = torch.full((3,), t_level, dtype=torch.float64)
+    alpha, sigma = (bcast(v, x) for v in process.marginal(t))
+    v = alpha**2 * toy.tau**2 + sigma**2
+    p_diseased = bcast(torch.softmax(toy.logits(x_t, t), dim=1)[:, 1], x)
+    grad = alpha * p_diseased * (toy.mu[0] - toy.mu[1]) / v
+    expected = toy.denoiser(x_t, t) + scale * sigma**2 / alpha * grad
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("process", [DDPM(100), VPSDE(), VESDE()], ids=["ddpm", "vpsde", "vesde"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_hook_shift_equals_the_noise_space_formula(process, dims):
+    """``x0' = x0 + s (sigma^2 / alpha) g`` is Dhariwal & Nichol's ``eps' = eps - s sigma g`` (eq. 14), and a DDIM
+    step with the hook is their Algorithm 2 (``x_s = alpha_s x0' + sigma_s eps'``), for a real classifier."""
+    torch.manual_seed(0)
+    shape = (2, 1, *([8] * dims))
+    classifier = NoisyClassifier(build_classifier(dims, **TINY_CLASSIFIER), process)
+    hook = ClassifierGuidance(classifier, process, 2.5, target=1)
+    x_t = torch.randn(shape) * 2
+    x0_hat = torch.randn(shape)
+    t = torch.tensor([0.3, 0.7])
+
+    def shifted(x0, x, t):  # the paper's eps shift, gradient by hand
+        x_in = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(torch.log_softmax(classifier(x_in, t), 1)[:, 1].sum(), x_in)
+        alpha, sigma = (bcast(v, x) for v in process.marginal(t))
+        eps = (x - alpha * x0) / sigma - 2.5 * sigma * g
+        return (x - sigma * eps) / alpha, eps
+
+    expected, _ = shifted(x0_hat, x_t, t)
+    torch.testing.assert_close(hook(x0_hat, x_t, t), expected, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(expected, x0_hat)
+
+    # two guided DDIM steps against Algorithm 2 by hand, with a stand-in denoiser
+    def denoiser(x, t):
+        return 0.5 * torch.tanh(x)
+
+    grid = process.time_grid(2, t_start=0.6).tolist()
+    (a0, a1), (s0, s1) = (v.tolist() for v in process.marginal(torch.tensor(grid[:2], dtype=torch.float64)))
+    start = torch.randn(shape)
+    t0, t1 = (torch.full((2,), v) for v in grid[:2])
+    x0_0, eps_0 = shifted(denoiser(start, t0), start, t0)
+    x_1 = a1 * x0_0 + s1 * eps_0
+    by_hand = shifted(denoiser(x_1, t1), x_1, t1)[0]
+    torch.testing.assert_close(ddim(denoiser, start, process, 2, t_start=0.6, hook=hook), by_hand, rtol=1e-4,
+                               atol=1e-5)
+
+
+def _two_class_images(n: int, seed: int) -> ClassDataset:
+    """Blob images; class 1 has a bright 4 x 4 square at a random place."""
+    images = synthetic_images(n, [16, 16], seed=seed) * 0.5 - 0.3
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.arange(n) % 2
+    for i in torch.nonzero(classes).flatten().tolist():
+        r, c = torch.randint(0, 12, (2,), generator=g).tolist()
+        images[i, :, r:r + 4, c:c + 4] = 1.0
+    return ClassDataset(images, classes)
+
+
+def test_the_engine_trains_a_noise_aware_classifier_and_its_weights_round_trip(tmp_path):
+    """Cross entropy on noised images through ``fit``: well above chance on noisy held-out images at small t."""
+    torch.manual_seed(0)
+    process = DDPM(100)
+    net = build_classifier(2, **TINY_CLASSIFIER)
+    config = TrainingConfig(steps=40, batch_size=16, lr=3e-3, lr_warmup_steps=4, objective="classification",
+                            ema_decay=None, log_every=10, val_every=0, checkpoint_every=0, tensorboard=False,
+                            progress=False)
+    result = fit(net, process, _two_class_images(128, seed=1), config=config, out_dir=tmp_path, device="cpu",
+                 val_set=_two_class_images(16, seed=5),
+                 data_prep={"source": "synthetic", "size": [16, 16], "labels": {"classes": ["healthy", "lesion"]}},
+                 extra_meta={"task": "classifier"})
+    assert result.step == 40 and len(result.history["loss"]) == 40
+    assert result.history["val_step"] == [40] and result.history["val_loss"][0] < 0.5  # ln 2 = 0.69 is chance
+    denoiser, info, _ = load_checked(tmp_path)
+    assert info.net["arch"] == "classifier" and info.task == "classifier"
+    assert info.data_prep.labels.classes == ["healthy", "lesion"]
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in denoiser.net.state_dict().items())
+    test = _two_class_images(64, seed=7)
+    images, classes = test.images, test.classes
+    t = torch.full((64,), 0.1)
+    x_t = process.noised(images, t, torch.randn(images.shape, generator=torch.Generator().manual_seed(3)))
+    with torch.no_grad():
+        accuracy = float((NoisyClassifier(denoiser.net, process)(x_t, t).argmax(1) == classes).float().mean())
+    assert accuracy >= 0.8
+
+
+def _classifier_recipe(**training) -> dict:
+    return tiny_recipe(data={"source": "sample:lesion_classes", "size": [80, 96], "val_fraction": 0.0,
+                             "holdout": [[0, 36], [40, 91]],
+                             "labels": {"variants": 2, "healthy_fraction": 0.5}},
+                       model=dict(TINY_CLASSIFIER), training={"objective": "classification", "steps": 2,
+                                                              "batch_size": 4, "checkpoint_every": 0, **training})
+
+
+def test_classification_recipes_validate_and_refuse_what_does_not_fit():
+    from train_helpers import ROOT
+
+    from medidiff.recipes import load_recipe, parse_recipe
+    from medidiff.train_objectives import check_objective
+
+    recipe = load_recipe(ROOT / "recipes" / "classifier_lesion_2d.yaml")
+    assert recipe.training.objective == "classification" and recipe.data.source == "sample:lesion_classes"
+    assert parse_recipe(_classifier_recipe()).training.objective == "classification"
+    with pytest.raises(RecipeError, match="objective"):
+        parse_recipe(_classifier_recipe(objectiv="classification"))
+    with pytest.raises(RecipeError, match="sample_every"):
+        parse_recipe(_classifier_recipe(sample_every=5))
+    with pytest.raises(RecipeError, match="objective denoising does not train a network of arch classifier"):
+        check_objective("denoising", build_classifier(2, **TINY_CLASSIFIER).config, 0)
+    with pytest.raises(RecipeError, match="objective classification does not train a network of arch unet"):
+        check_objective("classification", {"arch": "unet"}, 1)
+    with pytest.raises(RecipeError, match="no_such_option"):
+        parse_recipe(tiny_recipe(anomaly={"reconstruction": {"method": "guided", "no_such_option": 1}}, task="anomaly"))
+
+
+def test_guided_options_route_and_leave_other_methods_settings_alone():
+    assert route("guidance_scale") == "reconstruction.guidance_scale"
+    assert route("classifier") == "reconstruction.classifier" and route("target_class") == "reconstruction.target_class"
+    with pytest.raises(ValueError, match="needs a classifier"):
+        HealthyOptions(method="guided")
+    assert "classifier" not in AnomalySection().map_settings()["reconstruction"]  # saved thresholds stay valid
+    guided = AnomalySection().updated(method="guided", classifier="c.safetensors", guidance_scale=20.0)
+    assert guided.map_settings()["reconstruction"]["guidance_scale"] == 20.0
+    assert guided.reconstruction.samples == 1 and healthy_nfe(guided.reconstruction, steps=5) == 10
+
+
+class _Shrink(torch.nn.Module):
+    """A stand-in denoiser on the classifier's process: ``x0_hat = 0.9 x_t``."""
+
+    def __init__(self, process):
+        super().__init__()
+        self.process = process
+
+    def forward(self, x_t, t):
+        return 0.9 * x_t
+
+
+def test_a_recipe_trained_classifier_guides_the_healthy_reconstruction(tmp_path, monkeypatch):
+    """``sample:lesion_classes`` trains through ``run_recipe``; ``method: guided`` loads the result, equals
+    ``invert`` at scale 0 and moves the image at a positive scale; a model that is not a classifier is refused."""
+    import medidiff.train_segment as train_segment
+    from medidiff.recipes import parse_recipe
+    from medidiff.train import run_recipe
+
+    whole = train_segment.brain_volumes
+    monkeypatch.setattr(train_segment, "brain_volumes", lambda: whole(with_1mm=False))  # the bundled brain only
+    result = run_recipe(parse_recipe(_classifier_recipe()), tmp_path / "clf")
+    meta = json.loads((tmp_path / "clf" / "model.json").read_text())
+    assert result.step == 2 and meta["net"]["arch"] == "classifier" and meta["net"]["num_classes"] == 2
+    assert meta["task"] == "classifier" and meta["extra"]["classes"] == ["healthy", "lesion"]
+    assert meta["data_prep"]["source"] == "sample:lesion_classes" and meta["data_prep"]["cases"] == 8
+
+    x = torch.rand((2, 1, 80, 96), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    denoiser = _Shrink(DDPM(100))
+    common = {"t_levels": [0.3], "steps": 3, "bf16": False}
+    invert, _ = reconstruct_healthy(denoiser, x, method="invert", **common)
+    guided0, spread = reconstruct_healthy(denoiser, x, method="guided", classifier=str(tmp_path / "clf"),
+                                          guidance_scale=0.0, **common)
+    assert torch.equal(guided0, invert) and not spread.any()
+    guided, _ = reconstruct_healthy(denoiser, x, method="guided", classifier=str(tmp_path / "clf"),
+                                    guidance_scale=50.0, **common)
+    assert (guided - invert).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="process"):
+        reconstruct_healthy(_Shrink(DDPM(200)), x, method="guided", classifier=str(tmp_path / "clf"), **common)
+    with pytest.raises(ValueError, match="target_class"):
+        reconstruct_healthy(denoiser, x, method="guided", classifier=str(tmp_path / "clf"), target_class=2, **common)
+    run_recipe(parse_recipe(tiny_recipe(training={"steps": 1, "checkpoint_every": 0})), tmp_path / "den")
+    with pytest.raises(ValueError, match="not a noise-aware classifier"):
+        reconstruct_healthy(denoiser, x, method="guided", classifier=str(tmp_path / "den"), **common)
