@@ -11,7 +11,11 @@ the posterior-mean estimate ``x0_hat`` that every sampler consumes, given the pr
   ``x0 = (x_t + sigma * out) / alpha``.
 
 Conditioning images (for segmentation, guidance maps...) are concatenated to the network input along
-the channel axis.
+the channel axis. A class-conditional network (classifier-free guidance, ``medidiff.core.cfg``) takes
+``class_labels``: ``D(x_t, t, class_labels=y)`` passes ``y`` (an int or a ``(B,)`` tensor) to the network as
+``net(x, t_net, class_labels=y)``; without them the network is called as ``net(x, t_net)``, as always, so the
+contract ``D(x_t, t)`` is unchanged for every other network (and a class-conditional ``medidiff.nets.UNet``
+called without a class uses its null class: it is then the unconditional model).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from torch import nn
 from .processes import Process
 from .utils import batch_time, bcast
 
-__all__ = ["Denoiser", "PARAMETRISATIONS", "x0_from_output", "target_for", "eps_from_x0", "score_from_x0"]
+__all__ = ["Denoiser", "PARAMETRISATIONS", "x0_from_output", "target_for", "eps_from_x0", "score_from_x0",
+           "class_batch"]
 
 PARAMETRISATIONS = ("eps", "x0", "v", "score")
 
@@ -63,6 +68,20 @@ def eps_from_x0(x_t: torch.Tensor, x0_hat: torch.Tensor, alpha, sigma) -> torch.
 def score_from_x0(x_t: torch.Tensor, x0_hat: torch.Tensor, alpha, sigma) -> torch.Tensor:
     """Score of the noisy marginal implied by ``x0_hat`` (Tweedie's formula)."""
     return (alpha * x0_hat - x_t) / sigma**2
+
+
+def class_batch(labels: torch.Tensor | int, n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Class labels as a ``(n,)`` long tensor: an int is repeated, a ``(n,)`` tensor is checked and kept.
+
+    Raises:
+        ValueError: a tensor of another shape.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+    if labels.ndim == 0:
+        return labels.expand(n)
+    if labels.shape != (n,):
+        raise ValueError(f"class_labels must be an int or a ({n},) tensor, got shape {tuple(labels.shape)}")
+    return labels
 
 
 class Denoiser(nn.Module):
@@ -105,25 +124,33 @@ class Denoiser(nn.Module):
         alpha, sigma = self.process.marginal(t)
         return bcast(alpha, x), bcast(sigma, x)
 
-    def net_output(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """The raw network output for ``x_t`` at times ``t`` (what the training losses regress)."""
+    def net_output(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None, *,
+                   class_labels: torch.Tensor | int | None = None) -> torch.Tensor:
+        """The raw network output for ``x_t`` at times ``t`` (what the training losses regress); ``class_labels``
+        go to a class-conditional network (see the module docstring)."""
         t = batch_time(t, x_t)
         alpha, sigma = self._coefficients(x_t, t)
-        return self._net_output(x_t, t, alpha, sigma, cond)
+        return self._net_output(x_t, t, alpha, sigma, cond, class_labels)
 
-    def _net_output(self, x_t, t, alpha, sigma, cond) -> torch.Tensor:
+    def _net_output(self, x_t, t, alpha, sigma, cond, class_labels=None) -> torch.Tensor:
         x_in = x_t / torch.sqrt(alpha**2 + sigma**2) if self.scale_input else x_t
         cond = self.cond if cond is None else cond
         if cond is not None:
             if cond.shape[0] != x_in.shape[0]:
                 cond = cond.expand(x_in.shape[0], *cond.shape[1:])
             x_in = torch.cat([x_in, cond.to(x_in.dtype)], dim=1)
-        out = self.net(x_in, self.time_fn(t).to(x_in.dtype))
+        t_net = self.time_fn(t).to(x_in.dtype)
+        if class_labels is None:
+            out = self.net(x_in, t_net)
+        else:
+            out = self.net(x_in, t_net, class_labels=class_batch(class_labels, x_in.shape[0], x_in.device))
         return out.to(x_t.dtype)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """``x0_hat``: the model's estimate of the clean image given ``x_t`` at times ``t`` (shape ``(B,)``)."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None, *,
+                class_labels: torch.Tensor | int | None = None) -> torch.Tensor:
+        """``x0_hat``: the model's estimate of the clean image given ``x_t`` at times ``t`` (shape ``(B,)``), of
+        class ``class_labels`` for a class-conditional network (an int or ``(B,)``; ``None``: not passed)."""
         t = batch_time(t, x_t)
         alpha, sigma = self._coefficients(x_t, t)  # once per call, shared by the input scaling and x0_hat
-        out = self._net_output(x_t, t, alpha, sigma, cond)
+        out = self._net_output(x_t, t, alpha, sigma, cond, class_labels)
         return x0_from_output(self.prediction, out, x_t, alpha, sigma)

@@ -77,6 +77,7 @@ def diffusion_loss(
     t: torch.Tensor | None = None,
     generator: Generator = None,
     mask: torch.Tensor | None = None,
+    class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean denoising loss of ``denoiser`` on a batch of clean images.
 
@@ -91,6 +92,8 @@ def diffusion_loss(
         t: training times ``(B,)``; drawn with ``process.sample_time`` when omitted.
         generator: random generator for times and noise (one ``torch.Generator``).
         mask: optional ``(B, 1 or C, *spatial)`` weights restricting the loss to a region.
+        class_labels: ``(B,)`` classes of a class-conditional network (classifier-free guidance: the caller
+            has already replaced some by the null class, ``medidiff.core.cfg.drop_classes``).
 
     Returns:
         The scalar loss.
@@ -101,7 +104,7 @@ def diffusion_loss(
     eps = noise if isinstance(noise, torch.Tensor) else noise_like(x0, noise, generator, **(noise_kw or {}))
     alpha, sigma = process.marginal(t.to(x0.dtype))
     x_t = bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps
-    out = denoiser.net_output(x_t, t, cond)
+    out = denoiser.net_output(x_t, t, cond, class_labels=class_labels)
     target = target_for(denoiser.prediction, x0, eps, bcast(alpha, x0), bcast(sigma, x0))
     err = (out.float() - target.float()) ** 2
     if mask is not None:
