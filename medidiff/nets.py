@@ -6,6 +6,13 @@ Conditioning channels (``cond_channels``) are extra input channels: the denoiser
 the noisy image. The time input is any float (``Process.net_time`` maps continuous ``t`` and VE
 sigmas to the 0-1000 range the sinusoidal embedding is made for).
 
+With ``num_class_embeds`` the U-Net is class-conditional, for classifier-free guidance (``medidiff.core.cfg``;
+Sanchez et al. 2022's counterfactual anomaly detection): MONAI's class embedding (one learned vector per class,
+added to the time embedding) and ``net(x, timesteps, class_labels)``. The last index is the null class (the
+unconditional model; training replaces a class by it at random), used when no class is given. Sanchez et al.
+condition through attention layers instead; the additive embedding is MONAI's built-in form, the one
+Dhariwal & Nichol 2021 use. A config without ``num_class_embeds`` is an unconditional U-Net, as before.
+
 ``build_segmentation_unet`` wraps MONAI's deterministic ``UNet`` (Ronneberger et al. 2015; Kerfoot et al.
 2018's residual units) in the same call signature (config ``arch: unet``): it ignores the noisy state
 and the time, segments the conditioning image and returns class probabilities ``p`` as ``2 p - 1``, so it
@@ -47,8 +54,27 @@ class UNet(nn.Module):
     def spatial_dims(self) -> int:
         return int(self.config["spatial_dims"])
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.net(x, timesteps=timesteps)
+    @property
+    def null_class(self) -> int | None:
+        """The null class of a class-conditional U-Net (its last class embedding), else ``None``."""
+        n = int(self.config.get("num_class_embeds", 0))
+        return n - 1 if n else None
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """The network output; ``class_labels`` ``(B,)`` for a class-conditional U-Net (default: the null class).
+
+        Raises:
+            ValueError: classes given to an unconditional U-Net.
+        """
+        null = self.null_class
+        if null is None:
+            if class_labels is not None:
+                raise ValueError("class_labels given to a U-Net without class embeddings (num_class_embeds)")
+            return self.net(x, timesteps=timesteps)
+        if class_labels is None:
+            class_labels = torch.full((x.shape[0],), null, dtype=torch.long, device=x.device)
+        return self.net(x, timesteps=timesteps, class_labels=class_labels)
 
 
 def build_unet(
@@ -63,6 +89,7 @@ def build_unet(
     norm_num_groups: int = 16,
     resblock_updown: bool = False,
     dropout_cattn: float = 0.0,
+    num_class_embeds: int = 0,
 ) -> UNet:
     """Build MONAI's diffusion U-Net.
 
@@ -78,9 +105,11 @@ def build_unet(
         norm_num_groups: group-norm groups (must divide every entry of ``channels``).
         resblock_updown: use residual blocks for up/down-sampling.
         dropout_cattn: dropout in cross-attention (unused without context).
+        num_class_embeds: class embeddings of a class-conditional U-Net, the null class included (the last
+            index): ``classes + 1``; 0 (the default) for an unconditional one (then not written to the config).
 
     Returns:
-        a ``UNet`` called as ``net(x, timesteps)``.
+        a ``UNet`` called as ``net(x, timesteps)`` (``net(x, timesteps, class_labels)`` when class-conditional).
     """
     from monai.networks.nets import DiffusionModelUNet
 
@@ -105,6 +134,11 @@ def build_unet(
         "resblock_updown": bool(resblock_updown),
         "dropout_cattn": float(dropout_cattn),
     }
+    if num_class_embeds:
+        if num_class_embeds < 2:
+            raise ValueError(f"num_class_embeds counts the classes and the null class (at least 2), got "
+                             f"{num_class_embeds}")
+        config["num_class_embeds"] = int(num_class_embeds)
     net = DiffusionModelUNet(
         spatial_dims=spatial_dims,
         in_channels=in_channels + cond_channels,
@@ -116,6 +150,7 @@ def build_unet(
         num_head_channels=num_head_channels,
         resblock_updown=resblock_updown,
         dropout_cattn=dropout_cattn,
+        num_class_embeds=int(num_class_embeds) or None,
     )
     return UNet(net, config)
 
