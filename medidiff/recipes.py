@@ -65,6 +65,9 @@ class ModelConfig(BaseModel):
             U-Net always has attention, and those of the attention levels).
         norm_num_groups: group-norm groups (must divide every entry of ``channels``).
         resblock_updown: residual blocks for down/up-sampling.
+        class_conditional: a class-conditional U-Net for classifier-free guidance (``medidiff.nets.build_unet``'s
+            class embeddings: one per class of the data, e.g. ``sample:lesion_classes``, and a null class; see
+            ``training.class_dropout``); Sanchez et al. 2022's counterfactual anomaly detection.
         prediction: what the network predicts: ``eps``, ``x0``, ``v`` or ``score``.
     """
 
@@ -77,6 +80,7 @@ class ModelConfig(BaseModel):
     num_head_channels: PositiveInt = 32
     norm_num_groups: PositiveInt = 16
     resblock_updown: bool = False
+    class_conditional: bool = False
     prediction: Literal["eps", "x0", "v", "score"] = "eps"
 
     @model_validator(mode="after")
@@ -84,6 +88,8 @@ class ModelConfig(BaseModel):
         if self.arch == "unet":
             if self.prediction != "x0":
                 raise ValueError("model.arch unet predicts the mask itself: set model.prediction: x0")
+            if self.class_conditional:
+                raise ValueError("model.class_conditional needs model.arch diffusion_unet")
             return self
         if len(self.attention_levels) != len(self.channels):
             raise ValueError(f"attention_levels has {len(self.attention_levels)} entries for "
@@ -99,8 +105,13 @@ class ModelConfig(BaseModel):
                              f"attention level and of the last level, not {bad}")
         return self
 
-    def build(self, *, spatial_dims: int, in_channels: int, cond_channels: int = 0):
-        """The network, for images of ``in_channels`` (plus ``cond_channels``) in ``spatial_dims`` dimensions."""
+    def build(self, *, spatial_dims: int, in_channels: int, cond_channels: int = 0, classes: int = 0):
+        """The network, for images of ``in_channels`` (plus ``cond_channels``) in ``spatial_dims`` dimensions;
+        ``classes`` (the data's) give a class-conditional U-Net ``classes + 1`` embeddings (the null class last).
+
+        Raises:
+            ValueError: a class-conditional model without classes.
+        """
         from .nets import build_segmentation_unet, build_unet
 
         if self.arch == "unet":
@@ -110,7 +121,16 @@ class ModelConfig(BaseModel):
         return build_unet(spatial_dims=spatial_dims, in_channels=in_channels, cond_channels=cond_channels,
                           channels=self.channels, attention_levels=self.attention_levels,
                           num_res_blocks=self.num_res_blocks, num_head_channels=self.num_head_channels,
-                          norm_num_groups=self.norm_num_groups, resblock_updown=self.resblock_updown)
+                          norm_num_groups=self.norm_num_groups, resblock_updown=self.resblock_updown,
+                          num_class_embeds=self._class_embeds(classes))
+
+    def _class_embeds(self, classes: int) -> int:
+        if not self.class_conditional:
+            return 0
+        if classes < 1:
+            raise ValueError("model.class_conditional needs data labelled with classes (e.g. data.source: "
+                             "sample:lesion_classes)")
+        return classes + 1
 
 
 #: The keys each process takes (unset keys keep the process's defaults).

@@ -3,7 +3,8 @@
 ``fit`` trains a denoiser on a ``Dataset`` of dicts ``{"image": (C, *spatial) in [-1, 1], optional
 "cond": (Cc, *spatial)}`` with the denoising loss of ``medidiff.core.losses`` (or the segmentation loss of a
 deterministic network, or the cross entropy of a noise-aware classifier on items with an int ``"class"``:
-``training.objective``, ``medidiff.train_objectives``). It does AdamW with linear
+``training.objective``, ``medidiff.train_objectives``). A class-conditional U-Net is trained on items with a
+``"class"`` too, each replaced by the null class with probability ``training.class_dropout``. It does AdamW with linear
 warm-up then a cosine or constant learning rate, gradient clipping and accumulation, bf16 autocast on
 CUDA, EMA, a validation loss at fixed times and noise, sample images, TensorBoard, a progress bar,
 atomic checkpoints and exact resume, and DDP under ``torchrun`` (rank 0 does the I/O).
@@ -37,7 +38,7 @@ from .core import noise as core_noise
 from .core.denoiser import Denoiser
 from .core.ema import EMA
 from .core.processes import Process
-from .errors import TrainingError
+from .errors import RecipeError, TrainingError
 from .outputs import atomic_write, write_table
 from .runtime import derived_seed, init_distributed, resolve_device, rng_state, seed_everything, set_rng_state
 from .train_checkpoints import (
@@ -129,6 +130,7 @@ class _Engine:
         if config.compile:
             module = torch.compile(module)
         self.denoiser = Denoiser(module, process, prediction)
+        self.null_class = getattr(net, "null_class", None)  # a class-conditional U-Net's
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=config.lr, betas=config.adam_betas,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -236,12 +238,13 @@ class _Engine:
         if self.device.type == "cuda" and self.cfg.channels_last:
             fmt = torch.channels_last if x0.ndim == 4 else torch.channels_last_3d
             x0 = x0.contiguous(memory_format=fmt)
-        labels = batch.get("class")  # per-image classes, for a classifier
+        labels = batch.get("class")  # per-image classes, for a classifier or a class-conditional U-Net
         labels = None if labels is None else labels.to(self.device, non_blocking=True)
         t = self.process.sample_time(x0.shape[0], generator=generator, device=self.device)
         eps = _draw_noise(x0, self.cfg.noise, generator, self.cfg.noise_options)
-        with self._autocast():
-            loss = objective_loss(self.cfg, denoiser, x0, cond, noise=eps, t=t, labels=labels)
+        with self._autocast():  # the class dropout is drawn after the times and the noise
+            loss = objective_loss(self.cfg, denoiser, x0, cond, noise=eps, t=t, labels=labels,
+                                  null_class=self.null_class, generator=generator)
         return loss, x0.shape[0]
 
     def train_step(self, batches: BatchStream) -> tuple[float, int]:
@@ -502,9 +505,9 @@ def run_recipe(recipe: Any, out_dir: str | Path) -> TrainResult:
 
         net, extra = classifier_network(recipe.model, recipe.data.spatial_dims, bundle)
     else:
-        net = recipe.model.build(spatial_dims=recipe.data.spatial_dims, in_channels=bundle.channels,
-                                 cond_channels=bundle.cond_channels)
-    check_objective(recipe.training.objective, net.config, bundle.cond_channels)
+        net, extra = _denoiser_network(recipe, bundle)
+    check_objective(recipe.training.objective, net.config, bundle.cond_channels,
+                    class_dropout=recipe.training.class_dropout)
     init = recipe.training.init_from
     if init:
         extra["init_from"] = initial_weights(net, init, recipe.model.prediction)
@@ -514,6 +517,23 @@ def run_recipe(recipe: Any, out_dir: str | Path) -> TrainResult:
                  data_prep=bundle.data_prep, extra_meta=extra or None, num_workers=recipe.data.num_workers)
     result.inputs = bundle.inputs + init_file
     return result
+
+
+def _denoiser_network(recipe: Any, bundle: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """The ``model`` section's network for the data, and what it adds to ``model.json`` (a class-conditional
+    U-Net's class names, its null class last: ``classes`` then ``null``)."""
+    classes: list[str] = []
+    if recipe.model.class_conditional:
+        if recipe.training.objective != "denoising":
+            raise RecipeError("model.class_conditional is a denoiser's conditioning", where="model.class_conditional",
+                              fix="use training.objective: denoising, or set model.class_conditional: false.")
+        classes = list((bundle.data_prep.get("labels") or {}).get("classes") or [])
+        if not classes or not isinstance(bundle.train[0].get("class"), (int, torch.Tensor)):
+            raise RecipeError("model.class_conditional needs images labelled with classes", where="data.source",
+                              fix="use data.source: sample:lesion_classes.")
+    net = recipe.model.build(spatial_dims=recipe.data.spatial_dims, in_channels=bundle.channels,
+                             cond_channels=bundle.cond_channels, classes=len(classes))
+    return net, ({"classes": [*classes, "null"]} if classes else {})
 
 
 def initial_weights(net: nn.Module, path: str | Path, prediction: str) -> dict:

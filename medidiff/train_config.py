@@ -40,6 +40,9 @@ class TrainingConfig(BaseModel):
             entropy of a noise-aware classifier of noised images against each image's class: the encoder half of
             the ``model`` section's U-Net with attention pooling, for classifier guidance; data with per-image
             classes such as ``sample:lesion_classes``; ``sample_every`` must be 0); ``medidiff.train_objectives``.
+        class_dropout: for a class-conditional model (``model.class_conditional``), the probability that an
+            image's class is replaced by the null class in the denoising loss (classifier-free guidance: Ho &
+            Salimans 2022's ``p_uncond``, 0.1-0.2 there; ``medidiff.core.cfg.drop_classes``).
         loss_weighting: ``uniform`` or ``min_snr``.
         min_snr_gamma: the Min-SNR clipping value.
         noise: training noise, ``gaussian`` or ``simplex``.
@@ -79,6 +82,7 @@ class TrainingConfig(BaseModel):
     ema_warmup: bool = True
     save_ema: bool = True
     objective: Literal["denoising", "segmentation", "classification"] = "denoising"
+    class_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     loss_weighting: Literal["uniform", "min_snr"] = "uniform"
     min_snr_gamma: PositiveFloat = 5.0
     noise: Literal["gaussian", "simplex"] = "gaussian"
@@ -102,6 +106,8 @@ class TrainingConfig(BaseModel):
     def _samples_need_a_denoiser(self) -> TrainingConfig:
         if self.objective == "classification" and self.sample_every:
             raise ValueError("a classifier makes no sample images: set sample_every: 0 with objective classification")
+        if self.class_dropout and self.objective != "denoising":
+            raise ValueError("class_dropout belongs to the denoising objective of a class-conditional model")
         return self
 
 

@@ -2,7 +2,10 @@
 
 ``training.objective`` picks one:
 
-- ``denoising``: ``medidiff.core.losses.diffusion_loss`` (every diffusion model, conditional or not);
+- ``denoising``: ``medidiff.core.losses.diffusion_loss`` (every diffusion model, conditional or not). A
+  class-conditional U-Net (``medidiff.nets.build_unet``'s ``num_class_embeds``) gets each item's ``class``, replaced
+  by the null class with probability ``training.class_dropout`` (``medidiff.core.cfg.drop_classes``: Ho & Salimans
+  2022's classifier-free guidance training; Sanchez et al. 2022, sec. 2), drawn from the step's generator;
 - ``segmentation``: Dice + cross entropy (Milletari et al. 2016, eq. 1 for the soft Dice; MONAI's
   ``DiceCELoss``, batch-wise Dice so healthy slices with empty masks count) of a deterministic network
   (``medidiff.nets.SegmentationUNet``) that segments the item's ``cond`` image; the item's ``image`` is the
@@ -20,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .core.cfg import drop_classes
 from .core.guidance import NoisyClassifier
 from .core.losses import diffusion_loss
 from .errors import RecipeError, TrainingError
@@ -69,7 +73,8 @@ def classification_loss(classifier: NoisyClassifier, x0: torch.Tensor, labels: t
 
 
 def objective_loss(config: Any, denoiser, x0: torch.Tensor, cond: torch.Tensor | None, *, noise: torch.Tensor,
-                   t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+                   t: torch.Tensor, labels: torch.Tensor | None = None, null_class: int | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     """The loss of one batch under ``config.objective`` (a ``TrainingConfig``).
 
     Args:
@@ -79,13 +84,17 @@ def objective_loss(config: Any, denoiser, x0: torch.Tensor, cond: torch.Tensor |
         cond: its conditioning channels (the image segmented), or ``None``.
         noise: the noise of the denoising (and classification) loss.
         t: the times of the denoising (and classification) loss.
-        labels: the images' classes ``(B,)`` (the items' ``class``), for ``classification``.
+        labels: the images' classes ``(B,)`` (the items' ``class``), for ``classification`` and a class-conditional
+            denoiser.
+        null_class: the null class of a class-conditional denoiser (``None``: the denoiser is not one, and
+            ``denoising`` ignores ``labels``).
+        generator: draws the class dropout (``config.class_dropout``) of a class-conditional denoiser.
 
     Returns:
         The scalar loss.
 
     Raises:
-        TrainingError: ``classification`` on items without a ``class``.
+        TrainingError: ``classification`` or a class-conditional denoiser on items without a ``class``.
     """
     if config.objective == "segmentation":
         return segmentation_loss(denoiser.net, x0, cond)
@@ -96,18 +105,27 @@ def objective_loss(config: Any, denoiser, x0: torch.Tensor, cond: torch.Tensor |
         classifier = NoisyClassifier(denoiser.net, denoiser.process, scale_input=denoiser.scale_input,
                                      time_fn=denoiser.time_fn)
         return classification_loss(classifier, x0, labels, noise=noise, t=t)
+    class_labels = None
+    if null_class is not None:
+        if labels is None:
+            raise TrainingError("a class-conditional model needs each item's class", where="data.source",
+                                fix="use data.source: sample:lesion_classes.")
+        class_labels = drop_classes(labels.long(), null_class, config.class_dropout, generator)
     return diffusion_loss(denoiser, x0, cond=cond, weighting=config.loss_weighting, gamma=config.min_snr_gamma,
-                          noise=noise, t=t)
+                          noise=noise, t=t, class_labels=class_labels)
 
 
-def check_objective(objective: str, net_config: dict, cond_channels: int) -> None:
+def check_objective(objective: str, net_config: dict, cond_channels: int, *, class_dropout: float = 0.0) -> None:
     """Refuse a recipe whose objective, network and data do not go together.
 
     Raises:
         RecipeError: a segmentation objective without a segmentation network or without image pairs, a
-            segmentation network trained as a denoiser, or a classifier trained otherwise than by
-            ``classification`` (or the reverse).
+            segmentation network trained as a denoiser, a classifier trained otherwise than by
+            ``classification`` (or the reverse), or a class dropout without a class-conditional U-Net.
     """
+    if class_dropout and not net_config.get("num_class_embeds"):
+        raise RecipeError("training.class_dropout needs a class-conditional U-Net", where="training.class_dropout",
+                          fix="set model.class_conditional: true (with data labelled by class), or class_dropout: 0.")
     classifier = net_config.get("arch") == "classifier"
     if (objective == "classification") != classifier:
         raise RecipeError(f"training.objective {objective} does not train a network of arch "
