@@ -8,10 +8,11 @@ import json
 
 import pytest
 import torch
+from oracles import lesion_pair
 from train_helpers import TINY_MODEL, single_thread, tiny_recipe  # noqa: F401
 
 from medidiff.anomaly.config import AnomalySection, HealthyOptions, route
-from medidiff.anomaly.healthy import healthy_nfe, reconstruct_healthy
+from medidiff.anomaly.healthy import healthy_evaluations, healthy_nfe, reconstruct_healthy
 from medidiff.core.guidance import ClassifierGuidance, NoisyClassifier
 from medidiff.core.processes import DDPM, VESDE, VPSDE
 from medidiff.core.samplers import ddim, ddim_invert
@@ -29,61 +30,12 @@ TINY_CLASSIFIER = {"channels": [8, 16], "attention_levels": [False, False], "nor
                    "num_head_channels": 8}
 
 
-class GaussianPair:
-    """Images of two classes, ``x0 | y ~ N(mu_y, tau^2 I)`` with ``p(y = 1) = prior``; exact answers under a process.
-
-    With ``x_t = alpha x0 + sigma eps``, ``x_t | y ~ N(alpha mu_y, v_t I)`` with ``v_t = alpha^2 tau^2 + sigma^2``, so
-    ``log p(y | x_t) = log pi_y - ||x_t - alpha mu_y||^2 / (2 v_t) + const`` and
-    ``E[x0 | x_t] = sum_y p(y | x_t) (mu_y + (alpha tau^2 / v_t) (x_t - alpha mu_y))``.
-    """
-
-    def __init__(self, process, mu0: torch.Tensor, mu1: torch.Tensor, tau: float, prior: float = 0.5):
-        self.process, self.mu, self.tau = process, torch.stack([mu0, mu1]), tau
-        self.log_prior = torch.log(torch.tensor([1 - prior, prior], dtype=mu0.dtype))
-
-    def _coefficients(self, x, t):
-        alpha, sigma = self.process.marginal(t.to(torch.float64))
-        alpha, sigma = bcast(alpha, x), bcast(sigma, x)
-        return alpha, sigma, alpha**2 * self.tau**2 + sigma**2
-
-    def logits(self, x_t, t):
-        """Exact ``log p(y | x_t)`` up to a constant: ``(B, 2)``."""
-        alpha, _, v = self._coefficients(x_t, t)
-        d2 = torch.stack([((x_t - alpha * m) ** 2 / v).flatten(1).sum(1) for m in self.mu], dim=1)
-        return self.log_prior - d2 / 2
-
-    def denoiser(self, x_t, t):
-        """Exact ``E[x0 | x_t]``."""
-        alpha, _, v = self._coefficients(x_t, t)
-        p = torch.softmax(self.logits(x_t, t), dim=1)
-        means = [m + alpha * self.tau**2 / v * (x_t - alpha * m) for m in self.mu]
-        return sum(bcast(p[:, y], x_t) * means[y] for y in range(2))
-
-    def healthy_flow(self, x_t, t: float):
-        """Where the probability-flow ODE of the healthy class alone takes ``x_t`` at ``t`` to at time 0: the
-        Gaussian's standardised value ``(x_t - alpha mu_0) / sqrt(v_t)`` is kept along the flow."""
-        alpha, _, v = self._coefficients(x_t, torch.tensor([t]))
-        return self.mu[0] + self.tau * (x_t - alpha * self.mu[0]) / v.sqrt()
-
-
-def _toy(process, n: int = 3):
-    """A healthy mean image and a diseased one (a bright 2 x 2 'lesion'), and diseased inputs drawn from it."""
-    g = torch.Generator().manual_seed(0)
-    mu0 = torch.rand((1, 4, 4), generator=g, dtype=torch.float64) - 0.5
-    lesion = torch.zeros_like(mu0)
-    lesion[:, 1:3, 1:3] = 1.0
-    mu1 = mu0 + 1.5 * lesion
-    toy = GaussianPair(process, mu0, mu1, tau=0.3)
-    x = mu1 + 0.3 * torch.randn((n, 1, 4, 4), generator=g, dtype=torch.float64)
-    return toy, x, lesion.bool().expand_as(x)
-
-
 def test_exact_classifier_guidance_decodes_a_diseased_input_to_the_healthy_class():
     """With the exact classifier at scale 1, the guided score is the healthy class's own score (Bayes), so the
     guided DDIM decoding of the inversion is the healthy Gaussian's flow: ``mu_0 + tau z`` with ``z`` the
     latent's standardised value. Scale 0 is the plain inversion round trip; only the lesion's pixels move."""
     process, t_level = VPSDE(), 0.5
-    toy, x, lesion = _toy(process)
+    toy, x, lesion = lesion_pair(process)
     errors = []
     for steps in (200, 400):  # DDIM is first order: the error halves with twice the steps
         latent = ddim_invert(toy.denoiser, x, process, steps, t_end=t_level)
@@ -109,7 +61,7 @@ def test_one_guided_step_shifts_x0_by_the_scaled_analytic_gradient(scale):
     """One DDIM step from ``t_L`` returns ``E[x0 | x_t] + s (sigma^2 / alpha) grad log p(healthy | x_t)``, the
     gradient being ``alpha p(diseased | x_t) (mu_0 - mu_1) / v_t`` for the two Gaussians."""
     process, t_level = VPSDE(), 0.4
-    toy, x, _ = _toy(process)
+    toy, x, _ = lesion_pair(process)
     x_t = process.noised(x, torch.full((3,), t_level, dtype=x.dtype), torch.randn_like(x))
     out = ddim(toy.denoiser, x_t, process, 1, t_start=t_level, hook=ClassifierGuidance(toy.logits, process, scale))
     t = torch.full((3,), t_level, dtype=torch.float64)
@@ -236,6 +188,9 @@ def test_guided_options_route_and_leave_other_methods_settings_alone():
     guided = AnomalySection().updated(method="guided", classifier="c.safetensors", guidance_scale=20.0)
     assert guided.map_settings()["reconstruction"]["guidance_scale"] == 20.0
     assert guided.reconstruction.samples == 1 and healthy_nfe(guided.reconstruction, steps=5) == 10
+    # the classifier's gradients are counted apart from the denoiser's evaluations (none at scale 0)
+    assert healthy_evaluations(guided.reconstruction, steps=5, t_levels=[0.2, 0.4]) == (20, 10)
+    assert healthy_evaluations(guided.reconstruction, steps=5, guidance_scale=0.0) == (10, 0)
 
 
 class _Shrink(torch.nn.Module):
@@ -281,3 +236,50 @@ def test_a_recipe_trained_classifier_guides_the_healthy_reconstruction(tmp_path,
     run_recipe(parse_recipe(tiny_recipe(training={"steps": 1, "checkpoint_every": 0})), tmp_path / "den")
     with pytest.raises(ValueError, match="not a noise-aware classifier"):
         reconstruct_healthy(denoiser, x, method="guided", classifier=str(tmp_path / "den"), **common)
+
+
+def test_detect_resolves_the_classifier_like_the_model_and_records_its_checksum(tmp_path, monkeypatch, capsys):
+    """``medidiff detect --method guided``: a relative ``classifier`` is found as the model is (the working folder,
+    else the medidiff checkout), its SHA-256 is in the run's manifest and ``detection.json``, and its gradients are
+    counted in ``scores.csv``, ``metrics.json`` and the report beside the denoiser's evaluations."""
+    import csv
+
+    import numpy as np
+    from anomaly_helpers import save_tiny_model, volume, write_nifti
+
+    import medidiff.data.paths as paths
+    from medidiff.cli import EXIT_DATA, main
+    from medidiff.core.processes import make_process
+    from medidiff.manifest import sha256_file
+    from medidiff.weights import save_model
+
+    checkout = tmp_path / "checkout"
+    model = save_tiny_model(tmp_path / "model")
+    save_model(checkout / "clf", build_classifier(2, **TINY_CLASSIFIER), make_process("ddpm", n_steps=50), "eps",
+               {"data_prep": {"source": "test", "size": [16, 16]}, "task": "classifier"})
+    monkeypatch.setattr(paths, "CHECKOUT", checkout)  # "clf" is not in the working folder, but in the checkout
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    image, brain, affine = volume((16, 16, 3))
+    lesion = np.zeros_like(brain)
+    lesion[6:9, 6:9, :] = 1
+    write_nifti(tmp_path / "scan.nii.gz", image, affine)
+    write_nifti(tmp_path / "lesion.nii.gz", lesion, affine)
+    out = tmp_path / "out"
+    argv = ["detect", "--model", str(model), "-i", str(tmp_path / "scan.nii.gz"), "--labels",
+            str(tmp_path / "lesion.nii.gz"), "--threshold", "0.3", "--device", "cpu", "--method", "guided", "--set",
+            "t_levels=[0.3]", "--set", "steps=2", "--set", "guidance_scale=10", "--quiet"]
+    assert main([*argv, "-o", str(out), "--set", "classifier=clf"]) == 0
+    weights = checkout / "clf" / "model.safetensors"
+    digest = sha256_file(weights)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"][str(weights)] == digest
+    settings = json.loads((out / "detection.json").read_text())
+    assert settings["classifier_sha256"] == digest and settings["reconstruction"]["classifier"] == str(checkout / "clf")
+    (row,) = csv.DictReader((out / "scores.csv").open())
+    assert (int(row["nfe"]), int(row["classifier_nfe"])) == (2 * 2 * 3, 2 * 3)  # 2 steps on each of 3 slices
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["nfe_per_slice"], metrics["classifier_nfe_per_slice"]) == (4, 2)
+    assert "12 + 6 classifier gradients" in (out / "report.md").read_text()
+    assert main([*argv, "-o", str(tmp_path / "o2"), "--set", "classifier=missing"]) == EXIT_DATA
+    assert "classifier weights not found" in capsys.readouterr().err

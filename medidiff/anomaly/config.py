@@ -22,6 +22,12 @@ __all__ = ["HealthyOptions", "MapOptions", "AnomalySection", "route"]
 
 #: The options of ``HealthyOptions`` that only method ``guided`` uses.
 GUIDANCE_OPTIONS = {"classifier", "guidance_scale", "target_class"}
+#: The options of ``HealthyOptions`` that only method ``counterfactual`` uses.
+COUNTERFACTUAL_OPTIONS = {"guidance_weight", "healthy_class"}
+#: The options only one method uses, by method: they shape the map only with it.
+METHOD_OPTIONS = {"guided": GUIDANCE_OPTIONS, "counterfactual": COUNTERFACTUAL_OPTIONS}
+#: The methods that reconstruct by DDIM inversion then DDIM decoding (deterministic: one sample).
+INVERTING_METHODS = ("invert", "guided", "counterfactual")
 
 #: A path given as text or as a ``Path``.
 PathText = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)]
@@ -35,9 +41,10 @@ class HealthyOptions(_Section):
     """How the healthy reconstruction is made (``anomaly.reconstruction``).
 
     Attributes:
-        method: ``partial`` (AnoDDPM), ``invert`` (DDIM inversion), ``patch`` (pDDPM) or ``guided`` (DDIM
+        method: ``partial`` (AnoDDPM), ``invert`` (DDIM inversion), ``patch`` (pDDPM), ``guided`` (DDIM
             inversion, then a DDIM decoding steered toward ``target_class`` by a noise-aware classifier: Wolleb
-            et al. 2022).
+            et al. 2022) or ``counterfactual`` (a class-conditional model's DDIM inversion with the null class, then
+            its DDIM decoding toward ``healthy_class`` by classifier-free guidance: Sanchez et al. 2022).
         t_levels: noise levels ``t_L`` in ``(0, 1]`` reconstructed from and averaged.
         sampler: reverse sampler (``ddim``, ``dpm_solver_2m``, ``ddpm``...).
         steps: sampler steps from each level (``null``: the whole DDPM chain, as AnoDDPM).
@@ -47,7 +54,8 @@ class HealthyOptions(_Section):
         reduce: ``median`` or ``mean`` over the samples.
         spread: ``std`` or ``mad`` between the samples.
         patch_size, patch_margin: tiles and their noised context (``patch``).
-        batch_size: images (times samples and tiles) per network call.
+        batch_size: images (times samples and tiles) per network call (``counterfactual``'s guided steps evaluate
+            each image twice in one call: the healthy and the null class).
         bf16: evaluate the network under bf16 autocast where the device computes bf16 natively (CUDA, CPUs
             with AVX512-BF16/AMX; ``medidiff.core.precision``): ~2.5x faster on such a CPU.
         classifier: ``guided``: the noise-aware classifier's weights (trained with ``training.objective:
@@ -55,9 +63,16 @@ class HealthyOptions(_Section):
         guidance_scale: ``guided``: the classifier gradient's scale ``s`` (0: plain DDIM inversion; Wolleb et
             al. used 100 on BRATS, not tuned here).
         target_class: ``guided``: the class steered toward (0: healthy).
+        guidance_weight: ``counterfactual``: the classifier-free guidance weight ``w`` of the decoding,
+            ``eps_null + w (eps_healthy - eps_null)`` (0: plain inversion with the null class; 1: the healthy
+            class's own model). 3.0 is the authors' released BRATS setting (``norm_cond_scale``); not tuned here:
+            choose it on validation cases.
+        healthy_class: ``counterfactual``: the class decoded toward (0: healthy, as ``sample:lesion_classes``
+            labels it) by a class-conditional model (``model.class_conditional``, e.g.
+            ``recipes/counterfactual_lesion_2d.yaml``), whose null class is its last one.
     """
 
-    method: Literal["partial", "invert", "patch", "guided"] = "partial"
+    method: Literal["partial", "invert", "patch", "guided", "counterfactual"] = "partial"
     t_levels: list[float] = Field(default_factory=lambda: [0.5], min_length=1)
     sampler: str = "ddim"
     steps: PositiveInt | None = 1
@@ -73,6 +88,8 @@ class HealthyOptions(_Section):
     classifier: PathText | None = None
     guidance_scale: float = Field(100.0, ge=0.0)
     target_class: int = Field(0, ge=0)
+    guidance_weight: float = Field(3.0, ge=0.0)
+    healthy_class: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _levels(self) -> HealthyOptions:
@@ -86,7 +103,7 @@ class HealthyOptions(_Section):
     @property
     def samples(self) -> int:
         """Reconstructions per level actually made (DDIM inversion, guided or not, is deterministic: one)."""
-        return 1 if self.method in ("invert", "guided") else self.n_samples
+        return 1 if self.method in INVERTING_METHODS else self.n_samples
 
 
 class MapOptions(_Section):
@@ -159,9 +176,10 @@ class AnomalySection(TaskSection):
 
     def map_settings(self) -> dict[str, Any]:
         """Every option that shapes the map, as saved with a threshold: one calibrated with other settings
-        is not reused (seed, batch size and bf16 autocast do not shape it: see HealthyOptions.bf16; the guidance
-        options shape it only with method guided)."""
-        unused = {"batch_size", "bf16"} | (set() if self.reconstruction.method == "guided" else GUIDANCE_OPTIONS)
+        is not reused (seed, batch size and bf16 autocast do not shape it: see HealthyOptions.bf16; a method's own
+        options, ``METHOD_OPTIONS``, shape it only with that method)."""
+        unused = {"batch_size", "bf16"}.union(*(keys for method, keys in METHOD_OPTIONS.items()
+                                                if method != self.reconstruction.method))
         recon = self.reconstruction.model_dump(mode="json", exclude=unused)
         return {"reconstruction": recon, "map": self.map.model_dump(mode="json"), "intensity": self.intensity,
                 "min_foreground": self.min_foreground}

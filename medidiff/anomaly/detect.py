@@ -57,10 +57,12 @@ from medidiff.modelinfo import ModelInfo
 from medidiff.outputs.html import views_of
 from medidiff.results import TaskResult
 from medidiff.sections import open_model
+from medidiff.weights import model_paths
 
 from . import findings, maps, thresholds
 from .config import AnomalySection
-from .healthy import healthy_nfe, patch_tiles, reconstruct_healthy
+from .guided import load_classifier
+from .healthy import healthy_evaluations, patch_tiles, reconstruct_healthy
 from .report import case_view, write_html, write_report
 
 __all__ = ["detect", "analyse", "CaseMaps"]
@@ -78,8 +80,9 @@ class CaseMaps:
         healthy: the healthy reconstruction in the scan's units, ``(C, X, Y, Z)``.
         spread: the spread between reconstructions on the model's scale, ``(1, X, Y, Z)``.
         mean_spread: its mean over the prepared foreground.
-        nfe: network evaluations spent on the case.
+        nfe: denoiser evaluations spent on the case.
         time_s: seconds spent on the case.
+        classifier_nfe: classifier gradients spent on the case (method ``guided``).
     """
 
     prepared: Prepared
@@ -89,6 +92,7 @@ class CaseMaps:
     mean_spread: float
     nfe: int
     time_s: float
+    classifier_nfe: int = 0
 
     @property
     def case(self) -> Case:
@@ -121,13 +125,13 @@ def analyse(denoiser, info: ModelInfo, case: Case, options: AnomalySection, *, s
     healthy, spread, score = results if n else (x.clone(), torch.zeros_like(x), torch.zeros_like(x[:1]))
     plane = x.shape[1:] if dims == 3 else [s for i, s in enumerate(x.shape[1:]) if i != axis]
     n_patches = len(patch_tiles(plane, recon.patch_size or [-(-s // 2) for s in plane]))
-    per_image = healthy_nfe(recon, n_patches=n_patches, process=denoiser.process)
+    per_image = healthy_evaluations(recon, n_patches=n_patches, process=denoiser.process)
     spread = spread.sum(0, keepdim=True)  # over channels, as the residual
     fg = prepared.foreground > 0.5
     return CaseMaps(prepared=prepared, score=restore(score, prepared).clamp_min(0),
                     healthy=restore(healthy, prepared, units="image"), spread=restore(spread, prepared).clamp_min(0),
-                    mean_spread=float(spread[fg].mean()) if bool(fg.any()) else 0.0, nfe=per_image * n,
-                    time_s=time.perf_counter() - start)
+                    mean_spread=float(spread[fg].mean()) if bool(fg.any()) else 0.0, nfe=per_image.denoiser * n,
+                    time_s=time.perf_counter() - start, classifier_nfe=per_image.classifier * n)
 
 
 def _units(options: AnomalySection) -> str:
@@ -176,7 +180,7 @@ def _dicom_outputs(heatmap: torch.Tensor, flagged: torch.Tensor | None, case: Ca
 
 
 def _calibrate(denoiser, info: ModelInfo, options: AnomalySection, path: Path, out_dir: Path, batch: Batch,
-               seed: int, digest: str) -> tuple[float, dict[str, Any], list[dict[str, str]]]:
+               seed: int, digests: dict[str, str]) -> tuple[float, dict[str, Any], list[dict[str, str]]]:
     """Calibrate the threshold on the healthy scans at ``path`` (sharded; written as ``thresholds.json``).
 
     Returns:
@@ -188,7 +192,7 @@ def _calibrate(denoiser, info: ModelInfo, options: AnomalySection, path: Path, o
         return CaseOutput(files=[], row={"case": r.case.name},
                           arrays={"score": r.score, "fg": r.prepared.input_foreground})
 
-    key = fingerprint({"stage": "calibration", "model": digest, "seed": seed, "settings": options.map_settings()})
+    key = fingerprint({"stage": "calibration", **digests, "seed": seed, "settings": options.map_settings()})
     got = batch.run(find_cases(path, select=options.select), one, key=key, stage="calibration")
     outcome: tuple = (None, None, [], "")
     if got is not None:
@@ -222,7 +226,8 @@ def _calibration_threshold(options: AnomalySection, path: Path, got: BatchResult
 
 
 def _threshold(denoiser, info: ModelInfo, options: AnomalySection, model_path: Path, out_dir: Path,
-               batch: Batch, seed: int, resolve, digest: str) -> tuple[float | None, dict[str, Any], list[dict]]:
+               batch: Batch, seed: int, resolve, digests: dict[str, str]
+               ) -> tuple[float | None, dict[str, Any], list[dict]]:
     """The threshold: given, calibrated on healthy scans, or saved with the model (in that order).
 
     Returns:
@@ -239,7 +244,7 @@ def _threshold(denoiser, info: ModelInfo, options: AnomalySection, model_path: P
     if options.calibration is None:
         return (*thresholds.saved_threshold(model_path, options.map_settings()), [])
     return _calibrate(denoiser, info, options, resolve(options.calibration, "calibration scans"), out_dir,
-                      batch, seed, digest)
+                      batch, seed, digests)
 
 
 @dataclass
@@ -320,12 +325,14 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = Path(model)
     denoiser, info, digest, device = open_model(model_path, device)
+    options, classifier_path, classifier_digest = _open_classifier(options, resolve, device)
+    digests = {"model": digest, **({"classifier": classifier_digest} if classifier_digest else {})}
     if options.reconstruction.noise != info.noise.kind:
         log.warning("the model was trained with %s noise, detection uses %s noise", info.noise.kind,
                     options.reconstruction.noise)
     with Batch(out_dir, device, progress=options.progress) as batch:
         thr, thr_record, calibration_failures = _threshold(denoiser, info, options, model_path, out_dir, batch,
-                                                           seed, resolve, digest)
+                                                           seed, resolve, digests)
         inputs_path = Path(inputs)
         sources = find_cases(inputs_path, select=options.select, mask=resolve(options.mask, "mask"),
                              label=resolve(options.labels, "labels"))
@@ -342,6 +349,8 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
                    "threshold_scan_units": "" if units.threshold is None else units.threshold,
                    "mean_spread": r.mean_spread if options.reconstruction.samples > 1 else "",
                    "time_s": round(r.time_s, 3), "nfe": r.nfe}
+            if options.reconstruction.method == "guided":  # the classifier's gradients, beside the denoiser's
+                row["classifier_nfe"] = r.classifier_nfe
             if flagged is not None and r.case.label is not None:
                 row.update(findings.lesion_detection(flagged, r.case.label))
             arrays = {} if r.case.label is None else {"score": r.score, "labels": r.case.label, "mask": fg}
@@ -352,23 +361,43 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
 
         settings = options.model_dump(mode="json", exclude={"model", "inputs", "threshold", "calibration",
                                                             "labels", "mask", "progress"})
-        key = fingerprint({"stage": "cases", "model": digest, "seed": seed, "threshold": thr, "settings": settings})
+        key = fingerprint({"stage": "cases", **digests, "seed": seed, "threshold": thr, "settings": settings})
         got = batch.run(sources, one, key=key)
         if got is None:
             return TaskResult(summary=f"rank {batch.rank} of {batch.world_size}: its cases are written; rank 0 "
                                       "writes the run's tables")
         return _summarise(got, calibration_failures, denoiser, info, options, model_path, inputs_path, out_dir,
-                          thr, thr_record)
+                          thr, thr_record, classifier=(classifier_path, classifier_digest))
+
+
+def _open_classifier(options: AnomalySection, resolve, device) -> tuple[AnomalySection, Path | None, str | None]:
+    """Method ``guided``'s classifier: its path resolved as the model's is, the file checked and loaded once.
+
+    Returns:
+        ``(options, path, sha256)``: the options naming the resolved path; ``(options, None, None)`` for other
+        methods.
+
+    Raises:
+        DataError: the file is missing. ModelError: it is unsafe or corrupt. ValueError: it is not a classifier.
+    """
+    if options.reconstruction.method != "guided":
+        return options, None, None
+    path = resolve(options.reconstruction.classifier, "classifier weights")
+    loaded = load_classifier(path, device)
+    return options.updated(classifier=str(path)), path, loaded.sha256
 
 
 def _summarise(got: BatchResult, calibration_failures: list[dict], denoiser, info: ModelInfo,
                options: AnomalySection, model_path: Path, inputs_path: Path, out_dir: Path, thr: float | None,
-               thr_record: dict[str, Any]) -> TaskResult:
+               thr_record: dict[str, Any], *, classifier: tuple[Path | None, str | None] = (None, None)
+               ) -> TaskResult:
     """The run's tables from every case's record (rank 0): scores, settings, metrics, report, failures."""
     rows = got.rows
+    classifier_path, classifier_digest = classifier
     written_all = [*got.files, outputs.write_table(rows, out_dir / "scores.csv")]
     settings = {"model": str(model_path), "inputs": str(inputs_path), "threshold": thr, "threshold_record": thr_record,
                 **options.model_dump(mode="json", exclude={"model", "inputs", "threshold"}),
+                **({"classifier_sha256": classifier_digest} if classifier_digest else {}),
                 "model_noise": info.noise.kind, "model_step": info.step,
                 "data_prep": info.data_prep.model_dump(mode="json", exclude={"slices"}, exclude_none=True)}
     written_all.append(outputs.write_json(settings, out_dir / "detection.json"))
@@ -381,7 +410,10 @@ def _summarise(got: BatchResult, calibration_failures: list[dict], denoiser, inf
     if evaluated:
         metrics = detection_metrics(evaluated, threshold=thr)
         metrics["dice_best_label"] = thresholds.ORACLE_LABEL
-        metrics["nfe_per_slice"] = healthy_nfe(options.reconstruction, process=denoiser.process)
+        per_slice = healthy_evaluations(options.reconstruction, process=denoiser.process)
+        metrics["nfe_per_slice"] = per_slice.denoiser
+        if options.reconstruction.method == "guided":
+            metrics["classifier_nfe_per_slice"] = per_slice.classifier
         counted = [row for row in rows if row.get("lesions", "") != ""]
         if counted:  # lesion-level detection beside the voxel metrics (medidiff.anomaly.findings)
             metrics.update({k: int(sum(int(row[k]) for row in counted))
@@ -404,5 +436,7 @@ def _summarise(got: BatchResult, calibration_failures: list[dict], denoiser, inf
                     f"Dice {metrics.get('dice', float('nan')):.3f} (threshold at FPR {options.fpr:g}), "
                     f"{thresholds.ORACLE_LABEL} {metrics['dice_best']:.3f}")
     log.info("%s", summary)
-    return TaskResult(outputs=written_all, inputs=[model_path, *got.inputs], rows=rows, metrics=metrics,
+    weights = [model_paths(p)[0] for p in (model_path, classifier_path) if p is not None]  # files, for the manifest
+    inputs = [*weights, *got.inputs]
+    return TaskResult(outputs=written_all, inputs=inputs, rows=rows, metrics=metrics,
                       summary=summary, failures=len(failures), extra={"threshold": thr})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -19,23 +20,33 @@ from medidiff.core.processes import Process, make_process
 
 from .config import HealthyOptions
 
-__all__ = ["classifier_guidance", "load_classifier"]
+__all__ = ["classifier_guidance", "load_classifier", "LoadedClassifier"]
+
+
+class LoadedClassifier(NamedTuple):
+    """A saved noise-aware classifier: ``classifier(x_t, t) -> logits`` on its own process, its spatial dims, its
+    number of classes and its weights' SHA-256 (recorded with a run as the model's is)."""
+
+    classifier: NoisyClassifier
+    spatial_dims: int
+    classes: int
+    sha256: str
 
 
 @functools.lru_cache(maxsize=4)
-def _load(path: str, stamp: tuple[int, int], device: str) -> tuple[torch.nn.Module, dict, bool, int, int]:
+def _load(path: str, stamp: tuple[int, int], device: str) -> tuple[torch.nn.Module, dict, bool, int, int, str]:
     from medidiff.weights import load_checked
 
-    denoiser, info, _ = load_checked(path, device)
+    denoiser, info, digest = load_checked(path, device)
     if info.net.get("arch") != "classifier":
         arch = info.net.get("arch", "diffusion_unet")
         raise ValueError(f"classifier: {path} is not a noise-aware classifier (its network is {arch}); train one "
                          "with training.objective: classification")
     net = denoiser.net.eval().requires_grad_(False)
-    return net, dict(info.process), info.scale_input, info.spatial_dims, int(info.net["num_classes"])
+    return net, dict(info.process), info.scale_input, info.spatial_dims, int(info.net["num_classes"]), digest
 
 
-def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[NoisyClassifier, int, int]:
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> LoadedClassifier:
     """A saved noise-aware classifier, read once per file version and device.
 
     Args:
@@ -43,7 +54,7 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
         device: where it runs.
 
     Returns:
-        ``(classifier, spatial_dims, classes)``: ``classifier(x_t, t) -> logits`` on its own process.
+        The ``LoadedClassifier``: ``(classifier, spatial_dims, classes, sha256)``.
 
     Raises:
         ModelError: the file is missing, unsafe or corrupt.
@@ -54,8 +65,9 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
     weights = model_paths(path)[0]
     stat = weights.stat() if weights.is_file() else None
     stamp = (stat.st_mtime_ns, stat.st_size) if stat else (0, 0)
-    net, process, scale_input, dims, classes = _load(str(path), stamp, str(device))
-    return NoisyClassifier(net, make_process(**process), scale_input=scale_input), dims, classes
+    net, process, scale_input, dims, classes, digest = _load(str(path), stamp, str(device))
+    return LoadedClassifier(NoisyClassifier(net, make_process(**process), scale_input=scale_input), dims, classes,
+                            digest)
 
 
 def classifier_guidance(opts: HealthyOptions, process: Process, x: torch.Tensor) -> ClassifierGuidance:
@@ -72,7 +84,7 @@ def classifier_guidance(opts: HealthyOptions, process: Process, x: torch.Tensor)
     Raises:
         ValueError: the classifier is of another process or dimension, or has no class ``target_class``.
     """
-    classifier, dims, classes = load_classifier(opts.classifier, x.device)
+    classifier, dims, classes, _ = load_classifier(opts.classifier, x.device)
     if classifier.process.config() != process.config():
         raise ValueError(f"classifier: trained on process {classifier.process.config()}, the model on "
                          f"{process.config()}; train the classifier with the model's process section")

@@ -5,7 +5,7 @@ from there; pDDPM (Behrendt et al. 2023): the same with one patch noised at a ti
 
 Everything runs on the shared core: the forward noising is ``process.noised`` with Gaussian or simplex
 noise (``medidiff.core.noise.noise_like``), the reverse pass is any sampler of
-``medidiff.core.samplers`` started at ``t_start = t_L``. Four methods:
+``medidiff.core.samplers`` started at ``t_start = t_L``. Five methods:
 
 - ``partial``: noise the whole image to ``t_L`` and sample back (AnoDDPM; ``ddpm`` from ``t_L = 0.25``
   is its 250-evaluation setting, a few-step ``ddim`` or ``dpm_solver_2m`` does the same job in ~10).
@@ -26,6 +26,16 @@ noise (``medidiff.core.noise.noise_like``), the reverse pass is any sampler of
   ``guidance_scale: 0`` it is ``invert``. What differs from the paper: ``t_L`` and ``steps`` set the grid (the
   paper steps through every one of the first ``L = 500`` of 1000 DDPM times), the classifier is trained on
   generated lesions, and 3D volumes work alike (the paper is 2D).
+- ``counterfactual``: Sanchez et al. 2022 (sec. 2-3): a class-conditional model trained with classifier-free
+  guidance; DDIM inversion to ``t_L`` with the null class, then DDIM decoding toward ``healthy_class`` with
+  ``eps_null + w (eps_healthy - eps_null)`` (``medidiff.core.cfg``; the denoisers from
+  ``medidiff.anomaly.counterfactual``, which says what differs from the paper). Deterministic, as ``invert``;
+  with ``guidance_weight: 0`` it is ``invert`` of the null-class (unconditional) model.
+
+Network evaluations (:func:`healthy_evaluations`): ``invert`` and ``guided`` cost ``2 k`` denoiser evaluations for
+``k`` steps per level, ``guided`` adds ``k`` classifier gradients (a forward and a backward pass of the classifier,
+counted apart), ``counterfactual`` costs ``3 k`` (``k`` with the null class, then ``k`` steps of two: the healthy
+and the null estimate, in one call on the batch doubled).
 
 Every reconstruction of one image depends only on ``seed`` and the image's index (one generator per
 image, level and sample: ``medidiff.core.ensemble.run_members``), not on the batch size. Options come as
@@ -37,7 +47,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from pydantic import ValidationError
@@ -49,10 +59,12 @@ from medidiff.core.operators import MaskOperator
 from medidiff.core.precision import Autocast
 from medidiff.core.processes import Process
 
-from .config import HealthyOptions
+from .config import INVERTING_METHODS, HealthyOptions
+from .counterfactual import counterfactual_denoisers
 from .guided import classifier_guidance
 
-__all__ = ["reconstruct_healthy", "healthy_nfe", "patch_tiles", "sampler_steps", "options"]
+__all__ = ["reconstruct_healthy", "healthy_nfe", "healthy_evaluations", "Evaluations", "patch_tiles",
+           "sampler_steps", "options"]
 
 
 def options(opts: HealthyOptions | None = None, **overrides: Any) -> HealthyOptions:
@@ -119,9 +131,21 @@ def patch_tiles(shape: Sequence[int], patch_size: Sequence[int] | int, margin: i
     return tiles
 
 
-def healthy_nfe(opts: HealthyOptions | None = None, *, n_patches: int = 1, process: Process | None = None,
-                **overrides: Any) -> int:
-    """Network evaluations per image of :func:`reconstruct_healthy` with these options.
+class Evaluations(NamedTuple):
+    """Network evaluations per image of a healthy reconstruction.
+
+    Attributes:
+        denoiser: evaluations of the diffusion model (per image; a classifier-free guided step counts two).
+        classifier: gradients of ``guided``'s classifier (each a forward and a backward pass of the classifier).
+    """
+
+    denoiser: int
+    classifier: int = 0
+
+
+def healthy_evaluations(opts: HealthyOptions | None = None, *, n_patches: int = 1, process: Process | None = None,
+                        **overrides: Any) -> Evaluations:
+    """Network evaluations per image of :func:`reconstruct_healthy` with these options, denoiser and classifier.
 
     Args:
         opts: the options (default: the defaults), with ``overrides`` applied.
@@ -129,26 +153,48 @@ def healthy_nfe(opts: HealthyOptions | None = None, *, n_patches: int = 1, proce
         process: the model's process (for ``steps=None``).
 
     Returns:
-        The count of denoiser evaluations (``guided``'s classifier gradients are not counted).
+        The counts (see the module docstring).
     """
     o = options(opts, **overrides)
-    total = 0
+    denoiser = classifier = 0
     for t in o.t_levels:
         k = sampler_steps(process, o.sampler, o.steps, t) if process is not None else int(o.steps)
-        if o.method in ("invert", "guided"):  # guided adds k passes of the classifier, forward and backward
-            total += 2 * k
+        if o.method == "counterfactual":  # k with the null class, then k of two (healthy and null)
+            denoiser += 3 * k
+        elif o.method in INVERTING_METHODS:
+            denoiser += 2 * k
+            classifier += k if o.method == "guided" and o.guidance_scale > 0 else 0
         else:
-            total += samplers.nfe(o.sampler, k) * o.n_samples * (n_patches if o.method == "patch" else 1)
-    return total
+            denoiser += samplers.nfe(o.sampler, k) * o.n_samples * (n_patches if o.method == "patch" else 1)
+    return Evaluations(denoiser, classifier)
+
+
+def healthy_nfe(opts: HealthyOptions | None = None, *, n_patches: int = 1, process: Process | None = None,
+                **overrides: Any) -> int:
+    """Denoiser evaluations per image of :func:`reconstruct_healthy` with these options.
+
+    ``guided``'s classifier gradients are not in this count: :func:`healthy_evaluations` gives them.
+
+    Args:
+        opts: the options (default: the defaults), with ``overrides`` applied.
+        n_patches: tiles per image (``patch`` only).
+        process: the model's process (for ``steps=None``).
+
+    Returns:
+        The count of denoiser evaluations.
+    """
+    return healthy_evaluations(opts, n_patches=n_patches, process=process, **overrides).denoiser
 
 
 def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None = None, *, seed: int = 0,
                         process: Process | None = None, progress: bool = False, **overrides: Any
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Healthy reconstructions of a batch of images (partial diffusion, DDIM inversion, guided or patch-wise).
+    """Healthy reconstructions of a batch of images (partial diffusion, DDIM inversion, guided, counterfactual or
+    patch-wise).
 
     Args:
-        denoiser: ``denoiser(x_t, t) -> x0_hat`` (a ``medidiff.core.denoiser.Denoiser``) on the images' scale.
+        denoiser: ``denoiser(x_t, t) -> x0_hat`` (a ``medidiff.core.denoiser.Denoiser``) on the images' scale; for
+            ``counterfactual``, of a class-conditional network (``denoiser.net.null_class``).
         x: images ``(B, C, *spatial)`` (2 or 3 spatial dims) on the model's scale (``[-1, 1]``; values
             beyond it are clipped before noising).
         opts: the options (``HealthyOptions``; default: the defaults), with ``overrides`` applied.
@@ -163,8 +209,8 @@ def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None =
         for a single sample).
 
     Raises:
-        ValueError: an unknown option, method, sampler or noise, levels outside ``(0, 1]``, or a ``guided``
-            classifier that does not fit the model.
+        ValueError: an unknown option, method, sampler or noise, levels outside ``(0, 1]``, a ``guided``
+            classifier that does not fit the model, or a ``counterfactual`` model that is not class-conditional.
         ModelError: the ``guided`` classifier's file is missing, unsafe or corrupt.
     """
     o = options(opts, **overrides)
@@ -172,9 +218,11 @@ def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None =
         raise ValueError(f"expected images (B, C, *spatial) with 2 or 3 spatial dims, got {x.ndim} dims")
     x = x.clamp(-1.0, 1.0)  # the model's range; the residual is taken against the unclipped scan
     process = process if process is not None else denoiser.process
-    denoiser = Autocast(denoiser, o.bf16)
-    inverted = o.method in ("invert", "guided")
+    inverted = o.method in INVERTING_METHODS
     guide = classifier_guidance(o, process, x) if o.method == "guided" else None
+    # counterfactual: inverted with the null class, decoded toward the healthy one; else one denoiser for both
+    encoder, decoder = counterfactual_denoisers(denoiser, o) if o.method == "counterfactual" else (denoiser,) * 2
+    denoiser, encoder, decoder = (Autocast(d, o.bf16) for d in (denoiser, encoder, decoder))
     try:
         sample_fn = samplers.get_sampler("ddim" if inverted else o.sampler)
     except ValueError as e:
@@ -195,8 +243,8 @@ def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None =
             images = torch.div(items, n_tiles, rounding_mode="floor").to(x.device)
             clean = x.index_select(0, images)
             if inverted:
-                latent = samplers.ddim_invert(denoiser, clean, process, n_steps, t_end=t_start)
-                return sample_fn(denoiser, latent, process, n_steps, t_start=t_start, hook=guide)
+                latent = samplers.ddim_invert(encoder, clean, process, n_steps, t_end=t_start)
+                return sample_fn(decoder, latent, process, n_steps, t_start=t_start, hook=guide)
             hook = None
             if o.method == "patch":  # outside its region, each tile's estimate is pinned to the clean image
                 kept = torch.ones((len(items), 1, *spatial), dtype=x.dtype, device=x.device)

@@ -56,11 +56,29 @@ def _threshold_text(settings: dict) -> str:
             "cal_min)")
 
 
+def _method_text(r: dict) -> str:
+    """The method and its own settings (a guided method's classifier or guidance weight)."""
+    if r["method"] == "guided":
+        return (f"method `guided` (classifier `{r['classifier']}`, scale {r['guidance_scale']:g} toward class "
+                f"{r['target_class']}; NFE counts the denoiser's evaluations, the classifier's gradients are listed "
+                "beside them)")
+    if r["method"] == "counterfactual":
+        return (f"method `counterfactual` (null-class inversion, decoding toward class {r['healthy_class']} with "
+                f"guidance weight {r['guidance_weight']:g}; each decoding step counts two evaluations)")
+    return f"method `{r['method']}`"
+
+
 def _intro(settings: dict) -> str:
     r = settings["reconstruction"]
-    return (f"Model: `{settings['model']}`; method `{r['method']}`, sampler `{r['sampler']}` "
+    return (f"Model: `{settings['model']}`; {_method_text(r)}, sampler `{r['sampler']}` "
             f"({r['steps']} steps) from t_L = {r['t_levels']}, {r['n_samples']} sample(s), "
             f"{r['noise']} noise; threshold {_threshold_text(settings)}.")
+
+
+def _nfe_text(row: dict) -> str:
+    """A case's network evaluations: the denoiser's, and the classifier's gradients when there are any."""
+    extra = row.get("classifier_nfe", "")
+    return f"{row['nfe']}" if extra in ("", None) else f"{row['nfe']} + {extra} classifier gradients"
 
 
 #: Findings listed per case in the reports (the rest are in ``<case>_findings.csv``).
@@ -102,7 +120,7 @@ def _tables(rows: list[dict], metrics: dict | None, bold: bool, out_dir: Path | 
                               [[row["case"], f"{row['score']:.4f}", f"{row['max']:.4f}",
                                 "—" if row["n_voxels_flagged"] == "" else row["n_voxels_flagged"],
                                 cell(row.get("threshold_scan_units"), fmt=".4g"),
-                                f"{row['time_s']:.1f}", row["nfe"]] for row in rows]))
+                                f"{row['time_s']:.1f}", _nfe_text(row)] for row in rows]))
     if metrics and "lesions" in metrics:
         tables.append(pages.Table("Lesion-level detection (a lesion is found when a flagged voxel lies in it)",
                                   ["case", "lesions", "found", "false-positive findings"],
