@@ -27,7 +27,19 @@ from pathlib import Path
 from . import __version__
 from .errors import DataError, MedidiffError, ModelError, RecipeError, TrainingError
 
-__all__ = ["main", "build_parser", "EXIT_CODES"]
+__all__ = ["main", "build_parser", "EXIT_CODES", "DETECT_METHODS"]
+
+#: ``detect --method``: the healthy reconstructions of ``medidiff.anomaly`` (``HealthyOptions.method``), listed here
+#: so that the parser does not import the task.
+DETECT_METHODS = {
+    "partial": "partial diffusion from t_L (AnoDDPM; the default)",
+    "invert": "DDIM inversion to t_L and back",
+    "patch": "partial diffusion one tile at a time (pDDPM)",
+    "guided": "DDIM inversion, then decoding steered to healthy by a noise-aware classifier (Wolleb et al. 2022; "
+              "--set classifier=PATH)",
+    "counterfactual": "a class-conditional model's null-class inversion, then decoding toward healthy by "
+                      "classifier-free guidance (Sanchez et al. 2022; --set guidance_weight=W)",
+}
 
 #: Exit status of a usage or recipe error (a bad option, recipe key or value); argparse's own status.
 EXIT_ERROR = 2
@@ -168,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", help="a fixed threshold on the model's [-1, 1] scale (as thresholds.json "
                                        "records it), or a thresholds.json; each case's value in its heatmap's "
                                        "units is in scores.csv (threshold_scan_units) and the heatmap's cal_min")
+    p.add_argument("--method", choices=tuple(DETECT_METHODS), metavar="METHOD",
+                   help="the healthy reconstruction: " + "; ".join(f"{k}: {v}" for k, v in DETECT_METHODS.items())
+                   + " (the same as --set method=METHOD)")
     p.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, help="noise seed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -321,7 +336,7 @@ def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
 def _detect_command(args: argparse.Namespace) -> int:
     section = {"model": args.model, "inputs": args.input,
                **_given(args, ("labels", "mask", "calibration", "threshold"))}
-    return _task_command(args, "anomaly", section, {})
+    return _task_command(args, "anomaly", section, _given(args, ("method",)))
 
 
 def _reconstruct_command(args: argparse.Namespace) -> int:

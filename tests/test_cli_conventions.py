@@ -18,6 +18,7 @@ from train_helpers import MEDIDIFF, subprocess_env
 import medidiff
 from medidiff import runs
 from medidiff.cli import (
+    DETECT_METHODS,
     EXIT_CODES,
     EXIT_DATA,
     EXIT_ERROR,
@@ -105,6 +106,7 @@ def test_quiet_and_verbose(tmp_path, capsys):
      "unrecognized arguments: --membres 3; did you mean --members?"),
     (["convert", "a", "-o", "b", "--allow-unknown-geometri"], "did you mean --allow-unknown-geometry?"),
     (["reconstruct", "-i", "a", "-o", "b", "--modality", "mri", "--solver", "merg"], "did you mean 'merge'?"),
+    (["detect", "--model", "m", "-i", "a", "-o", "b", "--method", "counterfactal"], "did you mean 'counterfactual'?"),
 ])
 def test_misspelt_command_option_or_choice_gets_a_suggestion(argv, hint, capsys):
     with pytest.raises(SystemExit) as code:
@@ -215,3 +217,27 @@ def test_quiet_turns_the_progress_bars_off(tmp_path, monkeypatch, capsys):
     assert main(["train", str(recipe), "-o", str(tmp_path / "o"), "--device", "cpu"]) == 0
     assert seen["recipe"].training.progress is True
     assert capsys.readouterr().out.splitlines()[0].startswith("device: cpu (")
+
+
+def test_detect_method_lists_every_method_and_routes_to_the_reconstruction(tmp_path, monkeypatch, capsys):
+    """``detect --method`` offers exactly the anomaly task's methods, lists them in ``--help``, and sets
+    ``anomaly.reconstruction.method`` as ``--set method=...`` does (a later ``--set`` wins)."""
+    from typing import get_args
+
+    from medidiff.anomaly.config import HealthyOptions
+    from medidiff.results import TaskResult
+
+    assert tuple(DETECT_METHODS) == get_args(HealthyOptions.model_fields["method"].annotation)
+    with pytest.raises(SystemExit):
+        main(["detect", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(f"{method}: " in text for method in DETECT_METHODS)
+    recipes = []
+    monkeypatch.setattr(runs, "run", lambda recipe, out: recipes.append(recipe) or TaskResult(summary="done"))
+    base = ["detect", "--model", "m.safetensors", "-i", "scan.nii.gz", "-o", str(tmp_path), "--quiet"]
+    assert main([*base, "--method", "counterfactual", "--set", "guidance_weight=2"]) == 0
+    assert main([*base, "--method", "invert", "--set", "method=patch"]) == 0
+    assert main(base) == 0
+    recon = [r.anomaly.reconstruction for r in recipes]
+    assert (recon[0].method, recon[0].guidance_weight) == ("counterfactual", 2.0)
+    assert [r.method for r in recon[1:]] == ["patch", "partial"]
