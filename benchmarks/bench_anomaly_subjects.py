@@ -1,0 +1,547 @@
+"""Anomaly detection on real brains the models never saw; writes ``benchmarks/results/anomaly_subjects.md``.
+
+    python benchmarks/bench_anomaly_subjects.py [--models a.safetensors,b.safetensors] [--only default,...]
+        [--seeds 0,1,2] [--max-subjects N] [--threads N] [--device cpu] [--append] [--quick] [--out FILE]
+
+Cases: every subject of the validation and test splits of ``data/brains`` (IXI T1 brains, skull-stripped,
+2 mm; ``medidiff.data.sample.brain_subjects``), the whole volume with 2 bright (hyperintense) and 2 dark
+(hypointense) lesions inserted inside its brain mask by ``medidiff.data.lesions.insert_lesions`` (radius
+3-8 mm, the relative contrast of the demo cases, ``scripts/make_demo_cases.py``), seeded by subject and seed
+so that every model sees the same cases; labels 1 = bright, 2 = dark. Validation cases use seed 0, test
+cases every seed of ``--seeds`` (the seed also seeds the reconstruction noise). The cases are written as
+NIfTI with a datalist in a temporary folder and read through medidiff's own case path (``find_cases``,
+``load_case``, ``prepare`` with the model's ``data_prep``, intensities matched), as ``medidiff detect``
+prepares a user's scan; every axial slice with at least ``min_foreground`` (1 %) brain is processed, all of a
+scan's slices in one call, as detect does.
+
+Settings (per model): the default of ``recipes/demo.yaml``, DDIM inversion to t_L 0.25 and back (10+10
+steps), DDIM-5 from t_L 0.4 with the median of 5 seeds (``benchmarks/bench_anomaly.py``'s settings applied
+to the recipe), and the no-model baseline (the mean of the two neighbouring slices of the scan). Each
+setting's threshold is calibrated at a 5 % voxel false-positive rate on the validation cases' brain voxels
+outside the lesions dilated by 2 voxels; for the default setting the threshold saved with the model
+(``<model>.thresholds.json``, calibrated for it) is applied as well. Test metrics per case: voxel AUROC and
+AUPRC inside the brain for all lesions, bright lesions vs healthy tissue and dark lesions vs healthy tissue
+(the other polarity's voxels left out), Dice at the validation threshold, the false-positive rate of both
+thresholds on the healthy brain voxels (the calibration region), seconds per volume; each row is the mean
+± std over seeds of the per-seed mean over test subjects. ``--quick`` is a smoke run (one subject whose
+case calibrates and is tested, one seed, one denoising step from one noise draw, and the baseline) written to a
+temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage
+
+from medidiff.anomaly import thresholds
+from medidiff.anomaly.config import AnomalySection, HealthyOptions
+from medidiff.anomaly.healthy import healthy_nfe, patch_tiles, reconstruct_healthy
+from medidiff.anomaly.maps import anomaly_map
+from medidiff.arrays import to_numpy
+from medidiff.cases import find_cases, load_case, plain, prepare, slicewise
+from medidiff.data import sample
+from medidiff.data.discover import load_companion
+from medidiff.data.lesions import insert_lesions
+from medidiff.metrics import dice_at, voxel_auprc, voxel_auroc
+from medidiff.outputs import write_json, write_text
+from medidiff.recipes import load_recipe
+from medidiff.runtime import resolve_device
+from medidiff.weights import load_denoiser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(path: Path) -> ModuleType:
+    """A module of this checkout that is a script, not a package (the anomaly benchmark, the demo builder)."""
+    spec = importlib.util.spec_from_file_location(f"_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BENCH = _script(ROOT / "benchmarks" / "bench_anomaly.py")
+DEMO = _script(ROOT / "scripts" / "make_demo_cases.py")
+
+RECIPE = ROOT / "recipes" / "demo.yaml"
+MODELS = [ROOT / "data" / "weights" / "demo_brain_2d.safetensors",
+          ROOT / "data" / "weights" / "healthy_brain_2d.safetensors"]
+FPR = BENCH.FPR
+#: Largest tolerated distance of a test subject's false-positive rate from the nominal ``FPR``.
+FPR_TOLERANCE = 0.02
+#: The unseen subject reported on its own (test split).
+FOCUS = "IXI012-HH-1211"
+BRIGHT, DARK = 1, 2
+#: label -> (``insert_lesions`` polarity, lesions per case, name).
+LESIONS = {BRIGHT: ("hyper", 2, "bright"), DARK: ("hypo", 2, "dark")}
+RADIUS_MM = (3.0, 8.0)
+#: Voxels by which the lesions are dilated before the rest of the brain counts as healthy (calibration, FPR).
+MARGIN = 2
+VALIDATION_SEED = 0
+DEFAULT = "default"
+BASELINE = "neighbours_scan"
+#: key -> (label, changes of the recipe's ``anomaly`` section); ``None``: the no-model baseline.
+SETTINGS: dict[str, tuple[str, dict | None]] = {
+    DEFAULT: ("", {}),  # the label is made from the recipe (``describe``)
+    "invert10_t25": BENCH.SETTINGS["invert10_t25"],
+    "ddim5_t40_x5": BENCH.SETTINGS["ddim5_t40_x5"],
+    BASELINE: (BENCH.BASELINES[BASELINE], None),
+}
+QUICK = {"ddim1_t50_x1": ("one denoising step from t_L 0.5, one noise draw (smoke run)",
+                          {"steps": 1, "t_levels": [0.5], "n_samples": 1}),
+         BASELINE: SETTINGS[BASELINE]}
+#: Per-case metrics averaged over subjects; ``_all``: every lesion, ``_bright``/``_dark``: one polarity.
+POLARITIES = ("all", *(name for _, _, name in LESIONS.values()))
+METRICS = (*(f"{m}_{p}" for p in POLARITIES for m in ("auroc", "auprc")), "dice", "fpr", "fpr_saved",
+           "s_per_volume")
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+
+def template_subject(split: str) -> dict:
+    """The bundled MNI152 brain as a subject record (for smoke runs and tests without ``data/brains``)."""
+    folder = sample.data_dir()
+    return {"subject": "mni152", "split": split, "image": folder / sample.BRAIN_FILES["t1"],
+            "mask": folder / sample.BRAIN_FILES["mask"]}
+
+
+def brain_subjects(split: str) -> list[dict]:
+    """The subjects of a split of ``data/brains``, sorted by name."""
+    loader = getattr(sample, "brain_subjects", None)
+    if loader is None:
+        raise SystemExit("medidiff.data.sample.brain_subjects is missing: install data/brains first "
+                         "(or use --quick, which falls back to the bundled template)")
+    return sorted(loader(split=split), key=lambda s: s["subject"])
+
+
+def pick(subjects: list[dict], limit: int, first: str | None = None) -> list[dict]:
+    """At most ``limit`` subjects (0: all), ``first`` (when present) leading."""
+    ordered = sorted(subjects, key=lambda s: s["subject"] != first)
+    return ordered[:limit] if limit else ordered
+
+
+def case_rng(subject: str, seed: int) -> np.random.Generator:
+    """The generator of one subject's case for one seed (stable across runs and machines)."""
+    return np.random.default_rng([zlib.crc32(subject.encode()), seed])
+
+
+def lesion_case(image: np.ndarray, brain: np.ndarray, spacing, rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` with the ``LESIONS`` inserted inside ``brain``, and the label volume (0, ``BRIGHT``, ``DARK``).
+
+    Each polarity's lesions keep ``MARGIN`` voxels away from those placed before (``insert_lesions``
+    already keeps lesions of one call apart).
+    """
+    work = image[None].astype(np.float32)
+    label = np.zeros(image.shape, np.uint8)
+    for value, (polarity, n, _) in LESIONS.items():
+        allowed = brain & ~ndimage.binary_dilation(label > 0, iterations=MARGIN)
+        work, mask = insert_lesions(work, mask=allowed, spacing=spacing, n=n, radius_mm=RADIUS_MM,
+                                    contrast=DEMO.CONTRAST, polarity=polarity, seed=rng)
+        label[np.asarray(mask[0])] = value
+    return work[0], label
+
+
+def build_case(subject: dict, seed: int) -> dict:
+    """One subject's case for one seed: ``image``, ``label``, ``brain`` arrays and the ``affine``."""
+    scan, mask = nib.load(str(subject["image"])), nib.load(str(subject["mask"]))
+    brain = np.asarray(mask.dataobj) > 0
+    image, label = lesion_case(np.asarray(scan.dataobj, dtype=np.float32), brain, scan.header.get_zooms()[:3],
+                               case_rng(subject["subject"], seed))
+    return {"image": image, "label": label, "brain": brain, "affine": scan.affine}
+
+
+def write_cases(folder: Path, plan: dict[str, list[tuple[dict, int]]]) -> Path:
+    """Write every case of ``plan`` (split -> ``(subject, seed)`` pairs) as NIfTI and one datalist.
+
+    Entries carry ``subject`` and ``seed`` beside ``image``, ``label`` (1 bright, 2 dark) and ``mask``.
+    """
+    listing = {}
+    for split, pairs in plan.items():
+        entries = []
+        for subject, seed in pairs:
+            case = build_case(subject, seed)
+            name = f"{subject['subject']}_seed{seed}"
+            for key, dtype in (("image", np.float32), ("label", np.uint8), ("brain", np.uint8)):
+                suffix = "" if key == "image" else f"_{key}"
+                nib.save(nib.Nifti1Image(case[key].astype(dtype), case["affine"]), folder / f"{name}{suffix}.nii.gz")
+            entries.append({"image": f"{name}.nii.gz", "label": f"{name}_label.nii.gz",
+                            "mask": f"{name}_brain.nii.gz", "subject": subject["subject"], "seed": seed})
+        listing[split] = entries
+    path = folder / "cases.json"
+    path.write_text(json.dumps(listing, indent=1))
+    return path
+
+
+def load_cases(listing: Path, info, section: AnomalySection) -> list[dict]:
+    """The cases of a datalist prepared for a model as detect prepares a scan, on the model's grid.
+
+    Returns:
+        Per case: ``subject``, ``seed``, ``split``, ``image`` ``(C, X, Y, Z)`` on the network scale, ``brain``
+        and ``label`` (0/1/2) volumes ``(1, X, Y, Z)``, and ``cropped``: the share of the brain's voxels the
+        preparation left outside the model's grid (they are not scored).
+    """
+    entries = {e["image"]: e for split in json.loads(listing.read_text()).values() for e in split}
+    cases = []
+    for source in find_cases(listing):
+        entry = entries[Path(source.paths[0]).name]
+        case = load_case(source)  # its label binarised (any lesion); the polarities travel as an extra
+        labels = plain(load_companion(source, source.label, "label"))
+        prepared = prepare(case, info.data_prep, spatial_dims=info.spatial_dims, intensity=section.intensity,
+                           extra={"labels": labels})
+        brain = prepared.foreground > 0.5
+        cases.append({"subject": entry["subject"], "seed": entry["seed"], "split": source.split,
+                      "image": plain(prepared.image).float(), "brain": brain,
+                      "label": prepared.extra["labels"].round().to(torch.uint8),
+                      "cropped": 1.0 - _volume(brain, prepared.image) / _volume(case.mask, case.image)})
+    return cases
+
+
+def _volume(mask, image) -> float:
+    """A mask's volume in mm^3 on the grid of ``image`` (a MetaTensor with its affine)."""
+    return float(mask.sum()) * abs(float(torch.linalg.det(torch.as_tensor(image.affine, dtype=torch.float64)[:3, :3])))
+
+
+# ------------------------------------------------------------------------------------------------ maps
+
+
+def recipe_section() -> AnomalySection:
+    """The ``anomaly`` section of ``recipes/demo.yaml`` (the detect defaults), without progress bars."""
+    return load_recipe(RECIPE).anomaly.updated(progress=False)
+
+
+def setting_section(base: AnomalySection, changes: dict | None) -> AnomalySection:
+    """The recipe's section with a setting's changes (``HealthyOptions`` names) applied."""
+    return base.updated(**(changes or {}))
+
+
+def describe(recon: HealthyOptions) -> str:
+    """A setting's reconstruction in words."""
+    levels = " and ".join(f"{t:g}" for t in recon.t_levels)
+    if recon.method == "invert":
+        return f"DDIM inversion to t_L {levels} and back, {recon.steps}+{recon.steps} steps"
+    seeds = f", {recon.reduce} of {recon.n_samples} seeds" if recon.samples > 1 else ""
+    patch = "patch-wise " if recon.method == "patch" else ""
+    return f"{patch}{recon.sampler.upper()}-{recon.steps} from t_L {levels}{seeds}"
+
+
+def healer(key: str, denoiser, section: AnomalySection, seed: int, device) -> Callable:
+    """``heal(stack, fg) -> (map,)`` for ``slicewise``: the setting's anomaly map of a scan's kept slices."""
+    opts = section.map
+
+    def baseline(stack, fg):
+        return (torch.from_numpy(anomaly_map(stack, BENCH.neighbours(stack), opts, mask=fg, spatial_dims=2)),)
+
+    def model(stack, fg):
+        healthy, spread = reconstruct_healthy(denoiser, stack.to(device), section.reconstruction, seed=seed)
+        return (torch.from_numpy(anomaly_map(stack, healthy.cpu(), opts, mask=fg, spread=spread.cpu(),
+                                             spatial_dims=2)),)
+
+    return baseline if key == BASELINE else model
+
+
+def case_map(case: dict, heal: Callable, section: AnomalySection, axis: int) -> tuple[np.ndarray, float, int]:
+    """A case's anomaly map ``(1, X, Y, Z)`` (0 on skipped slices), the seconds it took and the slices processed."""
+    start = time.perf_counter()
+    (score,), n = slicewise(heal, case["image"], case["brain"].float(), spatial_dims=2, axis=axis,
+                            min_foreground=section.min_foreground, fills=(0.0,))
+    return score.numpy(), time.perf_counter() - start, n
+
+
+def nfe_per_slice(key: str, denoiser, section: AnomalySection, plane) -> int:
+    """Network evaluations per processed slice (0 for the baseline)."""
+    if key == BASELINE:
+        return 0
+    recon = section.reconstruction
+    tiles = len(patch_tiles(plane, recon.patch_size or [-(-s // 2) for s in plane]))
+    return healthy_nfe(recon, n_patches=tiles, process=denoiser.process)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def healthy_region(brain, label) -> np.ndarray:
+    """Brain voxels outside the lesions dilated by ``MARGIN`` voxels: where a flagged voxel is a false positive."""
+    lesions = to_numpy(label).squeeze() > 0
+    near = ndimage.binary_dilation(lesions, iterations=MARGIN)
+    return (to_numpy(brain).squeeze().astype(bool) & ~near).reshape(np.shape(to_numpy(brain)))
+
+
+def polarity_metrics(score, label, brain) -> dict[str, float]:
+    """Voxel AUROC and AUPRC inside the brain: every lesion, and each polarity against healthy tissue only."""
+    score, label, brain = to_numpy(score), to_numpy(label), to_numpy(brain).astype(bool)
+    out = {}
+    for name, positive, other in (("all", label > 0, np.zeros_like(brain)),
+                                  *((n, label == v, (label > 0) & (label != v)) for v, (_, _, n) in LESIONS.items())):
+        region = brain & ~other
+        out[f"auroc_{name}"] = voxel_auroc(score, positive, region)
+        out[f"auprc_{name}"] = voxel_auprc(score, positive, region)
+    return out
+
+
+def false_positive_rate(score, label, brain, threshold: float | None) -> float:
+    """Share of the healthy region's voxels (``healthy_region``) above ``threshold`` (NaN without one)."""
+    if threshold is None:
+        return float("nan")
+    return thresholds.false_positive_rate([to_numpy(score)], [healthy_region(brain, label)], threshold)
+
+
+def case_metrics(score, case: dict, threshold: float, saved: float | None) -> dict[str, float]:
+    """Every per-case metric of ``METRICS`` but the time."""
+    label, brain = to_numpy(case["label"]), to_numpy(case["brain"])
+    return {**polarity_metrics(score, label, brain), "dice": dice_at(score, label > 0, threshold, brain),
+            "fpr": false_positive_rate(score, label, brain, threshold),
+            "fpr_saved": false_positive_rate(score, label, brain, saved)}
+
+
+def calibrate(maps: list[np.ndarray], cases: list[dict]) -> float:
+    """The threshold at ``FPR`` over the validation cases' healthy regions."""
+    return thresholds.calibrate(maps, [healthy_region(c["brain"], c["label"]) for c in cases], fpr=FPR)
+
+
+def saved_threshold(model: Path, key: str, section: AnomalySection) -> float | None:
+    """The threshold saved with the model, for the default setting only (the one it was calibrated for)."""
+    if key != DEFAULT:
+        return None
+    return thresholds.saved_threshold(model, section.map_settings())[0]
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def run_setting(model: Path, loaded: tuple, key: str, section: AnomalySection, cases: list[dict], seeds: list[int],
+                device) -> list[dict]:
+    """One row per test seed for one model and setting (validation maps, threshold, test metrics)."""
+    denoiser, info = loaded
+    axis = 2 if info.data_prep.slicing_axis is None else info.data_prep.slicing_axis
+    made: dict[tuple, tuple] = {}
+
+    def mapped(case: dict) -> tuple[np.ndarray, float, int]:  # a case in both splits (--quick) is mapped once
+        if (case["subject"], case["seed"]) not in made:
+            heal = healer(key, denoiser, section, case["seed"], device)
+            made[case["subject"], case["seed"]] = case_map(case, heal, section, axis)
+        return made[case["subject"], case["seed"]]
+
+    val = [c for c in cases if c["split"] == "validation"]
+    val_maps = [mapped(c)[0] for c in val]
+    threshold = calibrate(val_maps, val)
+    saved = saved_threshold(model, key, section)
+    val_auprc = float(np.mean([polarity_metrics(m, c["label"], c["brain"])["auprc_all"]
+                               for m, c in zip(val_maps, val)]))
+    plane = [s for i, s in enumerate(val[0]["image"].shape[1:]) if i != axis]
+    common = {"model": _shown(model), "model_step": info.step, "setting": key, "threshold": threshold,
+              "saved_threshold": saved, "val_auprc": val_auprc, "n_validation": len(val),
+              "nfe": nfe_per_slice(key, denoiser, section, plane)}
+    rows = []
+    for seed in seeds:
+        per_subject, slices = {}, []
+        for case in (c for c in cases if c["split"] == "test" and c["seed"] == seed):
+            score, seconds, n = mapped(case)
+            per_subject[case["subject"]] = {**case_metrics(score, case, threshold, saved), "s_per_volume": seconds}
+            slices.append(n)
+        means = {m: float(np.mean([s[m] for s in per_subject.values()])) for m in METRICS}
+        worst = max(abs(s["fpr"] - FPR) for s in per_subject.values())
+        rows.append({**common, "seed": seed, **means, "fpr_worst_deviation": worst,
+                     "slices_per_volume": float(np.mean(slices)), "per_subject": per_subject})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_subject"}), flush=True)
+    return rows
+
+
+def _shown(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _cell(values: list[float], digits: int = 3, scale: float = 1.0) -> str:
+    v = np.array([x * scale for x in values if x is not None and np.isfinite(x)])
+    if not v.size:
+        return "—"
+    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if v.size > 1 else f"{v.mean():.{digits}f}"
+
+
+COLUMNS = (("val AUPRC", "val_auprc", 3, 1.0), ("AUROC", "auroc_all", 3, 1.0), ("AUPRC", "auprc_all", 3, 1.0),
+           ("AUROC bright", "auroc_bright", 3, 1.0), ("AUPRC bright", "auprc_bright", 3, 1.0),
+           ("AUROC dark", "auroc_dark", 3, 1.0), ("AUPRC dark", "auprc_dark", 3, 1.0), ("Dice", "dice", 3, 1.0),
+           ("threshold", "threshold", 4, 1.0), ("FPR % (val thr.)", "fpr", 2, 100.0),
+           ("saved thr.", "saved_threshold", 4, 1.0), ("FPR % (saved thr.)", "fpr_saved", 2, 100.0),
+           ("s / volume", "s_per_volume", 1, 1.0))
+
+
+def chosen_settings(rows: list[dict]) -> dict[str, str]:
+    """Per model, the model setting (not the baseline) with the best validation AUPRC."""
+    best: dict[str, tuple[float, str]] = {}
+    for r in rows:
+        if r["setting"] != BASELINE and r["val_auprc"] > best.get(r["model"], (-np.inf, ""))[0]:
+            best[r["model"]] = (r["val_auprc"], r["setting"])
+    return {m: k for m, (_, k) in best.items()}
+
+
+def _table(rows: list[dict], labels: dict[str, str], chosen: dict[str, str], value) -> list[str]:
+    """One line per model and setting: mean ± std over seeds of ``value(row, key)``."""
+    lines = ["| model | setting | NFE / slice | " + " | ".join(c[0] for c in COLUMNS) + " | FPR within "
+             f"{FPR_TOLERANCE:.0%} of {FPR:.0%} (every subject) | seeds |",
+             "|---|---|---|" + "---|" * len(COLUMNS) + "---|---|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for key in dict.fromkeys(r["setting"] for r in rows if r["model"] == model):
+            group = sorted((r for r in rows if r["model"] == model and r["setting"] == key), key=lambda r: r["seed"])
+            mark = " **(chosen)**" if chosen.get(model) == key else ""
+            within = all(r["fpr_worst_deviation"] <= FPR_TOLERANCE for r in group)
+            lines.append(f"| `{Path(model).stem}` | {labels.get(key, key)}{mark} | {group[0]['nfe']} | "
+                         + " | ".join(_cell([value(r, k) for r in group], d, s) for _, k, d, s in COLUMNS)
+                         + f" | {'yes' if within else 'no'} | {','.join(str(r['seed']) for r in group)} |")
+    return lines
+
+
+def write_report(path: Path, rows: list[dict], meta: dict) -> None:
+    """The markdown table of the test rows, and the per-subject table of ``FOCUS``."""
+    chosen, labels = chosen_settings(rows), meta["labels"]
+    lines = [
+        "# Anomaly detection on brains the models never saw", "",
+        f"Data: {meta['data']}. Validation: {meta['n_subjects']['validation']} subject(s), lesion seed "
+        f"{VALIDATION_SEED}; test: {meta['n_subjects']['test']} subject(s), seeds {meta['seeds']}. "
+        f"Each case: the whole volume with {', '.join(f'{n} {name}' for _, n, name in LESIONS.values())} "
+        f"lesions (radius {RADIUS_MM[0]:g}-{RADIUS_MM[1]:g} mm, relative contrast "
+        f"{DEMO.CONTRAST[0]:g}-{DEMO.CONTRAST[1]:g}) inside its brain mask. Machine: {meta['machine']} "
+        "(seconds are indicative: the machine is shared).", "",
+    ]
+    lines += _table(rows, labels, chosen, lambda r, k: r[k])
+    focus = [r for r in rows if FOCUS in r["per_subject"]]
+    if focus:
+        lines += ["", f"Subject `{FOCUS}` (test split) alone, mean ± std over seeds:", ""]
+        lines += _table(focus, labels, chosen,
+                        lambda r, k: r["per_subject"][FOCUS][k] if k in r["per_subject"][FOCUS] else r[k])
+    lines += [
+        "", "Notes:",
+        "- Each row: per seed, the mean over the test subjects of each case's metric; then mean ± std over "
+        "the seeds. Metrics on the model's grid (the preparation's crop of the scan); voxel AUROC/AUPRC inside "
+        "the brain mask; 'bright'/'dark': that polarity's lesions against healthy brain, the other polarity's "
+        "voxels left out.",
+        f"- threshold: calibrated at a {FPR:.0%} voxel false-positive rate on the validation cases' brain voxels "
+        f"outside the lesions dilated by {MARGIN} voxels (one threshold per model and setting). FPR: the share "
+        "of each test case's voxels in that same healthy region above the threshold. 'FPR within': every test "
+        f"subject's FPR within {FPR_TOLERANCE:.0%} (absolute) of the nominal {FPR:.0%}.",
+        "- saved thr.: the threshold shipped beside the model (`<model>.thresholds.json`), calibrated for the "
+        "default setting only (on the data that model was made for); '—' for other settings, or when the "
+        "model has none or it was calibrated with other settings.",
+        "- Dice at the validation threshold. val AUPRC: pooled lesions, mean over validation subjects; "
+        "'(chosen)': the model setting with the best val AUPRC (the baseline is not a candidate).",
+        "- The no-model baseline maps |scan - mean of the neighbouring processed slices| with the same map "
+        "filters; it needs no network (NFE 0).",
+        f"- s / volume: reconstruction and map of one scan's processed slices (on average "
+        f"{meta['slices_per_volume']:.0f} of them), after preparation.",
+        f"- Brain voxels left outside the model's grid by the preparation: {meta['cropped_share']:.2%} on "
+        "average (not scored).",
+        "",
+    ]
+    write_text("\n".join(lines), path)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def plan_cases(quick: bool, limit: int, seeds: list[int]) -> tuple[dict, str]:
+    """Split -> ``(subject, seed)`` pairs, and the data in words.
+
+    ``quick``: one test subject (``FOCUS`` when present; the bundled template without ``data/brains``), its
+    case both calibrating the threshold and tested.
+    """
+    have = getattr(sample, "brain_subjects", None) is not None and (ROOT / "data" / "brains" / "subjects.csv").is_file()
+    if quick:
+        one = pick(brain_subjects("test"), 1, FOCUS) if have else [template_subject("test")]
+        subjects = {"validation": one, "test": one}
+        data = (f"`data/brains` subject {one[0]['subject']}" if have else
+                "the bundled MNI152 template brain (data/brains is not installed)")
+        data += ", calibrated and tested on its one case (a smoke run only)"
+    else:
+        subjects = {s: pick(brain_subjects(s), limit, FOCUS) for s in ("validation", "test")}
+        data = "`data/brains` (IXI T1, skull-stripped, 2 mm), its validation and test splits"
+    plan = {"validation": [(s, VALIDATION_SEED) for s in subjects["validation"]],
+            "test": [(s, seed) for s in subjects["test"] for seed in seeds]}
+    return plan, data
+
+
+def merge(rows: list[dict], earlier: Path) -> list[dict]:
+    """Rows of an earlier run's JSON not replaced by ``rows`` (same model, setting and seed), then ``rows``."""
+    def key(r: dict) -> tuple:
+        return r["model"], r["setting"], r["seed"]
+
+    new = {key(r) for r in rows}
+    return [r for r in json.loads(earlier.read_text())["rows"] if key(r) not in new] + rows
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", help="comma-separated model paths (default: the demo model and, if present, "
+                                         "data/weights/healthy_brain_2d.safetensors)")
+    parser.add_argument("--only", help=f"comma-separated setting keys (default: all of {', '.join(SETTINGS)})")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated test seeds")
+    parser.add_argument("--max-subjects", type=int, default=0, help="at most N subjects per split (0: all)")
+    parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: PyTorch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--append", action="store_true",
+                        help="merge into the rows of the JSON beside --out (same model, setting and seed replaced)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (see the docstring)")
+    parser.add_argument("--out", type=Path, help="the table (default: benchmarks/results/anomaly_subjects.md; "
+                                                 "--quick: a temporary folder)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    work = Path(tempfile.mkdtemp(prefix="bench_anomaly_subjects_"))
+    out = args.out or (work / "anomaly_subjects.md" if args.quick else
+                       ROOT / "benchmarks" / "results" / "anomaly_subjects.md")
+    models = [Path(p) for p in args.models.split(",")] if args.models else [p for p in MODELS if p.is_file()]
+    table = QUICK if args.quick else SETTINGS
+    keys = [k for k in table if not args.only or k in args.only.split(",")]
+    if args.only and not keys:
+        raise SystemExit(f"no setting among {args.only}; choose from {', '.join(table)}")
+    seeds = [VALIDATION_SEED] if args.quick else [int(s) for s in args.seeds.split(",")]  # quick: one case
+    plan, data = plan_cases(args.quick, args.max_subjects, seeds)
+    listing = write_cases(work, plan)
+    base = recipe_section()
+    sections = {k: setting_section(base, table[k][1]) for k in keys}
+    labels = {k: table[k][0] or f"default of recipes/demo.yaml: {describe(sections[k].reconstruction)}" for k in keys}
+    rows, cropped = [], []
+    for model in models:
+        loaded = load_denoiser(model, device)
+        cases = load_cases(listing, loaded[1], base)
+        cropped += [c["cropped"] for c in cases]
+        for key in keys:
+            rows += run_setting(model, loaded, key, sections[key], cases, seeds, device)
+    if args.append and out.with_suffix(".json").is_file():
+        rows = merge(rows, out.with_suffix(".json"))
+        labels = json.loads(out.with_suffix(".json").read_text())["meta"]["labels"] | labels
+    meta = {"data": data, "seeds": ",".join(map(str, seeds)), "labels": labels,
+            "n_subjects": {s: len({p[0]["subject"] for p in pairs}) for s, pairs in plan.items()},
+            "machine": f"{platform.processor() or platform.machine()} ({device}), {torch.get_num_threads()} PyTorch "
+                       f"thread(s), torch {torch.__version__}",
+            "slices_per_volume": float(np.mean([r["slices_per_volume"] for r in rows])),
+            "cropped_share": float(np.mean(cropped))}
+    write_json({"meta": meta, "rows": rows}, out.with_suffix(".json"))
+    write_report(out, rows, meta)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""The anomaly benchmark on other subjects: its cases, the calibration region and the per-polarity metrics."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_anomaly_subjects.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_anomaly_subjects_under_test", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def template_case(bench):
+    return bench.build_case(bench.template_subject("test"), 0)
+
+
+def test_case_has_both_polarities_inside_the_brain(bench, template_case):
+    label, brain = template_case["label"], template_case["brain"]
+    assert set(np.unique(label)) == {0, bench.BRIGHT, bench.DARK}
+    assert not label[~brain].any(), "a lesion voxel outside the brain mask"
+    source = np.asarray(nib.load(str(bench.template_subject("test")["image"])).dataobj, np.float32)
+    changed = template_case["image"] - source
+    assert changed[label == bench.BRIGHT].mean() > 0 > changed[label == bench.DARK].mean()
+
+
+def test_same_seed_same_case_other_seed_other_case(bench, template_case):
+    subject = bench.template_subject("test")
+    again = bench.build_case(subject, 0)
+    assert np.array_equal(again["image"], template_case["image"])
+    assert np.array_equal(again["label"], template_case["label"])
+    other = bench.build_case(subject, 1)
+    assert not np.array_equal(other["label"], template_case["label"])
+
+
+def test_plan_validation_seed_zero_test_every_seed(bench, monkeypatch):
+    fake = {"validation": [{"subject": "IXI002"}, {"subject": "IXI013"}],
+            "test": [{"subject": "IXI003"}, {"subject": bench.FOCUS}]}
+    monkeypatch.setattr(bench, "brain_subjects", lambda split: fake[split])
+    plan, _ = bench.plan_cases(False, 0, [0, 1, 2])
+    assert [(s["subject"], k) for s, k in plan["validation"]] == [("IXI002", 0), ("IXI013", 0)]
+    assert sorted(k for s, k in plan["test"] if s["subject"] == bench.FOCUS) == [0, 1, 2]
+    plan, _ = bench.plan_cases(False, 1, [0])
+    assert [s["subject"] for s, _ in plan["test"]] == [bench.FOCUS], "the unseen subject leads a short run"
+
+
+def test_real_splits_disjoint_focus_only_in_test(bench):
+    if not (bench.ROOT / "data" / "brains" / "subjects.csv").is_file():
+        pytest.skip("data/brains is not installed")
+    val = {s["subject"] for s in bench.brain_subjects("validation")}
+    test = {s["subject"] for s in bench.brain_subjects("test")}
+    assert val and test and not val & test
+    assert bench.FOCUS in test and bench.FOCUS not in val
+
+
+def test_calibration_region_leaves_out_dilated_lesions(bench):
+    brain = np.ones((1, 11, 11, 11), bool)
+    label = np.zeros_like(brain, np.uint8)
+    label[0, 5, 5, 5] = bench.BRIGHT
+    region = bench.healthy_region(brain, label)
+    assert region.shape == brain.shape
+    distance = np.abs(np.indices(brain.shape[1:]) - 5).sum(0)  # face-connected dilation: city-block distance
+    assert np.array_equal(region[0], distance > bench.MARGIN)
+    # a map that is high only on the lesion and its ring calibrates to the healthy voxels' values
+    score = np.where(distance <= bench.MARGIN, 100.0, np.linspace(0, 1, distance.size).reshape(distance.shape))[None]
+    case = {"brain": brain, "label": label}
+    threshold = bench.calibrate([score], [case])
+    assert threshold < 1.0
+    assert bench.false_positive_rate(score, label, brain, threshold) == pytest.approx(bench.FPR, abs=0.01)
+
+
+def test_polarity_metrics_of_a_map_that_finds_only_bright_lesions(bench):
+    label = np.zeros((1, 20, 20, 4), np.uint8)
+    label[0, 2:6, 2:6] = bench.BRIGHT
+    label[0, 12:16, 12:16] = bench.DARK
+    brain = np.zeros_like(label, bool)
+    brain[0, 1:19, 1:19] = True
+    score = (label == bench.BRIGHT).astype(float)
+    score[0, 0, 0] = 5.0  # outside the brain: not scored
+    m = bench.polarity_metrics(score, label, brain)
+    assert m["auroc_bright"] == 1.0 and m["auprc_bright"] == 1.0
+    assert m["auroc_dark"] == 0.5  # dark lesions score as healthy tissue
+    assert m["auroc_all"] == pytest.approx(0.75)  # half the lesion voxels ranked first, half tied with healthy
+    dice = bench.case_metrics(score, {"label": label, "brain": brain}, 0.5, None)
+    assert dice["dice"] == pytest.approx(2 / 3) and dice["fpr"] == 0.0 and np.isnan(dice["fpr_saved"])
+
+
+def test_chosen_setting_is_a_model_setting_and_append_replaces(bench, tmp_path):
+    rows = [{"model": "m", "setting": bench.BASELINE, "seed": 0, "val_auprc": 0.9},
+            {"model": "m", "setting": bench.DEFAULT, "seed": 0, "val_auprc": 0.5},
+            {"model": "m", "setting": "ddim5_t40_x5", "seed": 0, "val_auprc": 0.4}]
+    assert bench.chosen_settings(rows) == {"m": bench.DEFAULT}
+    earlier = tmp_path / "rows.json"
+    earlier.write_text(json.dumps({"rows": rows}))
+    merged = bench.merge([{"model": "m", "setting": bench.DEFAULT, "seed": 0, "val_auprc": 0.1}], earlier)
+    assert len(merged) == 3 and [r["val_auprc"] for r in merged if r["setting"] == bench.DEFAULT] == [0.1]
