@@ -261,3 +261,58 @@ def dicom_examples() -> dict[str, Path]:
     if series.is_dir():
         found["ct_series"] = series
     return found
+
+
+#: Splits of the bundled IXI brains (``data/brains/subjects.csv``).
+BRAIN_SPLITS = ("training", "validation", "test")
+
+
+def brains_dir() -> Path:
+    """The repository's ``data/brains/`` folder: 16 healthy IXI T1 brains (see ``data/README.md``).
+
+    Each subject has ``<subject>_t1.nii.gz`` (2 mm, RAS, skull-stripped, uint8 scaled to the brain's
+    99.9th percentile) and ``<subject>_brainmask.nii.gz``; ``datalist.json`` is a MONAI datalist of the
+    splits that :func:`medidiff.data.discover.discover` reads. The files are CC BY-SA 3.0 (IXI; see the
+    folder's ``LICENSE``). The test subjects, IXI012-HH-1211 among them, are for evaluation only.
+
+    Returns:
+        Its path.
+
+    Raises:
+        DataError: the folder or its ``subjects.csv`` is missing.
+    """
+    folder = CHECKOUT / "data" / "brains"
+    if not (folder / "subjects.csv").is_file():
+        raise DataError(
+            "bundled IXI brains not found (data/brains/subjects.csv)",
+            where=folder,
+            fix="use a source checkout of medidiff, or regenerate them with "
+            "`python scripts/prepare_brains.py <CBICA/NiChart_Project clone>`.",
+        )
+    return folder
+
+
+def brain_subjects(split: str | None = None) -> list[dict]:
+    """The bundled IXI brains listed in ``data/brains/subjects.csv``, in its order.
+
+    Args:
+        split: ``"training"``, ``"validation"`` or ``"test"``; ``None`` for all 16 subjects.
+
+    Returns:
+        One dict per subject: ``subject`` (IXI id), ``split``, ``image`` and ``mask`` (paths of the T1 and
+        of its brain mask), ``age`` (years, float) and ``sex`` (``"M"``/``"F"``).
+
+    Raises:
+        DataError: the files are missing or ``split`` is not one of the splits.
+    """
+    import csv
+
+    if split is not None and split not in BRAIN_SPLITS:
+        raise DataError(f"unknown split {split!r}", where="brain_subjects",
+                        fix=f"use one of {', '.join(BRAIN_SPLITS)} or None.")
+    folder = brains_dir()
+    with (folder / "subjects.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [{"subject": row["subject"], "split": row["split"], "image": folder / row["image"],
+             "mask": folder / row["mask"], "age": float(row["age"]), "sex": row["sex"]}
+            for row in rows if split is None or row["split"] == split]
