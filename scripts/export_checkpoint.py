@@ -3,12 +3,17 @@
     python scripts/export_checkpoint.py runs/demo_train --out data/weights --name demo_brain_2d [--step N]
 
 Uses the run's resolved ``recipe.yaml`` to rebuild the network and the data record, so the exported
-model loads with ``medidiff.weights.load_denoiser`` like one written at the end of training.
+model loads with ``medidiff.weights.load_denoiser`` like one written at the end of training; the model it
+was fine-tuned from (``init_from``) is carried over from the run's ``model.json``. With ``--name``, a run
+that did not finish (stopped at a checkpoint) gets ``<name>.manifest.json``: the run's manifest completed
+with the exported step, the training inputs' SHA-256 (the recipe's data and ``init_from``) and the exported
+weights'.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -42,6 +47,8 @@ def main() -> None:
     net.load_state_dict(state["model"] if raw else state["ema"]["shadow"])
     extra = {"step": int(state["step"]), "weights": "raw" if raw else "ema", "checkpoint": path.name,
              "data_prep": _data_prep(args.run), "noise": {"kind": recipe.training.noise}}
+    if (args.run / CONFIG_NAME).exists() and load_meta(args.run / CONFIG_NAME).init_from:
+        extra["init_from"] = load_meta(args.run / CONFIG_NAME).init_from
     tmp = args.out / f".export_{path.stem}"
     save_model(tmp, net, recipe.process.build(), recipe.model.prediction, extra)
     stem = args.name or "model"
@@ -50,6 +57,31 @@ def main() -> None:
     shutil.move(tmp / CONFIG_NAME, args.out / f"{stem}.json")
     tmp.rmdir()
     print(f"{args.out / (stem + '.safetensors')}: step {extra['step']} ({extra['weights']} weights)")
+    if args.name and _unfinished(args.run):
+        _complete_manifest(args.run, args.out / f"{stem}.manifest.json", args.out / f"{stem}.safetensors", extra)
+
+
+def _unfinished(run: Path) -> bool:
+    manifest = run / "manifest.json"
+    return manifest.exists() and json.loads(manifest.read_text())["status"] != "finished"
+
+
+def _complete_manifest(run: Path, target: Path, weights: Path, extra: dict) -> None:
+    """The run's manifest for a model exported from a checkpoint of a run that was stopped there."""
+    from medidiff.manifest import sha256_file
+    from medidiff.outputs import write_json
+    from medidiff.train_data import build_data
+    from medidiff.weights import model_paths
+
+    recipe = load_recipe(run / "recipe.yaml")
+    inputs = list(build_data(recipe.data, recipe.seed).inputs)
+    if recipe.training.init_from:
+        inputs.append(model_paths(recipe.training.init_from)[0])
+    record = json.loads((run / "manifest.json").read_text())
+    record.update(status=f"stopped after step {extra['step']} (exported from {extra['checkpoint']})",
+                  step=extra["step"], inputs={str(p): sha256_file(p) for p in inputs},
+                  outputs={weights.name: sha256_file(weights)})
+    write_json(record, target)
 
 
 def _channels(run: Path) -> dict:
