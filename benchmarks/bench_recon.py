@@ -18,8 +18,8 @@ Solver options (DDS's ``eta``, DPS's ``zeta``, the merge's ``lam``) are chosen o
 (one seed, the 4x single-coil and 60-view settings) and then fixed for the test slices, where every number
 is a mean +- std over slices and seeds (the seed sets the mask and the solver's noise). The most expensive
 solvers (PC at 1,000 NFE, DPS, the merge) run on ``--heavy-slices`` test slices, and for MRI only in the
-single-coil settings unless ``--heavy-multicoil`` (a CPU budget: PC at 1,000 NFE costs 20x DDS at 50). Each solver batches all slices and
-seeds of a setting into one network call per step.
+single-coil settings unless ``--heavy-multicoil`` (a CPU budget: PC at 1,000 NFE costs 20x DDS at 50).
+Each solver batches all slices and seeds of a setting into one network call per step.
 
 Run:  python benchmarks/bench_recon.py [--quick] [--mri-model W] [--ct-model W] [--threads N]
 Writes benchmarks/results/recon.md (``--quick``: recon_quick.md, a smoke run: one slice, one seed, few NFE; the

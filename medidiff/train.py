@@ -559,7 +559,8 @@ def initial_weights(net: nn.Module, path: str | Path, prediction: str) -> dict:
     if json.dumps(info.net, sort_keys=True) != json.dumps(dict(net.config), sort_keys=True, default=list):
         raise TrainingError(f"the network of {path} differs from the recipe's model section",
                             where="training.init_from",
-                            fix="copy the saved model's network settings (its .json 'net') into the recipe's model section.")
+                            fix="copy the saved model's network settings (its .json 'net') into the recipe's "
+                                "model section.")
     if info.prediction != prediction:
         raise TrainingError(f"{path} predicts {info.prediction!r}, the recipe {prediction!r}",
                             where="training.init_from", fix=f"set model.prediction: {info.prediction}.")

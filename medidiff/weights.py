@@ -26,8 +26,8 @@ from .errors import ModelError
 from .modelinfo import FORMAT, ModelInfo, parse_model_info
 from .outputs import atomic_write, write_json
 
-__all__ = ["save_model", "model_paths", "load_denoiser", "load_checked", "load_meta", "check_weights_file", "WEIGHTS_NAME",
-           "CONFIG_NAME", "FORMAT"]
+__all__ = ["save_model", "model_paths", "load_denoiser", "load_checked", "load_meta", "check_weights_file",
+           "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model.json"

@@ -13,7 +13,6 @@ runs through the same path: one member of one step is its prediction.
 
 from __future__ import annotations
 
-
 import torch
 
 from medidiff.core import ensemble, samplers
