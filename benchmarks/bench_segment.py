@@ -223,6 +223,12 @@ def write_report(path: Path, rows: list[dict], settings: dict, meta: dict) -> No
     write_text("\n".join(lines) + "\n", path)
 
 
+def _shown(path: Path) -> str:
+    """The path as the table shows it: relative to the repository when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / "data" / "weights" / "seg_lesion_2d.safetensors")
@@ -266,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"setting": key, "split": split, "seed": seed, "n_cases": len(group), **result})
                 print(f"{key} seed {seed} {split}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items())
                       + f" ({time.perf_counter() - start:.0f} s)", flush=True)
-    meta = {"model": str(model_path), "unet": str(unet_path), "model_step": models["diffusion"][1].step,
+    meta = {"model": _shown(model_path), "unet": _shown(unet_path), "model_step": models["diffusion"][1].step,
             "unet_step": models["unet"][1].step, "seeds": seeds, "n_cases": {k: len(v) for k, v in cases.items()},
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     if args.append and out.with_suffix(".json").is_file():
