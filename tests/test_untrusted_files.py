@@ -85,7 +85,7 @@ def test_weights_are_checked_against_the_manifest_beside_them(tmp_path, model):
 def test_the_bundled_weights_match_their_manifest():
     root = Path(__file__).resolve().parents[1] / "data" / "weights"
     for name, step in (("demo_brain_2d", 11000), ("mri_brain_2d", 2500), ("ct_2d", 1200), ("seg_lesion_2d", 3000),
-                       ("seg_unet_2d", 3000)):
+                       ("seg_unet_2d", 3000), ("healthy_brain_2d", 1500)):
         _, info = load_denoiser(root / f"{name}.safetensors")  # <name>.manifest.json records its SHA-256
         assert info.step == step
 
