@@ -15,6 +15,10 @@
 - ``generator``: one ``torch.Generator`` or a list with one per sample (per-sample seeds).
 - ``progress=True`` shows a progress bar.
 
+``masked_ddim`` is DDIM with part of the state known (inpainting): before every step the known entries of the
+state are replaced by the known values noised to that step's time (RePaint, Lugmayr et al. 2022, eq. 8, without
+its resampling jumps), and the sample keeps them exactly.
+
 Samplers run without autograd (``torch.no_grad``) except for such a hook's denoiser calls.
 """
 
@@ -42,6 +46,7 @@ __all__ = [
     "heun",
     "dpm_solver_2m",
     "ddim_invert",
+    "masked_ddim",
     "langevin_step_size",
     "SAMPLERS",
     "get_sampler",
@@ -372,6 +377,45 @@ def ddim_invert(denoiser, x0, process, steps, *, t_end=1.0, hook=None, callback=
         if callback is not None:
             callback({"i": k, "t": g.t[i], "x": x, "x0_hat": x0_hat})
     return x
+
+
+@torch.no_grad()
+def masked_ddim(denoiser, x, process, steps, *, known: torch.Tensor, keep: torch.Tensor, t_start=1.0, hook=None,
+                callback=None, generator=None, eta: float = 0.0, grid: str = "uniform",
+                progress: bool = False) -> torch.Tensor:
+    """DDIM that re-denoises only where ``keep`` is false (RePaint's replacement, Lugmayr et al. 2022, eq. 8).
+
+    Before the network evaluation at each grid time ``t_i``, the kept entries of the state are replaced by
+    ``alpha(t_i) known + sigma(t_i) z`` with fresh noise ``z`` (the known values noised to that time), so the
+    network sees them at the noise level of the rest; the others follow the DDIM update. The sample is ``known``
+    exactly where ``keep`` is true (the known values noised to ``t = 0``) and the last estimate elsewhere.
+    RePaint's resampling jumps (going back up in time to harmonise) are not made.
+
+    Args:
+        x: the state at ``t_start`` (e.g. ``known`` noised to ``t_start``).
+        known: the known values, shaped like ``x``.
+        keep: where the known values are kept: a bool (or 0/1) tensor broadcastable to ``x``.
+        eta: DDIM's noise scale (0 deterministic, 1 the DDPM posterior).
+        grid: time grid kind.
+
+    Returns:
+        The sample: ``known`` where ``keep``, re-denoised elsewhere.
+    """
+    g = _Grid(process, steps, t_start, grid)
+    keep = torch.as_tensor(keep, device=x.device).bool()
+    if keep.ndim != x.ndim:
+        raise ValueError(f"keep has {keep.ndim} dims, the state {x.ndim}")
+
+    def replace(i, x):
+        noised = g.alpha[i] * known + g.sigma[i] * gaussian_like(known, generator)
+        return torch.where(keep, noised.to(x.dtype), x)
+
+    def update(i, x, x0):
+        return _ddim_step(x, x0, g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1], eta, generator)
+
+    out = _integrate("masked_ddim", denoiser, x, g, hook=hook, callback=callback, progress=progress,
+                     update=update, before=replace)
+    return torch.where(keep, known.to(out.dtype), out)
 
 
 SAMPLERS: dict[str, Callable] = {
