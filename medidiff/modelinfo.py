@@ -34,6 +34,7 @@ __all__ = [
     "LabelInfo",
     "DataPrep",
     "NoiseInfo",
+    "AutoencoderInfo",
     "ModelInfo",
     "migrate",
     "parse_model_info",
@@ -188,6 +189,31 @@ class NoiseInfo(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class AutoencoderInfo(_Strict):
+    """The frozen autoencoder a latent denoiser was trained on (``training.autoencoder``): the denoiser models
+    ``scale * codes`` of its images, and only these weights decode them.
+
+    Attributes:
+        name: the weights file's name.
+        path: the path the recipe gave (a relative one is looked up from the working folder, else beside the
+            latent model, else in the medidiff checkout).
+        sha256: the weights file's SHA-256; detection refuses an autoencoder with another.
+        scale: the factor the codes were multiplied by (one over their standard deviation on the training data,
+            as Rombach et al. 2022 scale their latents), so the latents have about unit variance.
+        embedding_dim: the codes' channels.
+        factor: how many times coarser the latent grid is than the image's, per axis.
+        step: the autoencoder's training step.
+    """
+
+    name: str
+    path: str
+    sha256: str
+    scale: float = Field(gt=0.0)
+    embedding_dim: int = Field(ge=1)
+    factor: int = Field(ge=1)
+    step: int | None = None
+
+
 class ModelInfo(_Strict):
     """Everything ``model.json`` records.
 
@@ -201,7 +227,8 @@ class ModelInfo(_Strict):
         noise: the training noise.
         step, weights, checkpoint, loss_weighting: provenance of the weights.
         init_from: the model training started from (fine-tuning): ``name``, ``sha256`` and ``step``.
-        task: what the model is for (``healthy``, ``prior``, ``segment``...), free text.
+        task: what the model is for (``healthy``, ``prior``, ``segment``, ``autoencoder``...), free text.
+        autoencoder: for a latent denoiser, the autoencoder whose codes it models.
         extra: anything else a task records.
     """
 
@@ -218,6 +245,7 @@ class ModelInfo(_Strict):
     loss_weighting: str | None = None
     init_from: dict[str, Any] | None = None
     task: str | None = None
+    autoencoder: AutoencoderInfo | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
 
     @property

@@ -25,6 +25,12 @@ time embedding, input convolution, down blocks and middle block, as MONAI's ``Di
 them) with attention pooling (``AttentionPool``), called as ``net(x_t, timesteps) -> logits (B, classes)``.
 MONAI's own ``DiffusionModelEncoder`` ends in a flattening fully connected head tied to one input size and
 has no middle block, so it is not used.
+
+``build_vqvae`` (config ``arch: vqvae``) is the autoencoder of latent diffusion (Pinaya et al. 2022's anomaly
+detection): MONAI's ``VQVAE`` (van den Oord et al. 2017, with the EMA codebook), each level halving the grid
+(stride 2, kernel 4). ``VQVAE.encode`` gives an image's codes (the codebook vectors, ``embedding_dim`` channels on
+a grid ``2 ** levels`` times coarser), ``VQVAE.decode`` snaps latents to their nearest codes and decodes them.
+The latent denoiser is ``build_unet`` with ``in_channels = embedding_dim``.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["UNet", "SegmentationUNet", "Classifier", "AttentionPool", "build_unet", "build_segmentation_unet",
-           "build_classifier", "build_network", "count_parameters"]
+__all__ = ["UNet", "SegmentationUNet", "Classifier", "AttentionPool", "VQVAE", "LatentCodec", "build_unet",
+           "build_segmentation_unet", "build_classifier", "build_vqvae", "build_network", "count_parameters"]
 
 
 class UNet(nn.Module):
@@ -354,8 +360,133 @@ def build_classifier(
     return Classifier(unet, head, config)
 
 
+class VQVAE(nn.Module):
+    """MONAI's ``VQVAE`` with its build config attached: codes of images, and images of latents.
+
+    Args:
+        net: the MONAI ``VQVAE``.
+        config: the keyword arguments of ``build_vqvae`` that made it (with ``arch: vqvae``).
+    """
+
+    def __init__(self, net: nn.Module, config: dict):
+        super().__init__()
+        self.net, self.config = net, dict(config)
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.config["spatial_dims"])
+
+    @property
+    def embedding_dim(self) -> int:
+        """Channels of a code (of the latents)."""
+        return int(self.config["embedding_dim"])
+
+    @property
+    def factor(self) -> int:
+        """How many times coarser the latent grid is than the image's, per axis."""
+        return 2 ** len(self.config["channels"])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(reconstruction, quantisation loss)``: the straight-through reconstruction and MONAI's commitment loss
+        ``commitment_cost * ||sg(e) - z_e||^2`` (the codebook itself follows an EMA of the encodings in training)."""
+        return self.net(x)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The codes of images ``(B, C, *spatial)``: ``(B, embedding_dim, *spatial / factor)``, exact codebook
+        vectors (no straight-through rounding; the codebook is not updated, even in training mode)."""
+        return self.snap(self.net.encode(x))
+
+    def snap(self, z: torch.Tensor) -> torch.Tensor:
+        """Each latent vector replaced by its nearest code (codes are left as they are); the codebook is not
+        updated."""
+        quantizer = self.net.quantizer.quantizer  # MONAI's EMAQuantizer: its quantize and embed update nothing
+        return quantizer.embed(quantizer.quantize(z)[2]).to(z.dtype)
+
+    def decode(self, z: torch.Tensor, snap: bool = True) -> torch.Tensor:
+        """Images of latents ``(B, embedding_dim, *grid)``, snapped to their nearest codes first (``snap``)."""
+        return self.net.decode(self.snap(z) if snap else z)
+
+
+class LatentCodec(nn.Module):
+    """A frozen VQ-VAE as the map between images and the latents a latent denoiser models: ``scale * codes``.
+
+    Args:
+        vqvae: the autoencoder (put in eval mode, its weights frozen).
+        scale: the factor the codes are multiplied by (``AutoencoderInfo.scale``).
+    """
+
+    def __init__(self, vqvae: VQVAE, scale: float = 1.0):
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"the latent scale must be positive, got {scale}")
+        self.vqvae, self.scale = vqvae.eval().requires_grad_(False), float(scale)
+
+    def train(self, mode: bool = True) -> LatentCodec:  # always frozen: its codebook never moves
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The latents of images: ``scale * codes``."""
+        return self.scale * self.vqvae.encode(x)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The images of latents: ``z / scale`` snapped to the nearest codes, decoded."""
+        return self.vqvae.decode(z / self.scale)
+
+
+def build_vqvae(
+    spatial_dims: int = 2,
+    in_channels: int = 1,
+    channels: Sequence[int] = (32, 64),
+    num_res_layers: int = 1,
+    num_res_channels: Sequence[int] | None = None,
+    num_embeddings: int = 256,
+    embedding_dim: int = 3,
+    commitment_cost: float = 0.25,
+    decay: float = 0.99,
+) -> VQVAE:
+    """Build MONAI's VQ-VAE; each of the ``len(channels)`` levels halves the grid.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels (also the output channels).
+        channels: feature channels per level; image sizes must be divisible by ``2 ** len(channels)``.
+        num_res_layers: residual layers per level.
+        num_res_channels: channels of the residual layers per level (default: ``channels``).
+        num_embeddings: codebook size.
+        embedding_dim: channels of a code: the latent channels the latent denoiser models.
+        commitment_cost: weight of the commitment loss.
+        decay: EMA decay of the codebook.
+
+    Returns:
+        a ``VQVAE``.
+    """
+    from monai.networks.nets import VQVAE as MonaiVQVAE
+
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if not channels:
+        raise ValueError("a VQ-VAE needs at least one level (channels)")
+    res = list(channels) if num_res_channels is None else [int(c) for c in num_res_channels]
+    if len(res) != len(channels):
+        raise ValueError(f"num_res_channels has {len(res)} entries for {len(channels)} levels")
+    config = {"arch": "vqvae", "spatial_dims": int(spatial_dims), "in_channels": int(in_channels),
+              "channels": [int(c) for c in channels], "num_res_layers": int(num_res_layers),
+              "num_res_channels": [int(c) for c in res], "num_embeddings": int(num_embeddings),
+              "embedding_dim": int(embedding_dim), "commitment_cost": float(commitment_cost), "decay": float(decay)}
+    levels = len(channels)
+    net = MonaiVQVAE(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=in_channels,
+                     channels=tuple(int(c) for c in channels), num_res_layers=num_res_layers,
+                     num_res_channels=tuple(res), downsample_parameters=((2, 4, 1, 1),) * levels,
+                     upsample_parameters=((2, 4, 1, 1, 0),) * levels, num_embeddings=num_embeddings,
+                     embedding_dim=embedding_dim, commitment_cost=commitment_cost, decay=decay)
+    return VQVAE(net, config)
+
+
 #: Network builders by ``config["arch"]`` (a config without ``arch`` is a diffusion U-Net).
-ARCHITECTURES = {"diffusion_unet": build_unet, "unet": build_segmentation_unet, "classifier": build_classifier}
+ARCHITECTURES = {"diffusion_unet": build_unet, "unet": build_segmentation_unet, "classifier": build_classifier,
+                 "vqvae": build_vqvae}
 
 
 def build_network(**config) -> nn.Module:

@@ -57,7 +57,10 @@ class ModelConfig(BaseModel):
         arch: ``diffusion_unet`` (MONAI's ``DiffusionModelUNet``, a denoiser) or ``unet`` (MONAI's deterministic
             ``UNet`` segmenting the conditioning image, ``medidiff.nets.build_segmentation_unet``: trained with
             ``training.objective: segmentation``, ``prediction: x0``; it uses ``channels`` and
-            ``num_res_blocks`` as residual units per level only).
+            ``num_res_blocks`` as residual units per level only) or ``vqvae`` (MONAI's ``VQVAE``, the autoencoder
+            of latent diffusion, ``medidiff.nets.build_vqvae``: trained with ``training.objective: vqvae``; it uses
+            ``channels`` (each level halves the grid), ``num_res_blocks`` as residual layers per level and the
+            codebook settings).
         channels: feature channels per level; image sizes must be divisible by ``2 ** (levels - 1)``.
         attention_levels: self-attention per level.
         num_res_blocks: residual blocks per level.
@@ -68,12 +71,16 @@ class ModelConfig(BaseModel):
         class_conditional: a class-conditional U-Net for classifier-free guidance (``medidiff.nets.build_unet``'s
             class embeddings: one per class of the data, e.g. ``sample:lesion_classes``, and a null class; see
             ``training.class_dropout``); Sanchez et al. 2022's counterfactual anomaly detection.
+        num_embeddings: ``vqvae``: the codebook's size.
+        embedding_dim: ``vqvae``: a code's channels (the latent channels; the latent denoiser's image channels).
+        commitment_cost: ``vqvae``: the weight of the commitment loss.
+        codebook_decay: ``vqvae``: the decay of the codebook's exponential moving average.
         prediction: what the network predicts: ``eps``, ``x0``, ``v`` or ``score``.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    arch: Literal["diffusion_unet", "unet"] = "diffusion_unet"
+    arch: Literal["diffusion_unet", "unet", "vqvae"] = "diffusion_unet"
     channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 64])
     attention_levels: list[bool] = Field(default_factory=lambda: [False, False, True])
     num_res_blocks: PositiveInt = 1
@@ -81,6 +88,10 @@ class ModelConfig(BaseModel):
     norm_num_groups: PositiveInt = 16
     resblock_updown: bool = False
     class_conditional: bool = False
+    num_embeddings: PositiveInt = 256
+    embedding_dim: PositiveInt = 3
+    commitment_cost: float = Field(0.25, ge=0.0)
+    codebook_decay: float = Field(0.99, gt=0.0, lt=1.0)
     prediction: Literal["eps", "x0", "v", "score"] = "eps"
 
     @model_validator(mode="after")
@@ -88,6 +99,10 @@ class ModelConfig(BaseModel):
         if self.arch == "unet":
             if self.prediction != "x0":
                 raise ValueError("model.arch unet predicts the mask itself: set model.prediction: x0")
+            if self.class_conditional:
+                raise ValueError("model.class_conditional needs model.arch diffusion_unet")
+            return self
+        if self.arch == "vqvae":
             if self.class_conditional:
                 raise ValueError("model.class_conditional needs model.arch diffusion_unet")
             return self
@@ -112,8 +127,13 @@ class ModelConfig(BaseModel):
         Raises:
             ValueError: a class-conditional model without classes.
         """
-        from .nets import build_segmentation_unet, build_unet
+        from .nets import build_segmentation_unet, build_unet, build_vqvae
 
+        if self.arch == "vqvae":
+            return build_vqvae(spatial_dims=spatial_dims, in_channels=in_channels, channels=self.channels,
+                               num_res_layers=self.num_res_blocks, num_embeddings=self.num_embeddings,
+                               embedding_dim=self.embedding_dim, commitment_cost=self.commitment_cost,
+                               decay=self.codebook_decay)
         if self.arch == "unet":
             return build_segmentation_unet(spatial_dims=spatial_dims, in_channels=in_channels,
                                            cond_channels=cond_channels, channels=self.channels,

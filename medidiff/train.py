@@ -3,11 +3,14 @@
 ``fit`` trains a denoiser on a ``Dataset`` of dicts ``{"image": (C, *spatial) in [-1, 1], optional
 "cond": (Cc, *spatial)}`` with the denoising loss of ``medidiff.core.losses`` (or the segmentation loss of a
 deterministic network, or the cross entropy of a noise-aware classifier on items with an int ``"class"``:
-``training.objective``, ``medidiff.train_objectives``). A class-conditional U-Net is trained on items with a
-``"class"`` too, each replaced by the null class with probability ``training.class_dropout``. It does AdamW with linear
-warm-up then a cosine or constant learning rate, gradient clipping and accumulation, bf16 autocast on
-CUDA, EMA, a validation loss at fixed times and noise, sample images, TensorBoard, a progress bar,
-atomic checkpoints and exact resume, and DDP under ``torchrun`` (rank 0 does the I/O).
+``training.objective``, ``medidiff.train_objectives``; or a VQ-VAE's reconstruction and commitment loss). With a
+frozen autoencoder (``codec``: latent diffusion, ``training.autoencoder``) the denoiser learns the codes of the
+images, encoded batch by batch on the device (augmentations act on the images), and sample images are decoded. A
+class-conditional U-Net is trained on items with a ``"class"`` too, each replaced by the null class with
+probability ``training.class_dropout``. It does AdamW with linear warm-up then a cosine or constant learning rate,
+gradient clipping and accumulation, bf16 autocast on CUDA, EMA, a validation loss at fixed times and noise, sample
+images, TensorBoard, a progress bar, atomic checkpoints and exact resume, and DDP under ``torchrun`` (rank 0 does
+the I/O).
 
 Exact resume: the data order is a function of ``(seed, epoch)`` (``DistributedSampler``), the times
 and noise of step ``s`` on rank ``r`` come from a generator seeded with ``(seed, r, s)``, and checkpoints
@@ -103,7 +106,7 @@ class _Engine:
 
     def __init__(self, net: nn.Module, process: Process, train_set: Dataset, *, config: TrainingConfig,
                  out_dir: Path, prediction: str, val_set: Dataset | None, seed: int, device: torch.device,
-                 data_prep: dict | None, extra_meta: dict | None, num_workers: int):
+                 data_prep: dict | None, extra_meta: dict | None, num_workers: int, codec: nn.Module | None = None):
         self.cfg, self.out_dir, self.prediction = config, out_dir, prediction
         self.num_workers = num_workers
         self.process, self.seed, self.device = process, seed, device
@@ -116,6 +119,7 @@ class _Engine:
         self.dist = init_distributed(device)
         self.main = self.dist.is_main
         self.net = net.to(device)
+        self.codec = None if codec is None else codec.to(device).eval()  # frozen: images -> latents
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         if cuda and config.channels_last:
@@ -233,6 +237,8 @@ class _Engine:
 
     def _batch_loss(self, denoiser: Denoiser, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, int]:
         x0 = batch["image"].to(self.device, non_blocking=True)
+        if self.codec is not None:  # latent diffusion: the images' latents, in float32
+            x0 = self.codec.encode(x0)
         cond = batch.get("cond")
         cond = None if cond is None else cond.to(self.device, non_blocking=True)
         if self.device.type == "cuda" and self.cfg.channels_last:
@@ -338,6 +344,8 @@ class _Engine:
         x = self.process.prior_sample((self.cfg.sample_count, *shape), generator=g, device=self.device)
         with self._autocast():
             samples = ddim(denoiser, x, self.process, self.cfg.sample_steps, generator=g)
+        if self.codec is not None:
+            samples = self.codec.decode(samples.float())
         path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
         grid = _grid(samples)
         _write_png(path, grid)
@@ -357,6 +365,8 @@ class _Engine:
         if "cond" in first:
             items = [self.train_set[i % len(self.train_set)] for i in range(self.cfg.sample_count)]
             cond = torch.stack([item["cond"] for item in items]).to(self.device)
+        if self.codec is not None:  # the latents' shape
+            return tuple(self.codec.encode(first["image"][None].float().to(self.device)).shape[1:]), cond
         return tuple(first["image"].shape), cond
 
     # ---- the loop ----
@@ -441,6 +451,7 @@ def fit(
     data_prep: dict | None = None,
     extra_meta: dict | None = None,
     num_workers: int = 0,
+    codec: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``net`` as a denoiser of ``process`` on ``train_set``.
 
@@ -461,6 +472,8 @@ def fit(
         data_prep: how the data was prepared, saved in ``model.json``.
         extra_meta: further entries for ``model.json``.
         num_workers: data-loader worker processes.
+        codec: latent diffusion: a frozen ``medidiff.nets.LatentCodec``; ``net`` is trained on
+            ``codec.encode(image)`` and the sample images are ``codec.decode(sample)``.
 
     Returns:
         The run's ``TrainResult``.
@@ -473,7 +486,7 @@ def fit(
     out_dir = Path(out_dir)
     engine = _Engine(net, process, train_set, config=config, out_dir=out_dir, prediction=prediction,
                      val_set=val_set, seed=seed, device=device, data_prep=data_prep, extra_meta=extra_meta,
-                     num_workers=num_workers)
+                     num_workers=num_workers, codec=codec)
     try:
         result = engine.run()
         if engine.main:
@@ -500,12 +513,18 @@ def run_recipe(recipe: Any, out_dir: str | Path) -> TrainResult:
     bundle = build_data(recipe.data, recipe.seed)
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank
     extra: dict[str, Any] = {}
+    codec = None
     if recipe.training.objective == "classification":  # the encoder half of the model section's U-Net
         from .train_classifier import classifier_network
 
         net, extra = classifier_network(recipe.model, recipe.data.spatial_dims, bundle)
     else:
-        net, extra = _denoiser_network(recipe, bundle)
+        if recipe.training.autoencoder:  # latent diffusion on a frozen VQ-VAE's codes
+            codec, extra["autoencoder"] = latent_codec(recipe.training.autoencoder, recipe.data, bundle)
+        net, more = _denoiser_network(recipe, bundle, channels=codec.vqvae.embedding_dim if codec else None)
+        extra.update(more)
+        if recipe.training.objective == "vqvae":
+            extra["task"] = "autoencoder"
     check_objective(recipe.training.objective, net.config, bundle.cond_channels,
                     class_dropout=recipe.training.class_dropout)
     init = recipe.training.init_from
@@ -514,14 +533,68 @@ def run_recipe(recipe: Any, out_dir: str | Path) -> TrainResult:
     init_file = [model_paths(init)[0]] if init else []
     result = fit(net, recipe.process.build(), bundle.train, config=recipe.training, out_dir=out_dir,
                  prediction=recipe.model.prediction, val_set=bundle.val, seed=recipe.seed, device=recipe.device,
-                 data_prep=bundle.data_prep, extra_meta=extra or None, num_workers=recipe.data.num_workers)
-    result.inputs = bundle.inputs + init_file
+                 data_prep=bundle.data_prep, extra_meta=extra or None, num_workers=recipe.data.num_workers,
+                 codec=codec)
+    autoencoder = [model_paths(recipe.training.autoencoder)[0]] if recipe.training.autoencoder else []
+    result.inputs = bundle.inputs + init_file + autoencoder
     return result
 
 
-def _denoiser_network(recipe: Any, bundle: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """The ``model`` section's network for the data, and what it adds to ``model.json`` (a class-conditional
-    U-Net's class names, its null class last: ``classes`` then ``null``)."""
+#: How many training images the latent scale of latent diffusion is estimated on.
+LATENT_SCALE_IMAGES = 64
+
+
+def latent_codec(path: str | Path, data: Any, bundle: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """The frozen VQ-VAE of latent diffusion (``training.autoencoder``) and its record for ``model.json``.
+
+    The latents are the codes times ``scale``, one over the codes' standard deviation on the first
+    ``LATENT_SCALE_IMAGES`` training images (Rombach et al. 2022's scale factor), so that the process's unit-variance
+    noise fits them.
+
+    Args:
+        path: the VQ-VAE's weights.
+        data: the recipe's ``data`` section.
+        bundle: the data (its images are encoded).
+
+    Returns:
+        ``(codec, record)``: the ``medidiff.nets.LatentCodec`` and the ``AutoencoderInfo`` entries.
+
+    Raises:
+        ModelError: the file is missing, unsafe, corrupt or not a VQ-VAE.
+        RecipeError: it does not fit the data (dimensions, channels, a size its levels do not divide, conditioning).
+    """
+    from .nets import LatentCodec
+    from .weights import load_autoencoder
+
+    vqvae, info, digest = load_autoencoder(path)
+    where = "training.autoencoder"
+    if vqvae.spatial_dims != data.spatial_dims or int(vqvae.config["in_channels"]) != bundle.channels:
+        raise RecipeError(f"the VQ-VAE {path} encodes {vqvae.config['in_channels']}-channel {vqvae.spatial_dims}D "
+                          f"images, the data are {bundle.channels}-channel {data.spatial_dims}D", where=where,
+                          fix="train the VQ-VAE on the same data section.")
+    if bundle.cond_channels:
+        raise RecipeError("latent diffusion here models images alone, without conditioning channels", where=where,
+                          fix="use an unlabelled image source (e.g. sample:brain).")
+    if any(int(s) % vqvae.factor for s in data.size):
+        raise RecipeError(f"data.size {list(data.size)} is not divisible by the VQ-VAE's factor {vqvae.factor}",
+                          where="data.size", fix=f"use a size divisible by {vqvae.factor}.")
+    n = min(len(bundle.train), LATENT_SCALE_IMAGES)
+    images = torch.stack([bundle.train[i]["image"] for i in range(n)]).float()
+    codes = vqvae.encode(images)
+    std = float(codes.std())
+    if not (math.isfinite(std) and std > 0):
+        raise RecipeError(f"the codes of {path} do not vary on the training images (std {std})", where=where,
+                          fix="train the VQ-VAE longer, or check it was trained on these data.")
+    weights = model_paths(path)[0]
+    record = {"name": weights.name, "path": str(path), "sha256": digest, "scale": 1.0 / std,
+              "embedding_dim": vqvae.embedding_dim, "factor": vqvae.factor, "step": info.step}
+    return LatentCodec(vqvae, 1.0 / std), record
+
+
+def _denoiser_network(recipe: Any, bundle: Any, channels: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The ``model`` section's network for the data (``channels``: a latent denoiser's image channels), and what
+    it adds to ``model.json`` (a class-conditional U-Net's class names, its null class last: ``classes`` then
+    ``null``)."""
     classes: list[str] = []
     if recipe.model.class_conditional:
         if recipe.training.objective != "denoising":
@@ -531,7 +604,7 @@ def _denoiser_network(recipe: Any, bundle: Any) -> tuple[nn.Module, dict[str, An
         if not classes or not isinstance(bundle.train[0].get("class"), (int, torch.Tensor)):
             raise RecipeError("model.class_conditional needs images labelled with classes", where="data.source",
                               fix="use data.source: sample:lesion_classes.")
-    net = recipe.model.build(spatial_dims=recipe.data.spatial_dims, in_channels=bundle.channels,
+    net = recipe.model.build(spatial_dims=recipe.data.spatial_dims, in_channels=channels or bundle.channels,
                              cond_channels=bundle.cond_channels, classes=len(classes))
     return net, ({"classes": [*classes, "null"]} if classes else {})
 

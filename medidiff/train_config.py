@@ -39,10 +39,18 @@ class TrainingConfig(BaseModel):
             entropy of a deterministic segmentation network, ``model.arch: unet``) or ``classification`` (cross
             entropy of a noise-aware classifier of noised images against each image's class: the encoder half of
             the ``model`` section's U-Net with attention pooling, for classifier guidance; data with per-image
-            classes such as ``sample:lesion_classes``; ``sample_every`` must be 0); ``medidiff.train_objectives``.
+            classes such as ``sample:lesion_classes``; ``sample_every`` must be 0) or ``vqvae`` (a VQ-VAE,
+            ``model.arch: vqvae``: the ``reconstruction_loss`` of its reconstruction plus the commitment loss
+            MONAI's quantiser returns; ``sample_every`` must be 0); ``medidiff.train_objectives``.
         class_dropout: for a class-conditional model (``model.class_conditional``), the probability that an
             image's class is replaced by the null class in the denoising loss (classifier-free guidance: Ho &
             Salimans 2022's ``p_uncond``, 0.1-0.2 there; ``medidiff.core.cfg.drop_classes``).
+        reconstruction_loss: ``vqvae``: ``l1`` (mean absolute) or ``l2`` (mean squared) error of the reconstruction.
+        autoencoder: latent diffusion: a VQ-VAE's weights (trained with ``objective: vqvae``), frozen; the denoiser
+            (``model``, with the VQ-VAE's ``embedding_dim`` channels) is trained on the codes of the data's images,
+            scaled to unit variance (one over their standard deviation on the first training images); its
+            ``model.json`` records the VQ-VAE's name, path, SHA-256 and scale (Pinaya et al. 2022's anomaly
+            detection, ``anomaly.reconstruction.method: latent``). Sample images are decoded by the VQ-VAE.
         loss_weighting: ``uniform`` or ``min_snr``.
         min_snr_gamma: the Min-SNR clipping value.
         noise: training noise, ``gaussian`` or ``simplex``.
@@ -81,8 +89,10 @@ class TrainingConfig(BaseModel):
     ema_decay: float | None = Field(0.999, ge=0.0, lt=1.0)
     ema_warmup: bool = True
     save_ema: bool = True
-    objective: Literal["denoising", "segmentation", "classification"] = "denoising"
+    objective: Literal["denoising", "segmentation", "classification", "vqvae"] = "denoising"
     class_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    reconstruction_loss: Literal["l1", "l2"] = "l1"
+    autoencoder: str | None = None
     loss_weighting: Literal["uniform", "min_snr"] = "uniform"
     min_snr_gamma: PositiveFloat = 5.0
     noise: Literal["gaussian", "simplex"] = "gaussian"
@@ -108,6 +118,10 @@ class TrainingConfig(BaseModel):
             raise ValueError("a classifier makes no sample images: set sample_every: 0 with objective classification")
         if self.class_dropout and self.objective != "denoising":
             raise ValueError("class_dropout belongs to the denoising objective of a class-conditional model")
+        if self.objective == "vqvae" and self.sample_every:
+            raise ValueError("a VQ-VAE makes no sample images: set sample_every: 0 with objective vqvae")
+        if self.autoencoder and self.objective != "denoising":
+            raise ValueError("autoencoder belongs to the denoising objective of a latent diffusion model")
         return self
 
 

@@ -14,7 +14,12 @@
 - ``classification``: cross entropy of a noise-aware classifier ``p(y | x_t, t)`` (``medidiff.nets.Classifier``
   through ``medidiff.core.guidance.NoisyClassifier``) on the item's ``image`` noised to a random time by the
   process, against the item's ``class`` (Wolleb et al. 2022, sec. 3; Dhariwal & Nichol 2021, sec. 4: the
-  classifier of classifier guidance, trained on the times and noise the denoiser is trained on).
+  classifier of classifier guidance, trained on the times and noise the denoiser is trained on);
+- ``vqvae``: a VQ-VAE's (``medidiff.nets.VQVAE``) reconstruction error, ``l1`` or ``l2``
+  (``training.reconstruction_loss``), plus the commitment loss MONAI's quantiser returns (van den Oord et al. 2017,
+  eq. 3's last term; the codebook follows an exponential moving average of the encodings instead of its second
+  term); the times and noise drawn for the step are not used. The autoencoder of latent diffusion (Pinaya et al.
+  2022); the latent denoiser itself is trained by ``denoising`` on its codes (``training.autoencoder``).
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ from .core.guidance import NoisyClassifier
 from .core.losses import diffusion_loss
 from .errors import RecipeError, TrainingError
 
-__all__ = ["OBJECTIVES", "objective_loss", "segmentation_loss", "classification_loss", "check_objective"]
+__all__ = ["OBJECTIVES", "objective_loss", "segmentation_loss", "classification_loss", "vqvae_loss",
+           "check_objective"]
 
-OBJECTIVES = ("denoising", "segmentation", "classification")
+OBJECTIVES = ("denoising", "segmentation", "classification", "vqvae")
 
 
 def segmentation_loss(net, masks: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -72,6 +78,23 @@ def classification_loss(classifier: NoisyClassifier, x0: torch.Tensor, labels: t
     return torch.nn.functional.cross_entropy(logits.float(), labels.long())
 
 
+def vqvae_loss(net, x0: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """A VQ-VAE's reconstruction error plus its quantiser's commitment loss.
+
+    Args:
+        net: called as ``net(x0) -> (reconstruction, commitment loss)`` (``medidiff.nets.VQVAE``).
+        x0: the images ``(B, C, *spatial)``.
+        kind: ``l1`` (mean absolute) or ``l2`` (mean squared) error.
+
+    Returns:
+        The scalar loss ``mean |x0 - x0'|`` (or ``mean (x0 - x0')^2``) ``+ commitment``.
+    """
+    reconstruction, commitment = net(x0)
+    error = (reconstruction.float() - x0.float())
+    error = error.abs() if kind == "l1" else error.square()
+    return error.mean() + commitment.float()
+
+
 def objective_loss(config: Any, denoiser, x0: torch.Tensor, cond: torch.Tensor | None, *, noise: torch.Tensor,
                    t: torch.Tensor, labels: torch.Tensor | None = None, null_class: int | None = None,
                    generator: torch.Generator | None = None) -> torch.Tensor:
@@ -98,6 +121,8 @@ def objective_loss(config: Any, denoiser, x0: torch.Tensor, cond: torch.Tensor |
     """
     if config.objective == "segmentation":
         return segmentation_loss(denoiser.net, x0, cond)
+    if config.objective == "vqvae":
+        return vqvae_loss(denoiser.net, x0, config.reconstruction_loss)
     if config.objective == "classification":
         if labels is None:
             raise TrainingError("training.objective classification needs each item's class",
@@ -121,11 +146,22 @@ def check_objective(objective: str, net_config: dict, cond_channels: int, *, cla
     Raises:
         RecipeError: a segmentation objective without a segmentation network or without image pairs, a
             segmentation network trained as a denoiser, a classifier trained otherwise than by
-            ``classification`` (or the reverse), or a class dropout without a class-conditional U-Net.
+            ``classification`` (or the reverse), a VQ-VAE trained otherwise than by ``vqvae`` (or the reverse), or a
+            class dropout without a class-conditional U-Net.
     """
     if class_dropout and not net_config.get("num_class_embeds"):
         raise RecipeError("training.class_dropout needs a class-conditional U-Net", where="training.class_dropout",
                           fix="set model.class_conditional: true (with data labelled by class), or class_dropout: 0.")
+    vqvae = net_config.get("arch") == "vqvae"
+    if (objective == "vqvae") != vqvae:
+        raise RecipeError(f"training.objective {objective} does not train a network of arch "
+                          f"{net_config.get('arch', 'diffusion_unet')}", where="training.objective",
+                          fix="a VQ-VAE (model.arch: vqvae) is trained with objective vqvae, and only it.")
+    if vqvae:
+        if cond_channels:
+            raise RecipeError("a VQ-VAE encodes the image alone, without conditioning channels", where="data.source",
+                              fix="use an unlabelled image source (e.g. sample:brain).")
+        return
     classifier = net_config.get("arch") == "classifier"
     if (objective == "classification") != classifier:
         raise RecipeError(f"training.objective {objective} does not train a network of arch "

@@ -26,7 +26,8 @@ from .errors import ModelError
 from .modelinfo import FORMAT, ModelInfo, parse_model_info
 from .outputs import atomic_write, write_json
 
-__all__ = ["save_model", "model_paths", "load_denoiser", "load_checked", "load_meta", "check_weights_file",
+__all__ = ["save_model", "model_paths", "load_denoiser", "load_checked", "load_autoencoder", "load_meta",
+           "check_weights_file",
            "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT"]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -231,3 +232,23 @@ def load_checked(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         raise ModelError(f"weights do not fit the network in {config_path.name}: {' '.join(first[:3])}",
                          where=weights_path) from None
     return denoiser.to(device).eval(), meta, digest
+
+
+def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo, str]:
+    """A saved VQ-VAE (``model.arch: vqvae``, trained with ``training.objective: vqvae``), checked as
+    :func:`load_checked` checks a denoiser.
+
+    Returns:
+        ``(vqvae, info, sha256)``: the ``medidiff.nets.VQVAE`` in eval mode with frozen weights, its ``ModelInfo``
+        and the weights' SHA-256.
+
+    Raises:
+        ModelError: a file is missing, unsafe or corrupt, or the model is not a VQ-VAE.
+    """
+    denoiser, info, digest = load_checked(path, device)
+    if info.net.get("arch") != "vqvae":
+        raise ModelError(f"not a VQ-VAE (its network is {info.net.get('arch', 'diffusion_unet')})",
+                         where=model_paths(path)[0],
+                         fix="train one with model.arch: vqvae and training.objective: vqvae "
+                             "(recipes/vqvae_brain_2d.yaml).")
+    return denoiser.net.eval().requires_grad_(False), info, digest
