@@ -92,11 +92,15 @@ MARGIN = 2
 VALIDATION_SEED = 0
 DEFAULT = "default"
 BASELINE = "neighbours_scan"
+ANODDPM = "anoddpm_simplex"
 #: key -> (label, changes of the recipe's ``anomaly`` section); ``None``: the no-model baseline.
 SETTINGS: dict[str, tuple[str, dict | None]] = {
     DEFAULT: ("", {}),  # the label is made from the recipe (``describe``)
     "invert10_t25": BENCH.SETTINGS["invert10_t25"],
     "ddim5_t40_x5": BENCH.SETTINGS["ddim5_t40_x5"],
+    ANODDPM: ("AnoDDPM: simplex noise to t_L 0.25 (lambda 250), DDIM-10 back, one reconstruction (for a model "
+              "trained on simplex noise: recipes/anoddpm_brain_2d.yaml)",
+              {"sampler": "ddim", "steps": 10, "t_levels": [0.25], "noise": "simplex", "n_samples": 1}),
     BASELINE: (BENCH.BASELINES[BASELINE], None),
 }
 QUICK = {"ddim1_t50_x1": ("one denoising step from t_L 0.5, one noise draw (smoke run)",
@@ -238,6 +242,15 @@ def describe(recon: HealthyOptions) -> str:
     return f"{patch}{recon.sampler.upper()}-{recon.steps} from t_L {levels}{seeds}"
 
 
+def with_model_noise(section: AnomalySection, info) -> AnomalySection:
+    """The section with the model's training noise options when it noises with the model's kind of noise and
+    names no options of its own (a simplex-trained model is noised with the simplex noise it learned)."""
+    recon = section.reconstruction
+    if recon.noise == info.noise.kind and not recon.noise_options and info.noise.options:
+        return section.updated(noise_options=dict(info.noise.options))
+    return section
+
+
 def healer(key: str, denoiser, section: AnomalySection, seed: int, device) -> Callable:
     """``heal(stack, fg) -> (map,)`` for ``slicewise``: the setting's anomaly map of a scan's kept slices."""
     opts = section.map
@@ -326,6 +339,7 @@ def run_setting(model: Path, loaded: tuple, key: str, section: AnomalySection, c
                 device) -> list[dict]:
     """One row per test seed for one model and setting (validation maps, threshold, test metrics)."""
     denoiser, info = loaded
+    section = with_model_noise(section, info)
     axis = 2 if info.data_prep.slicing_axis is None else info.data_prep.slicing_axis
     made: dict[tuple, tuple] = {}
 

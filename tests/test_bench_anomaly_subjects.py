@@ -105,3 +105,17 @@ def test_chosen_setting_is_a_model_setting_and_append_replaces(bench, tmp_path):
     earlier.write_text(json.dumps({"rows": rows}))
     merged = bench.merge([{"model": "m", "setting": bench.DEFAULT, "seed": 0, "val_auprc": 0.1}], earlier)
     assert len(merged) == 3 and [r["val_auprc"] for r in merged if r["setting"] == bench.DEFAULT] == [0.1]
+
+
+def test_anoddpm_row_noises_with_the_simplex_options_the_model_learned(bench):
+    from types import SimpleNamespace
+
+    section = bench.setting_section(bench.recipe_section(), bench.SETTINGS[bench.ANODDPM][1])
+    learned = {"octaves": 5, "persistence": 0.8, "frequency": 4.0}
+    simplex_model = SimpleNamespace(noise=SimpleNamespace(kind="simplex", options=learned))
+    recon = bench.with_model_noise(section, simplex_model).reconstruction
+    assert (recon.noise, recon.noise_options, recon.t_levels, recon.samples) == ("simplex", learned, [0.25], 1)
+    # a Gaussian setting keeps its noise; options a setting names win over the model's
+    assert bench.with_model_noise(bench.recipe_section(), simplex_model).reconstruction.noise_options == {}
+    named = section.updated(noise_options={"octaves": 3})
+    assert bench.with_model_noise(named, simplex_model).reconstruction.noise_options == {"octaves": 3}
