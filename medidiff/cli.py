@@ -39,6 +39,8 @@ DETECT_METHODS = {
               "--set classifier=PATH)",
     "counterfactual": "a class-conditional model's null-class inversion, then decoding toward healthy by "
                       "classifier-free guidance (Sanchez et al. 2022; --set guidance_weight=W)",
+    "latent": "a latent DDPM on a VQ-VAE's codes re-denoises only the latents it finds anomalous (Pinaya et al. "
+              "2022; a latent model, --calibration for its threshold map or --set latent_thresholds=PATH)",
 }
 
 #: Exit status of a usage or recipe error (a bad option, recipe key or value); argparse's own status.

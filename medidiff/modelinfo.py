@@ -195,8 +195,8 @@ class AutoencoderInfo(_Strict):
 
     Attributes:
         name: the weights file's name.
-        path: the path the recipe gave (a relative one is looked up from the working folder, else beside the
-            latent model, else in the medidiff checkout).
+        path: the path the recipe gave (detection looks a relative one up from the working folder, else beside the
+            latent model by its last name, else in the medidiff checkout).
         sha256: the weights file's SHA-256; detection refuses an autoencoder with another.
         scale: the factor the codes were multiplied by (one over their standard deviation on the training data,
             as Rombach et al. 2022 scale their latents), so the latents have about unit variance.

@@ -419,7 +419,8 @@ class LatentCodec(nn.Module):
         super().__init__()
         if not scale > 0:
             raise ValueError(f"the latent scale must be positive, got {scale}")
-        self.vqvae, self.scale = vqvae.eval().requires_grad_(False), float(scale)
+        self.vqvae, self.scale = vqvae.requires_grad_(False), float(scale)
+        self.train(False)
 
     def train(self, mode: bool = True) -> LatentCodec:  # always frozen: its codebook never moves
         return super().train(False)

@@ -24,8 +24,10 @@ __all__ = ["HealthyOptions", "MapOptions", "AnomalySection", "route"]
 GUIDANCE_OPTIONS = {"classifier", "guidance_scale", "target_class"}
 #: The options of ``HealthyOptions`` that only method ``counterfactual`` uses.
 COUNTERFACTUAL_OPTIONS = {"guidance_weight", "healthy_class"}
+#: The options of ``HealthyOptions`` that only method ``latent`` uses.
+LATENT_OPTIONS = {"autoencoder", "latent_thresholds", "latent_quantile"}
 #: The options only one method uses, by method: they shape the map only with it.
-METHOD_OPTIONS = {"guided": GUIDANCE_OPTIONS, "counterfactual": COUNTERFACTUAL_OPTIONS}
+METHOD_OPTIONS = {"guided": GUIDANCE_OPTIONS, "counterfactual": COUNTERFACTUAL_OPTIONS, "latent": LATENT_OPTIONS}
 #: The methods that reconstruct by DDIM inversion then DDIM decoding (deterministic: one sample).
 INVERTING_METHODS = ("invert", "guided", "counterfactual")
 
@@ -44,9 +46,11 @@ class HealthyOptions(_Section):
         method: ``partial`` (AnoDDPM), ``invert`` (DDIM inversion), ``patch`` (pDDPM), ``guided`` (DDIM
             inversion, then a DDIM decoding steered toward ``target_class`` by a noise-aware classifier: Wolleb
             et al. 2022) or ``counterfactual`` (a class-conditional model's DDIM inversion with the null class, then
-            its DDIM decoding toward ``healthy_class`` by classifier-free guidance: Sanchez et al. 2022).
+            its DDIM decoding toward ``healthy_class`` by classifier-free guidance: Sanchez et al. 2022) or ``latent``
+            (a denoiser of a VQ-VAE's latents finds the anomalous latents from its predictions from ``t_L`` and
+            re-denoises only those, the others kept: Pinaya et al. 2022; ``medidiff.anomaly.latent``).
         t_levels: noise levels ``t_L`` in ``(0, 1]`` reconstructed from and averaged.
-        sampler: reverse sampler (``ddim``, ``dpm_solver_2m``, ``ddpm``...).
+        sampler: reverse sampler (``ddim``, ``dpm_solver_2m``, ``ddpm``...; ``latent``: ``ddim`` or ``ddpm``).
         steps: sampler steps from each level (``null``: the whole DDPM chain, as AnoDDPM).
         noise: forward noise, ``gaussian`` or ``simplex``.
         noise_options: options of the noise (simplex ``octaves``, ``frequency``...).
@@ -70,9 +74,18 @@ class HealthyOptions(_Section):
         healthy_class: ``counterfactual``: the class decoded toward (0: healthy, as ``sample:lesion_classes``
             labels it) by a class-conditional model (``model.class_conditional``, e.g.
             ``recipes/counterfactual_lesion_2d.yaml``), whose null class is its last one.
+        autoencoder: ``latent``: the VQ-VAE's weights (default: the path the latent model's ``model.json`` records,
+            also looked up beside the model by its last name); it must be the one the model was trained on (its
+            SHA-256 is checked).
+        latent_thresholds: ``latent``: the per-latent-position threshold map calibrated on healthy scans (a
+            ``latent_thresholds.safetensors`` that ``medidiff detect`` writes when given ``calibration`` scans and no
+            map). Without one, each scan's latents above its own ``latent_quantile`` are re-denoised (a per-scan rule
+            that always re-denoises that share of every scan: calibrate a map for real use).
+        latent_quantile: ``latent``: the quantile of the healthy latent scores that is the threshold: per latent
+            position over the calibration images, or over a scan's own latents without a map.
     """
 
-    method: Literal["partial", "invert", "patch", "guided", "counterfactual"] = "partial"
+    method: Literal["partial", "invert", "patch", "guided", "counterfactual", "latent"] = "partial"
     t_levels: list[float] = Field(default_factory=lambda: [0.5], min_length=1)
     sampler: str = "ddim"
     steps: PositiveInt | None = 1
@@ -90,6 +103,9 @@ class HealthyOptions(_Section):
     target_class: int = Field(0, ge=0)
     guidance_weight: float = Field(3.0, ge=0.0)
     healthy_class: int = Field(0, ge=0)
+    autoencoder: PathText | None = None
+    latent_thresholds: PathText | None = None
+    latent_quantile: float = Field(0.95, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _levels(self) -> HealthyOptions:

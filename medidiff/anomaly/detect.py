@@ -63,6 +63,7 @@ from . import findings, maps, thresholds
 from .config import AnomalySection
 from .guided import load_classifier
 from .healthy import healthy_evaluations, patch_tiles, reconstruct_healthy
+from .latent import LATENT_THRESHOLDS_FILE, calibrate_thresholds, open_codec, save_thresholds
 from .report import case_view, write_html, write_report
 
 __all__ = ["detect", "analyse", "CaseMaps"]
@@ -111,10 +112,11 @@ def analyse(denoiser, info: ModelInfo, case: Case, options: AnomalySection, *, s
     prepared = prepare(case, prep, spatial_dims=dims, intensity=options.intensity)
     device = next(denoiser.parameters()).device
     recon = options.reconstruction
+    codec = open_codec(recon, info, device)[0] if recon.method == "latent" else None
 
     def heal(stack: torch.Tensor, fg_stack: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        h, sp = reconstruct_healthy(denoiser, stack.to(device), recon, seed=seed,
-                                    progress=options.progress)  # the slices of a case, with an ETA
+        h, sp = reconstruct_healthy(denoiser, stack.to(device), recon, seed=seed, progress=options.progress,
+                                    codec=codec)  # the slices of a case (one scan: latent's per-scan rule)
         h, sp = h.cpu(), sp.cpu()
         score = maps.anomaly_map(stack, h, options.map, mask=fg_stack, spread=sp, spatial_dims=dims)
         return h, sp, torch.from_numpy(score)
@@ -326,11 +328,19 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
     model_path = Path(model)
     denoiser, info, digest, device = open_model(model_path, device)
     options, classifier_path, classifier_digest = _open_classifier(options, resolve, device)
-    digests = {"model": digest, **({"classifier": classifier_digest} if classifier_digest else {})}
+    options, latent_files = _open_latent(options, info, model_path, resolve, device)
+    digests = {"model": digest, **({"classifier": classifier_digest} if classifier_digest else {}),
+               **{k: v[1] for k, v in latent_files.items()}}
     if options.reconstruction.noise != info.noise.kind:
         log.warning("the model was trained with %s noise, detection uses %s noise", info.noise.kind,
                     options.reconstruction.noise)
     with Batch(out_dir, device, progress=options.progress) as batch:
+        if (options.reconstruction.method == "latent" and options.reconstruction.latent_thresholds is None
+                and options.calibration is not None):  # the latent threshold map first, from the same scans
+            path = _latent_calibration(denoiser, info, options, resolve(options.calibration, "calibration scans"),
+                                       out_dir, seed, latent_files["autoencoder"][1], device)
+            options = options.updated(latent_thresholds=str(path))
+            latent_files["latent_thresholds"] = (path, digests.setdefault("latent_thresholds", _digest(path)))
         thr, thr_record, calibration_failures = _threshold(denoiser, info, options, model_path, out_dir, batch,
                                                            seed, resolve, digests)
         inputs_path = Path(inputs)
@@ -367,7 +377,90 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
             return TaskResult(summary=f"rank {batch.rank} of {batch.world_size}: its cases are written; rank 0 "
                                       "writes the run's tables")
         return _summarise(got, calibration_failures, denoiser, info, options, model_path, inputs_path, out_dir,
-                          thr, thr_record, classifier=(classifier_path, classifier_digest))
+                          thr, thr_record, classifier=(classifier_path, classifier_digest), latent=latent_files)
+
+
+def _digest(path: Path) -> str:
+    from medidiff.weights import check_weights_file
+
+    return check_weights_file(path)
+
+
+def _open_latent(options: AnomalySection, info: ModelInfo, model_path: Path, resolve, device
+                 ) -> tuple[AnomalySection, dict[str, tuple[Path, str]]]:
+    """Method ``latent``'s VQ-VAE and threshold map: paths resolved as the model's is, the VQ-VAE checked against
+    the model's record and loaded once.
+
+    The VQ-VAE is ``autoencoder`` when given, else the path the model's ``model.json`` records, looked up from the
+    working folder, else beside the latent model (a folder or file of the same last name, or that name with
+    ``.safetensors``), else in the medidiff checkout.
+
+    Returns:
+        ``(options, files)``: the options naming the resolved paths, and ``{"autoencoder": (path, sha256),
+        "latent_thresholds": (path, sha256)}`` (the map only when given); ``(options, {})`` for other methods.
+
+    Raises:
+        DataError: a file is missing. ModelError: it is unsafe or corrupt. ValueError: the model is not a latent
+            one, or the VQ-VAE is not the one it was trained on.
+    """
+    recon = options.reconstruction
+    if recon.method != "latent":
+        return options, {}
+    record = info.autoencoder
+    if recon.autoencoder is not None:
+        path = resolve(recon.autoencoder, "autoencoder weights")
+    elif record is None:
+        raise ValueError("method: latent needs a latent diffusion model (trained with training.autoencoder, e.g. "
+                         "recipes/latent_brain_2d.yaml); this model has no autoencoder")
+    else:
+        folder = model_path.parent  # beside a model folder, or beside a weights file
+        recorded = Path(record.path)
+        candidates = [recorded, folder / recorded.name, folder / f"{recorded.name}.safetensors"]
+        found = [p for p in candidates if model_paths(p)[0].is_file()]
+        path = found[0] if found else resolve(record.path, "autoencoder weights")
+    options = options.updated(autoencoder=str(path))
+    _, digest = open_codec(options.reconstruction, info, device)
+    files = {"autoencoder": (Path(path), digest)}
+    if recon.latent_thresholds is not None:
+        thresholds = resolve(recon.latent_thresholds, "latent threshold map")
+        options = options.updated(latent_thresholds=str(thresholds))
+        files["latent_thresholds"] = (Path(thresholds), _digest(thresholds))
+    return options, files
+
+
+def _latent_calibration(denoiser, info: ModelInfo, options: AnomalySection, path: Path, out_dir: Path, seed: int,
+                        autoencoder_sha256: str, device) -> Path:
+    """Method ``latent``'s threshold map from the healthy scans at ``path`` (``medidiff.anomaly.latent``), written
+    as ``latent_thresholds.safetensors``. Every rank computes the same map and writes it atomically.
+
+    Raises:
+        DataError: no scan could be used.
+    """
+    dims, prep = info.spatial_dims, info.data_prep
+    axis = 2 if prep.slicing_axis is None else prep.slicing_axis
+    codec, _ = open_codec(options.reconstruction, info, device)
+    stacks, names = [], []
+    for source in find_cases(path, select=options.select):
+        try:
+            case = load_case(source)
+            prepared = prepare(case, prep, spatial_dims=dims, intensity=options.intensity)
+        except DataError as e:
+            log.warning("latent thresholds: %s skipped (%s)", source, e)
+            continue
+
+        def keep(stack: torch.Tensor, _fg: torch.Tensor) -> tuple[torch.Tensor]:
+            stacks.append(stack)
+            return (stack[:, :1],)
+
+        if slicewise(keep, plain(prepared.image).float(), prepared.foreground, spatial_dims=dims, axis=axis,
+                     min_foreground=options.min_foreground)[1]:
+            names.append(case.name)
+    if not stacks:
+        raise DataError("no calibration scan could be used for the latent threshold map", where=path)
+    thresholds, record = calibrate_thresholds(denoiser, [s.to(device) for s in stacks], options.reconstruction,
+                                              codec=codec, seed=seed, progress=options.progress)
+    record.update(source=str(path), cases=names, autoencoder_sha256=autoencoder_sha256)
+    return save_thresholds(out_dir / LATENT_THRESHOLDS_FILE, thresholds, record)
 
 
 def _open_classifier(options: AnomalySection, resolve, device) -> tuple[AnomalySection, Path | None, str | None]:
@@ -389,8 +482,8 @@ def _open_classifier(options: AnomalySection, resolve, device) -> tuple[AnomalyS
 
 def _summarise(got: BatchResult, calibration_failures: list[dict], denoiser, info: ModelInfo,
                options: AnomalySection, model_path: Path, inputs_path: Path, out_dir: Path, thr: float | None,
-               thr_record: dict[str, Any], *, classifier: tuple[Path | None, str | None] = (None, None)
-               ) -> TaskResult:
+               thr_record: dict[str, Any], *, classifier: tuple[Path | None, str | None] = (None, None),
+               latent: dict[str, tuple[Path, str]] | None = None) -> TaskResult:
     """The run's tables from every case's record (rank 0): scores, settings, metrics, report, failures."""
     rows = got.rows
     classifier_path, classifier_digest = classifier
@@ -398,11 +491,15 @@ def _summarise(got: BatchResult, calibration_failures: list[dict], denoiser, inf
     settings = {"model": str(model_path), "inputs": str(inputs_path), "threshold": thr, "threshold_record": thr_record,
                 **options.model_dump(mode="json", exclude={"model", "inputs", "threshold"}),
                 **({"classifier_sha256": classifier_digest} if classifier_digest else {}),
+                **{f"{name}_sha256": digest for name, (_, digest) in (latent or {}).items()},
                 "model_noise": info.noise.kind, "model_step": info.step,
                 "data_prep": info.data_prep.model_dump(mode="json", exclude={"slices"}, exclude_none=True)}
     written_all.append(outputs.write_json(settings, out_dir / "detection.json"))
     if thr_record.get("source") is not None and (out_dir / thresholds.THRESHOLDS_FILE).is_file():
         written_all.append(out_dir / thresholds.THRESHOLDS_FILE)
+    made = (latent or {}).get("latent_thresholds", (None,))[0]
+    if made is not None and made.parent == out_dir and made.name == LATENT_THRESHOLDS_FILE:
+        written_all.append(made)
     evaluated = {row["case"]: {"scores": got.arrays[row["case"]]["score"], "labels": got.arrays[row["case"]]["labels"],
                                "mask": got.arrays[row["case"]]["mask"], "score": row["score"]}
                  for row in rows if "labels" in got.arrays.get(row["case"], {})}
@@ -437,6 +534,8 @@ def _summarise(got: BatchResult, calibration_failures: list[dict], denoiser, inf
                     f"{thresholds.ORACLE_LABEL} {metrics['dice_best']:.3f}")
     log.info("%s", summary)
     weights = [model_paths(p)[0] for p in (model_path, classifier_path) if p is not None]  # files, for the manifest
+    weights += [model_paths(p)[0] for p, _ in (latent or {}).values()
+                if not (p.parent == out_dir and p.name == LATENT_THRESHOLDS_FILE)]  # a map made here is an output
     inputs = [*weights, *got.inputs]
     return TaskResult(outputs=written_all, inputs=inputs, rows=rows, metrics=metrics,
                       summary=summary, failures=len(failures), extra={"threshold": thr})

@@ -31,11 +31,17 @@ noise (``medidiff.core.noise.noise_like``), the reverse pass is any sampler of
   ``eps_null + w (eps_healthy - eps_null)`` (``medidiff.core.cfg``; the denoisers from
   ``medidiff.anomaly.counterfactual``, which says what differs from the paper). Deterministic, as ``invert``;
   with ``guidance_weight: 0`` it is ``invert`` of the null-class (unconditional) model.
+- ``latent``: Pinaya et al. 2022: a denoiser of a VQ-VAE's latents; its predictions from the encoded image noised
+  to ``t_L`` mark the anomalous latents (against a threshold map calibrated on healthy scans), which alone are
+  re-denoised from ``t_L`` while the others are kept (``medidiff.core.samplers.masked_ddim``), and the result is
+  decoded; ``medidiff.anomaly.latent`` has the steps and what differs from the paper. Needs the VQ-VAE
+  (``codec``).
 
 Network evaluations (:func:`healthy_evaluations`): ``invert`` and ``guided`` cost ``2 k`` denoiser evaluations for
 ``k`` steps per level, ``guided`` adds ``k`` classifier gradients (a forward and a backward pass of the classifier,
 counted apart), ``counterfactual`` costs ``3 k`` (``k`` with the null class, then ``k`` steps of two: the healthy
-and the null estimate, in one call on the batch doubled).
+and the null estimate, in one call on the batch doubled), ``latent`` costs ``2 k`` per sample (the scoring pass and
+the masked re-denoising).
 
 Every reconstruction of one image depends only on ``seed`` and the image's index (one generator per
 image, level and sample: ``medidiff.core.ensemble.run_members``), not on the batch size. Options come as
@@ -62,6 +68,7 @@ from medidiff.core.processes import Process
 from .config import INVERTING_METHODS, HealthyOptions
 from .counterfactual import counterfactual_denoisers
 from .guided import classifier_guidance
+from .latent import latent_healthy
 
 __all__ = ["reconstruct_healthy", "healthy_nfe", "healthy_evaluations", "Evaluations", "patch_tiles",
            "sampler_steps", "options"]
@@ -161,6 +168,8 @@ def healthy_evaluations(opts: HealthyOptions | None = None, *, n_patches: int = 
         k = sampler_steps(process, o.sampler, o.steps, t) if process is not None else int(o.steps)
         if o.method == "counterfactual":  # k with the null class, then k of two (healthy and null)
             denoiser += 3 * k
+        elif o.method == "latent":  # the scoring pass, then the masked re-denoising, per sample
+            denoiser += 2 * k * o.n_samples
         elif o.method in INVERTING_METHODS:
             denoiser += 2 * k
             classifier += k if o.method == "guided" and o.guidance_scale > 0 else 0
@@ -187,7 +196,7 @@ def healthy_nfe(opts: HealthyOptions | None = None, *, n_patches: int = 1, proce
 
 
 def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None = None, *, seed: int = 0,
-                        process: Process | None = None, progress: bool = False, **overrides: Any
+                        process: Process | None = None, progress: bool = False, codec=None, **overrides: Any
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Healthy reconstructions of a batch of images (partial diffusion, DDIM inversion, guided, counterfactual or
     patch-wise).
@@ -202,6 +211,8 @@ def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None =
             (for ``patch``, ``i`` counts image-tile pairs).
         process: the forward process (default: ``denoiser.process``).
         progress: show a progress bar over the batches.
+        codec: ``latent``: the model's VQ-VAE (``medidiff.anomaly.latent.open_codec``); ``denoiser`` then models its
+            latents, and the images of one call are one scan's for the per-scan threshold rule.
 
     Returns:
         ``(healthy, spread)``, both shaped like ``x``: the reconstruction (mean over levels of the
@@ -214,6 +225,8 @@ def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None =
         ModelError: the ``guided`` classifier's file is missing, unsafe or corrupt.
     """
     o = options(opts, **overrides)
+    if o.method == "latent":
+        return latent_healthy(denoiser, x, o, codec=codec, seed=seed, process=process, progress=progress)
     if x.ndim not in (4, 5):
         raise ValueError(f"expected images (B, C, *spatial) with 2 or 3 spatial dims, got {x.ndim} dims")
     x = x.clamp(-1.0, 1.0)  # the model's range; the residual is taken against the unclipped scan
