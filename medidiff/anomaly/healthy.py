@@ -221,7 +221,9 @@ def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None =
 
     Raises:
         ValueError: an unknown option, method, sampler or noise, levels outside ``(0, 1]``, a ``guided``
-            classifier that does not fit the model, or a ``counterfactual`` model that is not class-conditional.
+            classifier that does not fit the model, a ``counterfactual`` model that is not class-conditional, or a
+            ``latent`` call without the VQ-VAE, with another sampler than ``ddim``/``ddpm`` or a threshold map of
+            another latent grid.
         ModelError: the ``guided`` classifier's file is missing, unsafe or corrupt.
     """
     o = options(opts, **overrides)
