@@ -241,7 +241,7 @@ def test_latent_options_route_and_leave_other_methods_settings_alone():
 
 
 def test_the_vqvae_recipe_trains_and_its_weights_load(tmp_path, monkeypatch):
-    """``recipes/vqvae_brain_2d.yaml`` with tiny settings: a few steps on the bundled brain write a VQ-VAE that loads
+    """``recipes/vqvae_brain_2d.yaml`` with tiny settings: a few steps on the IXI brains write a VQ-VAE that loads
     with its weights, and only objective vqvae trains arch vqvae."""
     from medidiff.recipes import load_recipe, parse_recipe
     from medidiff.train import run_recipe
@@ -256,7 +256,7 @@ def test_the_vqvae_recipe_trains_and_its_weights_load(tmp_path, monkeypatch):
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.history["loss"])))
     vqvae, info, _ = load_autoencoder(tmp_path / "vq")
     assert info.task == "autoencoder" and info.net["arch"] == "vqvae" and vqvae.embedding_dim == 3
-    assert info.data_prep.source == "sample:brain" and info.data_prep.size == [80, 96]
+    assert info.data_prep.source == "path" and info.data_prep.size == [80, 96]  # the IXI datalist
     from safetensors.torch import load_file
 
     assert all(torch.equal(v, load_file(tmp_path / "vq" / "model.safetensors")[k])
