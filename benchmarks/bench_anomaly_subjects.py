@@ -48,7 +48,9 @@ from scipy import ndimage
 
 from medidiff.anomaly import thresholds
 from medidiff.anomaly.config import AnomalySection, HealthyOptions
+from medidiff.anomaly.detect import latent_calibration
 from medidiff.anomaly.healthy import healthy_nfe, patch_tiles, reconstruct_healthy
+from medidiff.anomaly.latent import open_codec
 from medidiff.anomaly.maps import anomaly_map
 from medidiff.arrays import to_numpy
 from medidiff.cases import find_cases, load_case, plain, prepare, slicewise
@@ -93,6 +95,7 @@ VALIDATION_SEED = 0
 DEFAULT = "default"
 BASELINE = "neighbours_scan"
 ANODDPM = "anoddpm_simplex"
+LATENT = "latent_t50"
 #: key -> (label, changes of the recipe's ``anomaly`` section); ``None``: the no-model baseline.
 SETTINGS: dict[str, tuple[str, dict | None]] = {
     DEFAULT: ("", {}),  # the label is made from the recipe (``describe``)
@@ -101,8 +104,14 @@ SETTINGS: dict[str, tuple[str, dict | None]] = {
     ANODDPM: ("AnoDDPM: simplex noise to t_L 0.25 (lambda 250), DDIM-10 back, one reconstruction (for a model "
               "trained on simplex noise: recipes/anoddpm_brain_2d.yaml)",
               {"sampler": "ddim", "steps": 10, "t_levels": [0.25], "noise": "simplex", "n_samples": 1}),
+    LATENT: ("Pinaya et al.: latent DDPM on VQ-VAE codes, DDIM-10 from t_L 0.5 scores the latents, those above the "
+             "95th percentile of the healthy validation brains' scores (per position) re-denoised, one seed "
+             "(for a latent model: recipes/latent_brain_2d.yaml)",
+             {"method": "latent", "sampler": "ddim", "steps": 10, "t_levels": [0.5], "n_samples": 1}),
     BASELINE: (BENCH.BASELINES[BASELINE], None),
 }
+#: The healthy brains the latent threshold map is calibrated on (the validation subjects, without lesions).
+CALIBRATION = ROOT / "data" / "brains" / "calibration.json"
 QUICK = {"ddim1_t50_x1": ("one denoising step from t_L 0.5, one noise draw (smoke run)",
                           {"steps": 1, "t_levels": [0.5], "n_samples": 1}),
          BASELINE: SETTINGS[BASELINE]}
@@ -251,7 +260,18 @@ def with_model_noise(section: AnomalySection, info) -> AnomalySection:
     return section
 
 
-def healer(key: str, denoiser, section: AnomalySection, seed: int, device) -> Callable:
+def with_latent_map(section: AnomalySection, loaded: tuple, work: Path, device) -> tuple[AnomalySection, object]:
+    """For method ``latent``: the section naming a threshold map calibrated on ``CALIBRATION`` (as ``medidiff detect
+    --calibration`` makes it) and the model's VQ-VAE codec; otherwise the section and ``None``."""
+    if section.reconstruction.method != "latent":
+        return section, None
+    denoiser, info = loaded
+    codec, digest = open_codec(section.reconstruction, info, device)
+    path = latent_calibration(denoiser, info, section, CALIBRATION, work, 0, digest, device)
+    return section.updated(latent_thresholds=str(path)), codec
+
+
+def healer(key: str, denoiser, section: AnomalySection, seed: int, device, codec=None) -> Callable:
     """``heal(stack, fg) -> (map,)`` for ``slicewise``: the setting's anomaly map of a scan's kept slices."""
     opts = section.map
 
@@ -259,7 +279,8 @@ def healer(key: str, denoiser, section: AnomalySection, seed: int, device) -> Ca
         return (torch.from_numpy(anomaly_map(stack, BENCH.neighbours(stack), opts, mask=fg, spatial_dims=2)),)
 
     def model(stack, fg):
-        healthy, spread = reconstruct_healthy(denoiser, stack.to(device), section.reconstruction, seed=seed)
+        healthy, spread = reconstruct_healthy(denoiser, stack.to(device), section.reconstruction, seed=seed,
+                                              codec=codec)
         return (torch.from_numpy(anomaly_map(stack, healthy.cpu(), opts, mask=fg, spread=spread.cpu(),
                                              spatial_dims=2)),)
 
@@ -336,16 +357,16 @@ def saved_threshold(model: Path, key: str, section: AnomalySection) -> float | N
 
 
 def run_setting(model: Path, loaded: tuple, key: str, section: AnomalySection, cases: list[dict], seeds: list[int],
-                device) -> list[dict]:
+                device, work: Path) -> list[dict]:
     """One row per test seed for one model and setting (validation maps, threshold, test metrics)."""
     denoiser, info = loaded
-    section = with_model_noise(section, info)
+    section, codec = with_latent_map(with_model_noise(section, info), loaded, work, device)
     axis = 2 if info.data_prep.slicing_axis is None else info.data_prep.slicing_axis
     made: dict[tuple, tuple] = {}
 
     def mapped(case: dict) -> tuple[np.ndarray, float, int]:  # a case in both splits (--quick) is mapped once
         if (case["subject"], case["seed"]) not in made:
-            heal = healer(key, denoiser, section, case["seed"], device)
+            heal = healer(key, denoiser, section, case["seed"], device, codec)
             made[case["subject"], case["seed"]] = case_map(case, heal, section, axis)
         return made[case["subject"], case["seed"]]
 
@@ -541,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = load_cases(listing, loaded[1], base)
         cropped += [c["cropped"] for c in cases]
         for key in keys:
-            rows += run_setting(model, loaded, key, sections[key], cases, seeds, device)
+            rows += run_setting(model, loaded, key, sections[key], cases, seeds, device, work)
     if args.append and out.with_suffix(".json").is_file():
         rows = merge(rows, out.with_suffix(".json"))
         labels = json.loads(out.with_suffix(".json").read_text())["meta"]["labels"] | labels

@@ -66,7 +66,7 @@ from .healthy import healthy_evaluations, patch_tiles, reconstruct_healthy
 from .latent import LATENT_THRESHOLDS_FILE, calibrate_thresholds, open_codec, save_thresholds
 from .report import case_view, write_html, write_report
 
-__all__ = ["detect", "analyse", "CaseMaps"]
+__all__ = ["detect", "analyse", "CaseMaps", "latent_calibration"]
 
 log = logging.getLogger("medidiff.anomaly")
 
@@ -337,7 +337,7 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
     with Batch(out_dir, device, progress=options.progress) as batch:
         if (options.reconstruction.method == "latent" and options.reconstruction.latent_thresholds is None
                 and options.calibration is not None):  # the latent threshold map first, from the same scans
-            path = _latent_calibration(denoiser, info, options, resolve(options.calibration, "calibration scans"),
+            path = latent_calibration(denoiser, info, options, resolve(options.calibration, "calibration scans"),
                                        out_dir, seed, latent_files["autoencoder"][1], device)
             options = options.updated(latent_thresholds=str(path))
             latent_files["latent_thresholds"] = (path, digests.setdefault("latent_thresholds", _digest(path)))
@@ -428,7 +428,7 @@ def _open_latent(options: AnomalySection, info: ModelInfo, model_path: Path, res
     return options, files
 
 
-def _latent_calibration(denoiser, info: ModelInfo, options: AnomalySection, path: Path, out_dir: Path, seed: int,
+def latent_calibration(denoiser, info: ModelInfo, options: AnomalySection, path: Path, out_dir: Path, seed: int,
                         autoencoder_sha256: str, device) -> Path:
     """Method ``latent``'s threshold map from the healthy scans at ``path`` (``medidiff.anomaly.latent``), written
     as ``latent_thresholds.safetensors``. Every rank computes the same map and writes it atomically.
