@@ -40,16 +40,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["UNet", "SegmentationUNet", "Classifier", "AttentionPool", "VQVAE", "LatentCodec", "build_unet",
-           "build_segmentation_unet", "build_classifier", "build_vqvae", "build_network", "count_parameters"]
+__all__ = ["ConfiguredNet", "UNet", "SegmentationUNet", "Classifier", "AttentionPool", "VQVAE", "LatentCodec",
+           "build_unet", "build_segmentation_unet", "build_classifier", "build_vqvae", "build_network",
+           "count_parameters"]
 
 
-class UNet(nn.Module):
-    """A MONAI ``DiffusionModelUNet`` with its build config attached.
+class ConfiguredNet(nn.Module):
+    """A MONAI network with the build config that made it attached (``config``, saved in ``model.json``).
 
     Args:
         net: the MONAI network.
-        config: the keyword arguments of ``build_unet`` that made it.
+        config: the keyword arguments of the builder that made it.
     """
 
     def __init__(self, net: nn.Module, config: dict):
@@ -59,6 +60,15 @@ class UNet(nn.Module):
     @property
     def spatial_dims(self) -> int:
         return int(self.config["spatial_dims"])
+
+
+class UNet(ConfiguredNet):
+    """A MONAI ``DiffusionModelUNet`` with its build config attached.
+
+    Args:
+        net: the MONAI network.
+        config: the keyword arguments of ``build_unet`` that made it.
+    """
 
     @property
     def null_class(self) -> int | None:
@@ -161,21 +171,13 @@ def build_unet(
     return UNet(net, config)
 
 
-class SegmentationUNet(nn.Module):
+class SegmentationUNet(ConfiguredNet):
     """MONAI's ``UNet`` segmenting the conditioning channels; the noisy state and the time are ignored.
 
     Args:
         net: the MONAI ``UNet`` (input: the conditioning channels; output: one logit per model channel).
         config: the keyword arguments of ``build_segmentation_unet`` that made it (with ``arch: unet``).
     """
-
-    def __init__(self, net: nn.Module, config: dict):
-        super().__init__()
-        self.net, self.config = net, dict(config)
-
-    @property
-    def spatial_dims(self) -> int:
-        return int(self.config["spatial_dims"])
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | None = None, *, logits: bool = False) -> torch.Tensor:
         """Segment ``x[:, in_channels:]`` (the conditioning image).
@@ -360,21 +362,13 @@ def build_classifier(
     return Classifier(unet, head, config)
 
 
-class VQVAE(nn.Module):
+class VQVAE(ConfiguredNet):
     """MONAI's ``VQVAE`` with its build config attached: codes of images, and images of latents.
 
     Args:
         net: the MONAI ``VQVAE``.
         config: the keyword arguments of ``build_vqvae`` that made it (with ``arch: vqvae``).
     """
-
-    def __init__(self, net: nn.Module, config: dict):
-        super().__init__()
-        self.net, self.config = net, dict(config)
-
-    @property
-    def spatial_dims(self) -> int:
-        return int(self.config["spatial_dims"])
 
     @property
     def embedding_dim(self) -> int:
