@@ -93,6 +93,30 @@ class UNet(ConfiguredNet):
         return self.net(x, timesteps=timesteps, class_labels=class_labels)
 
 
+def _levels(spatial_dims: int, channels, attention_levels, num_res_blocks, num_head_channels: int,
+            norm_num_groups: int, resblock_updown: bool) -> dict:
+    """The checked U-Net level settings shared by the denoiser and the classifier, as their config writes them.
+
+    Raises:
+        ValueError: unsupported dimensions, or levels that do not fit together.
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if len(attention_levels) != len(channels):
+        raise ValueError(f"attention_levels has {len(attention_levels)} entries for {len(channels)} levels")
+    bad = [c for c in channels if c % norm_num_groups]
+    if bad:
+        raise ValueError(f"norm_num_groups={norm_num_groups} must divide every channel count, not {bad}")
+    return {
+        "channels": [int(c) for c in channels],
+        "attention_levels": [bool(a) for a in attention_levels],
+        "num_res_blocks": num_res_blocks if isinstance(num_res_blocks, int) else [int(n) for n in num_res_blocks],
+        "num_head_channels": int(num_head_channels),
+        "norm_num_groups": int(norm_num_groups),
+        "resblock_updown": bool(resblock_updown),
+    }
+
+
 def build_unet(
     spatial_dims: int = 2,
     in_channels: int = 1,
@@ -129,25 +153,15 @@ def build_unet(
     """
     from monai.networks.nets import DiffusionModelUNet
 
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    if len(attention_levels) != len(channels):
-        raise ValueError(f"attention_levels has {len(attention_levels)} entries for {len(channels)} levels")
-    bad = [c for c in channels if c % norm_num_groups]
-    if bad:
-        raise ValueError(f"norm_num_groups={norm_num_groups} must divide every channel count, not {bad}")
+    levels = _levels(spatial_dims, channels, attention_levels, num_res_blocks, num_head_channels, norm_num_groups,
+                     resblock_updown)
     out_channels = in_channels if out_channels is None else out_channels
     config = {
         "spatial_dims": int(spatial_dims),
         "in_channels": int(in_channels),
         "out_channels": int(out_channels),
         "cond_channels": int(cond_channels),
-        "channels": [int(c) for c in channels],
-        "attention_levels": [bool(a) for a in attention_levels],
-        "num_res_blocks": num_res_blocks if isinstance(num_res_blocks, int) else [int(n) for n in num_res_blocks],
-        "num_head_channels": int(num_head_channels),
-        "norm_num_groups": int(norm_num_groups),
-        "resblock_updown": bool(resblock_updown),
+        **levels,
         "dropout_cattn": float(dropout_cattn),
     }
     if num_class_embeds:
@@ -331,26 +345,16 @@ def build_classifier(
     """
     from monai.networks.nets import DiffusionModelUNet
 
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    levels = _levels(spatial_dims, channels, attention_levels, num_res_blocks, num_head_channels, norm_num_groups,
+                     resblock_updown)
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
-    if len(attention_levels) != len(channels):
-        raise ValueError(f"attention_levels has {len(attention_levels)} entries for {len(channels)} levels")
-    bad = [c for c in channels if c % norm_num_groups]
-    if bad:
-        raise ValueError(f"norm_num_groups={norm_num_groups} must divide every channel count, not {bad}")
     config = {
         "arch": "classifier",
         "spatial_dims": int(spatial_dims),
         "in_channels": int(in_channels),
         "num_classes": int(num_classes),
-        "channels": [int(c) for c in channels],
-        "attention_levels": [bool(a) for a in attention_levels],
-        "num_res_blocks": num_res_blocks if isinstance(num_res_blocks, int) else [int(n) for n in num_res_blocks],
-        "num_head_channels": int(num_head_channels),
-        "norm_num_groups": int(norm_num_groups),
-        "resblock_updown": bool(resblock_updown),
+        **levels,
     }
     unet = DiffusionModelUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=in_channels,
                               num_res_blocks=num_res_blocks, channels=tuple(channels),
