@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("detect", help="anomaly heatmaps for the scans at a path (healthy reconstruction)",
                        epilog=EXIT_CODES)
-    p.add_argument("--model", required=True, help="weights: a .safetensors file (its .json beside it) or a folder")
+    p.add_argument("--model", help="weights: a .safetensors file (its .json beside it) or a folder (default: "
+                                   "data/weights/healthy_brain_2d.safetensors, the bundled model of healthy brain MRI)")
     p.add_argument("-i", "--input", required=True, help="a NIfTI file or folder, DICOM, or a JSON datalist")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     p.add_argument("--labels", help="lesion mask of a single scan (enables metrics.json)")
@@ -336,8 +337,7 @@ def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
 
 
 def _detect_command(args: argparse.Namespace) -> int:
-    section = {"model": args.model, "inputs": args.input,
-               **_given(args, ("labels", "mask", "calibration", "threshold"))}
+    section = {"inputs": args.input, **_given(args, ("model", "labels", "mask", "calibration", "threshold"))}
     return _task_command(args, "anomaly", section, _given(args, ("method",)))
 
 

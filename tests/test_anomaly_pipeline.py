@@ -136,8 +136,13 @@ def test_demo_recipe_is_valid():
     from medidiff.recipes import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "demo.yaml")
-    assert recipe.task == "anomaly" and recipe.anomaly.model == "data/weights/demo_brain_2d.safetensors"
-    assert (ROOT / recipe.anomaly.inputs).is_file() and (ROOT / recipe.anomaly.calibration).is_file()
+    assert recipe.task == "anomaly" and recipe.anomaly.model == "data/weights/healthy_brain_2d.safetensors"
+    assert (ROOT / recipe.anomaly.inputs).is_file() and recipe.anomaly.calibration is None
+    # no calibration scans: the threshold saved beside the model applies, calibrated with the demo's settings
+    from medidiff.anomaly.thresholds import saved_threshold
+
+    threshold = saved_threshold(ROOT / recipe.anomaly.model, recipe.anomaly.map_settings())[0]
+    assert threshold == pytest.approx(0.194, abs=5e-4)
 
 
 def test_a_threshold_saved_with_the_model_is_used_only_for_its_settings(tmp_path, tiny_model):

@@ -7,6 +7,7 @@ import io
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -217,6 +218,19 @@ def test_quiet_turns_the_progress_bars_off(tmp_path, monkeypatch, capsys):
     assert main(["train", str(recipe), "-o", str(tmp_path / "o"), "--device", "cpu"]) == 0
     assert seen["recipe"].training.progress is True
     assert capsys.readouterr().out.splitlines()[0].startswith("device: cpu (")
+
+
+def test_detect_without_a_model_uses_the_bundled_healthy_brain_model(tmp_path, monkeypatch):
+    """``--model`` is optional: detect then runs the bundled model of healthy brains (its weights and threshold)."""
+    from medidiff.results import TaskResult
+
+    recipes = []
+    monkeypatch.setattr(runs, "run", lambda recipe, out: recipes.append(recipe) or TaskResult(summary="done"))
+    assert main(["detect", "-i", "scan.nii.gz", "-o", str(tmp_path), "--quiet"]) == 0
+    assert main(["detect", "--model", "m.safetensors", "-i", "scan.nii.gz", "-o", str(tmp_path), "--quiet"]) == 0
+    assert [r.anomaly.model for r in recipes] == ["data/weights/healthy_brain_2d.safetensors", "m.safetensors"]
+    bundled = Path(__file__).resolve().parents[1] / recipes[0].anomaly.model
+    assert bundled.is_file() and bundled.with_name("healthy_brain_2d.thresholds.json").is_file()
 
 
 def test_detect_method_lists_every_method_and_routes_to_the_reconstruction(tmp_path, monkeypatch, capsys):

@@ -172,7 +172,7 @@ class AnomalySection(TaskSection):
         progress: show progress bars.
     """
 
-    model: PathText = "data/weights/demo_brain_2d.safetensors"
+    model: PathText = "data/weights/healthy_brain_2d.safetensors"
     inputs: PathText | None = None
     calibration: PathText | None = None
     threshold: float | PathText | None = None
