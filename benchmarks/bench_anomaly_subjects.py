@@ -374,11 +374,12 @@ def run_setting(model: Path, loaded: tuple, key: str, section: AnomalySection, c
     val_maps = [mapped(c)[0] for c in val]
     threshold = calibrate(val_maps, val)
     saved = saved_threshold(model, key, section)
-    val_auprc = float(np.mean([polarity_metrics(m, c["label"], c["brain"])["auprc_all"]
-                               for m, c in zip(val_maps, val)]))
+    val_metrics = [polarity_metrics(m, c["label"], c["brain"]) for m, c in zip(val_maps, val)]
+    val_auprc = {f"val_auprc{'' if p == 'all' else '_' + p}": float(np.mean([v[f"auprc_{p}"] for v in val_metrics]))
+                 for p in POLARITIES}
     plane = [s for i, s in enumerate(val[0]["image"].shape[1:]) if i != axis]
     common = {"model": _shown(model), "model_step": info.step, "setting": key, "threshold": threshold,
-              "saved_threshold": saved, "val_auprc": val_auprc, "n_validation": len(val),
+              "saved_threshold": saved, **val_auprc, "n_validation": len(val),
               "nfe": nfe_per_slice(key, denoiser, section, plane)}
     rows = []
     for seed in seeds:
@@ -418,12 +419,19 @@ COLUMNS = (("val AUPRC", "val_auprc", 3, 1.0), ("AUROC", "auroc_all", 3, 1.0), (
            ("s / volume", "s_per_volume", 1, 1.0))
 
 
+def selection_score(row: dict) -> float:
+    """What a setting is chosen by: its validation AUPRC on the polarity it finds worse (a setting that finds only
+    bright lesions is not chosen for a high pooled AUPRC); the pooled AUPRC for rows without per-polarity values."""
+    per_polarity = [row[f"val_auprc_{p}"] for p in POLARITIES[1:] if f"val_auprc_{p}" in row]
+    return min(per_polarity) if per_polarity else row["val_auprc"]
+
+
 def chosen_settings(rows: list[dict]) -> dict[str, str]:
-    """Per model, the model setting (not the baseline) with the best validation AUPRC."""
+    """Per model, the model setting (not the baseline) with the best ``selection_score``."""
     best: dict[str, tuple[float, str]] = {}
     for r in rows:
-        if r["setting"] != BASELINE and r["val_auprc"] > best.get(r["model"], (-np.inf, ""))[0]:
-            best[r["model"]] = (r["val_auprc"], r["setting"])
+        if r["setting"] != BASELINE and selection_score(r) > best.get(r["model"], (-np.inf, ""))[0]:
+            best[r["model"]] = (selection_score(r), r["setting"])
     return {m: k for m, (_, k) in best.items()}
 
 
@@ -481,7 +489,9 @@ def write_report(path: Path, rows: list[dict], meta: dict) -> None:
         "default setting only (on the data that model was made for); '—' for other settings, or when the "
         "model has none or it was calibrated with other settings.",
         "- Dice at the validation threshold. val AUPRC: pooled lesions, mean over validation subjects; "
-        "'(chosen)': the model setting with the best val AUPRC (the baseline is not a candidate).",
+        "'(chosen)': the model setting with the best validation AUPRC of its worse polarity (bright or dark; the "
+        "pooled val AUPRC for rows measured before per-polarity values were recorded); the baseline is not a "
+        "candidate.",
         "- The no-model baseline maps |scan - mean of the neighbouring processed slices| with the same map "
         "filters; it needs no network (NFE 0).",
         f"- s / volume: reconstruction and map of one scan's processed slices (on average "

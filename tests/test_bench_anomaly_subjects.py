@@ -101,6 +101,13 @@ def test_chosen_setting_is_a_model_setting_and_append_replaces(bench, tmp_path):
             {"model": "m", "setting": bench.DEFAULT, "seed": 0, "val_auprc": 0.5},
             {"model": "m", "setting": "ddim5_t40_x5", "seed": 0, "val_auprc": 0.4}]
     assert bench.chosen_settings(rows) == {"m": bench.DEFAULT}
+    # with per-polarity values, the weaker polarity decides: a bright-only setting loses despite its pooled AUPRC
+    polar = [{"model": "p", "setting": "invert10_t25", "seed": 0, "val_auprc": 0.16, "val_auprc_bright": 0.30,
+              "val_auprc_dark": 0.01},
+             {"model": "p", "setting": bench.DEFAULT, "seed": 0, "val_auprc": 0.08, "val_auprc_bright": 0.07,
+              "val_auprc_dark": 0.09}]
+    assert bench.chosen_settings(polar) == {"p": bench.DEFAULT}
+    assert bench.selection_score(polar[0]) == 0.01 and bench.selection_score(rows[1]) == 0.5
     earlier = tmp_path / "rows.json"
     earlier.write_text(json.dumps({"rows": rows}))
     merged = bench.merge([{"model": "m", "setting": bench.DEFAULT, "seed": 0, "val_auprc": 0.1}], earlier)
