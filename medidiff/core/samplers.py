@@ -190,13 +190,15 @@ def ddim(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, 
 
 
 def _ddim(name: str, denoiser, x, process, steps, *, t_start, hook, callback, generator, eta, grid,
-          progress) -> torch.Tensor:
+          progress, before: Callable[[_Grid], Callable] | None = None) -> torch.Tensor:
+    """DDIM steps along the grid; ``before(grid)`` makes ``_integrate``'s per-step ``before`` (e.g. replacements)."""
     g = _Grid(process, steps, t_start, grid)
 
     def update(i, x, x0):
         return _ddim_step(x, x0, g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1], eta, generator)
 
-    return _integrate(name, denoiser, x, g, hook=hook, callback=callback, progress=progress, update=update)
+    return _integrate(name, denoiser, x, g, hook=hook, callback=callback, progress=progress, update=update,
+                      before=None if before is None else before(g))
 
 
 def ddpm(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
@@ -401,20 +403,18 @@ def masked_ddim(denoiser, x, process, steps, *, known: torch.Tensor, keep: torch
     Returns:
         The sample: ``known`` where ``keep``, re-denoised elsewhere.
     """
-    g = _Grid(process, steps, t_start, grid)
     keep = torch.as_tensor(keep, device=x.device).bool()
     if keep.ndim != x.ndim:
         raise ValueError(f"keep has {keep.ndim} dims, the state {x.ndim}")
 
-    def replace(i, x):
-        noised = g.alpha[i] * known + g.sigma[i] * gaussian_like(known, generator)
-        return torch.where(keep, noised.to(x.dtype), x)
+    def replacement(g: _Grid) -> Callable:
+        def replace(i, x):
+            noised = g.alpha[i] * known + g.sigma[i] * gaussian_like(known, generator)
+            return torch.where(keep, noised.to(x.dtype), x)
+        return replace
 
-    def update(i, x, x0):
-        return _ddim_step(x, x0, g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1], eta, generator)
-
-    out = _integrate("masked_ddim", denoiser, x, g, hook=hook, callback=callback, progress=progress,
-                     update=update, before=replace)
+    out = _ddim("masked_ddim", denoiser, x, process, steps, t_start=t_start, hook=hook, callback=callback,
+                generator=generator, eta=eta, grid=grid, progress=progress, before=replacement)
     return torch.where(keep, known.to(out.dtype), out)
 
 
