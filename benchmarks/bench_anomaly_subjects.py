@@ -48,7 +48,7 @@ from scipy import ndimage
 
 from medidiff.anomaly import thresholds
 from medidiff.anomaly.config import AnomalySection, HealthyOptions
-from medidiff.anomaly.detect import latent_calibration
+from medidiff.anomaly.detect import latent_calibration, with_model_noise
 from medidiff.anomaly.healthy import healthy_nfe, patch_tiles, reconstruct_healthy
 from medidiff.anomaly.latent import open_codec
 from medidiff.anomaly.maps import anomaly_map
@@ -249,15 +249,6 @@ def describe(recon: HealthyOptions) -> str:
     seeds = f", {recon.reduce} of {recon.n_samples} seeds" if recon.samples > 1 else ""
     patch = "patch-wise " if recon.method == "patch" else ""
     return f"{patch}{recon.sampler.upper()}-{recon.steps} from t_L {levels}{seeds}"
-
-
-def with_model_noise(section: AnomalySection, info) -> AnomalySection:
-    """The section with the model's training noise options when it noises with the model's kind of noise and
-    names no options of its own (a simplex-trained model is noised with the simplex noise it learned)."""
-    recon = section.reconstruction
-    if recon.noise == info.noise.kind and not recon.noise_options and info.noise.options:
-        return section.updated(noise_options=dict(info.noise.options))
-    return section
 
 
 def with_latent_map(section: AnomalySection, loaded: tuple, work: Path, device) -> tuple[AnomalySection, object]:

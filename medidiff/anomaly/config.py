@@ -53,7 +53,8 @@ class HealthyOptions(_Section):
         sampler: reverse sampler (``ddim``, ``dpm_solver_2m``, ``ddpm``...; ``latent``: ``ddim`` or ``ddpm``).
         steps: sampler steps from each level (``null``: the whole DDPM chain, as AnoDDPM).
         noise: forward noise, ``gaussian`` or ``simplex``.
-        noise_options: options of the noise (simplex ``octaves``, ``frequency``...).
+        noise_options: options of the noise (simplex ``octaves``, ``frequency``...); empty: the options the model was
+            trained with, when it was trained on this kind of noise.
         n_samples: reconstructions per level from other noise seeds, reduced by ``reduce``.
         reduce: ``median`` or ``mean`` over the samples.
         spread: ``std`` or ``mad`` between the samples.

@@ -66,7 +66,7 @@ from .healthy import healthy_evaluations, patch_tiles, reconstruct_healthy
 from .latent import LATENT_THRESHOLDS_FILE, calibrate_thresholds, open_codec, save_thresholds
 from .report import case_view, write_html, write_report
 
-__all__ = ["detect", "analyse", "CaseMaps", "latent_calibration"]
+__all__ = ["detect", "analyse", "CaseMaps", "latent_calibration", "with_model_noise"]
 
 log = logging.getLogger("medidiff.anomaly")
 
@@ -331,6 +331,7 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
     options, latent_files = _open_latent(options, info, model_path, resolve, device)
     digests = {"model": digest, **({"classifier": classifier_digest} if classifier_digest else {}),
                **{k: v[1] for k, v in latent_files.items()}}
+    options = with_model_noise(options, info)
     if options.reconstruction.noise != info.noise.kind:
         log.warning("the model was trained with %s noise, detection uses %s noise", info.noise.kind,
                     options.reconstruction.noise)
@@ -378,6 +379,15 @@ def detect(model: str | Path, inputs: str | Path, out_dir: str | Path, options: 
                                       "writes the run's tables")
         return _summarise(got, calibration_failures, denoiser, info, options, model_path, inputs_path, out_dir,
                           thr, thr_record, classifier=(classifier_path, classifier_digest), latent=latent_files)
+
+
+def with_model_noise(options: AnomalySection, info: ModelInfo) -> AnomalySection:
+    """The options with the model's training noise options when they noise with the model's kind of noise and
+    name no options of their own (a simplex-trained model is noised with the simplex noise it learned)."""
+    recon = options.reconstruction
+    if recon.noise == info.noise.kind and not recon.noise_options and info.noise.options:
+        return options.updated(noise_options=dict(info.noise.options))
+    return options
 
 
 def _digest(path: Path) -> str:
