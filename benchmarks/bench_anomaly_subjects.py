@@ -2,6 +2,7 @@
 
     python benchmarks/bench_anomaly_subjects.py [--models a.safetensors,b.safetensors] [--only default,...]
         [--seeds 0,1,2] [--max-subjects N] [--threads N] [--device cpu] [--append] [--quick] [--out FILE]
+        [--choose key,key] [--classifier PATH]
 
 Cases: every subject of the validation and test splits of ``data/brains`` (IXI T1 brains, skull-stripped,
 2 mm; ``medidiff.data.sample.brain_subjects``), the whole volume with 2 bright (hyperintense) and 2 dark
@@ -16,7 +17,11 @@ scan's slices in one call, as detect does.
 
 Settings (per model): the default of ``recipes/demo.yaml``, DDIM inversion to t_L 0.25 and back (10+10
 steps), DDIM-5 from t_L 0.4 with the median of 5 seeds (``benchmarks/bench_anomaly.py``'s settings applied
-to the recipe), and the no-model baseline (the mean of the two neighbouring slices of the scan). Each
+to the recipe), AnoDDPM for a simplex-trained model (DDIM-10, and ancestral DDPM drawing simplex noise in every
+step as the paper samples), Pinaya et al.'s latent method, Wolleb et al.'s classifier guidance and Sanchez et al.'s
+counterfactuals (candidate scales and weights: ``--choose`` maps each on the validation cases and runs only the best
+on the test cases), a 3D model's whole-volume setting, and the no-model baseline (the mean of the two neighbouring
+slices of the scan). Each
 setting's threshold is calibrated at a 5 % voxel false-positive rate on the validation cases' brain voxels
 outside the lesions dilated by 2 voxels; for the default setting the threshold saved with the model
 (``<model>.thresholds.json``, calibrated for it) is applied as well. Test metrics per case: voxel AUROC and
@@ -95,7 +100,14 @@ VALIDATION_SEED = 0
 DEFAULT = "default"
 BASELINE = "neighbours_scan"
 ANODDPM = "anoddpm_simplex"
+ANODDPM_DDPM = "anoddpm_simplex_ddpm"
 LATENT = "latent_t50"
+VOLUME = "volume_ddim5_t40_x5"
+#: Candidates of the guided methods, chosen among on the validation cases (``--choose``).
+GUIDANCE_SCALES = (10, 100)
+GUIDANCE_WEIGHTS = (1.5, 3)
+#: The classifier of the ``guided`` settings (``--classifier``).
+CLASSIFIER = ROOT / "runs" / "classifier_lesion_2d"
 #: key -> (label, changes of the recipe's ``anomaly`` section); ``None``: the no-model baseline.
 SETTINGS: dict[str, tuple[str, dict | None]] = {
     DEFAULT: ("", {}),  # the label is made from the recipe (``describe``)
@@ -108,6 +120,23 @@ SETTINGS: dict[str, tuple[str, dict | None]] = {
              "95th percentile of the healthy validation brains' scores (per position) re-denoised, one seed "
              "(for a latent model: recipes/latent_brain_2d.yaml)",
              {"method": "latent", "sampler": "ddim", "steps": 10, "t_levels": [0.5], "n_samples": 1}),
+    ANODDPM_DDPM: ("AnoDDPM as the paper samples: simplex noise to t_L 0.25 (lambda 250), ancestral DDPM back with "
+                   "simplex noise in every step (50 steps skipping along the 250-step chain), one reconstruction (for "
+                   "a model trained on simplex noise)",
+                   {"sampler": "ddpm", "steps": 50, "t_levels": [0.25], "noise": "simplex", "n_samples": 1}),
+    **{f"guided_s{s:g}": (f"Wolleb et al.: DDIM inversion to t_L 0.5 (10 steps), DDIM-10 back steered to 'healthy' by "
+                          f"the noise-aware classifier's gradient, scale {s:g} (for the classifier: --classifier)",
+                          {"method": "guided", "steps": 10, "t_levels": [0.5], "guidance_scale": float(s)})
+       for s in GUIDANCE_SCALES},
+    **{f"counterfactual_w{w:g}": (f"Sanchez et al.: DDIM inversion to t_L 0.5 with the null class (10 steps), "
+                                  f"DDIM-10 back with classifier-free guidance to 'healthy', weight {w:g} (for a "
+                                  "class-conditional model: recipes/counterfactual_lesion_2d.yaml)",
+                                  {"method": "counterfactual", "steps": 10, "t_levels": [0.5],
+                                   "guidance_weight": float(w)})
+       for w in GUIDANCE_WEIGHTS},
+    VOLUME: ("3D model, whole volume: DDIM-5 from t_L 0.4, median of 5 seeds (for a 3D model: "
+             "recipes/healthy_brain_3d.yaml)",
+             {"steps": 5, "t_levels": [0.4], "n_samples": 5}),
     BASELINE: (BENCH.BASELINES[BASELINE], None),
 }
 #: The healthy brains the latent threshold map is calibrated on (the validation subjects, without lesions).
@@ -262,26 +291,32 @@ def with_latent_map(section: AnomalySection, loaded: tuple, work: Path, device) 
     return section.updated(latent_thresholds=str(path)), codec
 
 
-def healer(key: str, denoiser, section: AnomalySection, seed: int, device, codec=None) -> Callable:
-    """``heal(stack, fg) -> (map,)`` for ``slicewise``: the setting's anomaly map of a scan's kept slices."""
+def healer(key: str, denoiser, section: AnomalySection, seed: int, device, codec=None, spatial_dims: int = 2
+           ) -> Callable:
+    """``heal(stack, fg) -> (map,)`` for ``slicewise``: the setting's anomaly map of a scan's kept slices (of the
+    whole volume for a 3D model)."""
     opts = section.map
 
     def baseline(stack, fg):
+        if spatial_dims != 2:
+            raise SystemExit("the neighbour-slice baseline runs on a 2D model's grid: leave it out for a 3D model")
         return (torch.from_numpy(anomaly_map(stack, BENCH.neighbours(stack), opts, mask=fg, spatial_dims=2)),)
 
     def model(stack, fg):
         healthy, spread = reconstruct_healthy(denoiser, stack.to(device), section.reconstruction, seed=seed,
                                               codec=codec)
         return (torch.from_numpy(anomaly_map(stack, healthy.cpu(), opts, mask=fg, spread=spread.cpu(),
-                                             spatial_dims=2)),)
+                                             spatial_dims=spatial_dims)),)
 
     return baseline if key == BASELINE else model
 
 
-def case_map(case: dict, heal: Callable, section: AnomalySection, axis: int) -> tuple[np.ndarray, float, int]:
-    """A case's anomaly map ``(1, X, Y, Z)`` (0 on skipped slices), the seconds it took and the slices processed."""
+def case_map(case: dict, heal: Callable, section: AnomalySection, axis: int, spatial_dims: int = 2
+             ) -> tuple[np.ndarray, float, int]:
+    """A case's anomaly map ``(1, X, Y, Z)`` (0 on skipped slices), the seconds it took and the slices processed
+    (1 for a 3D model's whole volume)."""
     start = time.perf_counter()
-    (score,), n = slicewise(heal, case["image"], case["brain"].float(), spatial_dims=2, axis=axis,
+    (score,), n = slicewise(heal, case["image"], case["brain"].float(), spatial_dims=spatial_dims, axis=axis,
                             min_foreground=section.min_foreground, fills=(0.0,))
     return score.numpy(), time.perf_counter() - start, n
 
@@ -348,17 +383,20 @@ def saved_threshold(model: Path, key: str, section: AnomalySection) -> float | N
 
 
 def run_setting(model: Path, loaded: tuple, key: str, section: AnomalySection, cases: list[dict], seeds: list[int],
-                device, work: Path) -> list[dict]:
-    """One row per test seed for one model and setting (validation maps, threshold, test metrics)."""
+                device, work: Path, *, test: bool = True, made: dict | None = None) -> list[dict]:
+    """One row per test seed for one model and setting (validation maps, threshold, test metrics); ``test=False``:
+    one validation-only row (seed ``None``), a candidate that was not chosen. ``made`` caches the maps of the cases
+    (by subject and seed) between calls for the same model and setting."""
     denoiser, info = loaded
     section, codec = with_latent_map(with_model_noise(section, info), loaded, work, device)
+    dims = info.spatial_dims
     axis = 2 if info.data_prep.slicing_axis is None else info.data_prep.slicing_axis
-    made: dict[tuple, tuple] = {}
+    made = {} if made is None else made
 
     def mapped(case: dict) -> tuple[np.ndarray, float, int]:  # a case in both splits (--quick) is mapped once
         if (case["subject"], case["seed"]) not in made:
-            heal = healer(key, denoiser, section, case["seed"], device, codec)
-            made[case["subject"], case["seed"]] = case_map(case, heal, section, axis)
+            heal = healer(key, denoiser, section, case["seed"], device, codec, dims)
+            made[case["subject"], case["seed"]] = case_map(case, heal, section, axis, dims)
         return made[case["subject"], case["seed"]]
 
     val = [c for c in cases if c["split"] == "validation"]
@@ -371,7 +409,9 @@ def run_setting(model: Path, loaded: tuple, key: str, section: AnomalySection, c
     plane = [s for i, s in enumerate(val[0]["image"].shape[1:]) if i != axis]
     common = {"model": _shown(model), "model_step": info.step, "setting": key, "threshold": threshold,
               "saved_threshold": saved, **val_auprc, "n_validation": len(val),
-              "nfe": nfe_per_slice(key, denoiser, section, plane)}
+              "nfe": nfe_per_slice(key, denoiser, section, plane), "spatial_dims": dims}
+    if not test:
+        return [{**common, "seed": None, "validation_only": True}]
     rows = []
     for seed in seeds:
         per_subject, slices = {}, []
@@ -418,9 +458,11 @@ def selection_score(row: dict) -> float:
 
 
 def chosen_settings(rows: list[dict]) -> dict[str, str]:
-    """Per model, the model setting (not the baseline) with the best ``selection_score``."""
+    """Per model, the tested model setting (not the baseline) with the best ``selection_score``."""
     best: dict[str, tuple[float, str]] = {}
     for r in rows:
+        if r.get("validation_only"):
+            continue
         if r["setting"] != BASELINE and selection_score(r) > best.get(r["model"], (-np.inf, ""))[0]:
             best[r["model"]] = (selection_score(r), r["setting"])
     return {m: k for m, (_, k) in best.items()}
@@ -449,7 +491,10 @@ def _table(rows: list[dict], labels: dict[str, str], chosen: dict[str, str], val
 
 
 def write_report(path: Path, rows: list[dict], meta: dict) -> None:
-    """The markdown table of the test rows, and the per-subject table of ``FOCUS``."""
+    """The markdown table of the test rows, the per-subject table of ``FOCUS``, and the candidates chosen among on
+    validation only."""
+    candidates = [r for r in rows if r.get("validation_only")]
+    rows = [r for r in rows if not r.get("validation_only")]
     chosen, labels = chosen_settings(rows), meta["labels"]
     lines = [
         "# Anomaly detection on brains the models never saw", "",
@@ -491,6 +536,25 @@ def write_report(path: Path, rows: list[dict], meta: dict) -> None:
         "average (not scored).",
     ]
     present = {r["setting"] for r in rows}
+    if ANODDPM_DDPM in present:
+        lines.append("- AnoDDPM as the paper samples: the same simplex-trained model, every reverse step drawing "
+                     "simplex noise (`medidiff.core.samplers`' `noise`; the paper's 250 ancestral steps skipped to "
+                     "50 along the same chain, for a CPU); not tuned on the validation subjects.")
+    if any(r.get("spatial_dims") == 3 for r in rows):
+        lines.append("- 3D: a 3D U-Net of whole brains at 4 mm trained from scratch on the IXI training brains "
+                     "(recipes/healthy_brain_3d.yaml, on a CPU); its metrics are on its 4 mm grid (the lesions "
+                     "resampled to it), its NFE per volume; lesions of 3-8 mm radius are 1-2 of its voxels across.")
+    if {k for k in present if k.startswith(("guided", "counterfactual"))}:
+        lines.append("- guided (Wolleb et al. 2022) and counterfactual (Sanchez et al. 2022): a noise-aware "
+                     "classifier (recipes/classifier_lesion_2d.yaml) and a class-conditional model fine-tuned from "
+                     "healthy_brain_2d (recipes/counterfactual_lesion_2d.yaml), both trained on the IXI training "
+                     "brains with generated lesions labelled per image; the guidance scale / weight chosen on the "
+                     "validation cases among the candidates below, only the chosen one run on the test cases.")
+    if candidates:
+        lines += ["", "Candidates chosen among on the validation cases only (worse-polarity validation AUPRC; the "
+                  "tested one is in the table):", ""]
+        lines += [f"- `{_model_name(r['model'])}` {labels.get(r['setting'], r['setting'])}: "
+                  f"{selection_score(r):.4f} (pooled {r['val_auprc']:.4f})" for r in candidates]
     if ANODDPM in present:
         lines.append("- AnoDDPM: the healthy model of many subjects fine-tuned on simplex noise for 1,200 steps on a "
                      "CPU (the paper trains from scratch) and decoded with DDIM-10 from lambda 250 (the paper: 250 "
@@ -527,6 +591,13 @@ def plan_cases(quick: bool, limit: int, seeds: list[int]) -> tuple[dict, str]:
     return plan, data
 
 
+def _with_classifier(changes: dict | None, classifier: Path) -> dict | None:
+    """A guided setting's changes with the classifier to steer by."""
+    if changes and changes.get("method") == "guided":
+        return {**changes, "classifier": str(classifier)}
+    return changes
+
+
 def merge(rows: list[dict], earlier: Path) -> list[dict]:
     """Rows of an earlier run's JSON not replaced by ``rows`` (same model, setting and seed), then ``rows``."""
     def key(r: dict) -> tuple:
@@ -547,6 +618,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--append", action="store_true",
                         help="merge into the rows of the JSON beside --out (same model, setting and seed replaced)")
+    parser.add_argument("--choose", help="comma-separated setting keys among --only that are candidates: each model "
+                                         "maps them on the validation cases and only the best one is run on the "
+                                         "test cases")
+    parser.add_argument("--classifier", type=Path, default=CLASSIFIER,
+                        help="the noise-aware classifier of the guided settings")
     parser.add_argument("--quick", action="store_true", help="a smoke run (see the docstring)")
     parser.add_argument("--out", type=Path, help="the table (default: benchmarks/results/anomaly_subjects.md; "
                                                  "--quick: a temporary folder)")
@@ -570,15 +646,23 @@ def main(argv: list[str] | None = None) -> int:
     plan, data = plan_cases(args.quick, args.max_subjects, seeds)
     listing = write_cases(work, plan)
     base = recipe_section()
-    sections = {k: setting_section(base, table[k][1]) for k in keys}
+    sections = {k: setting_section(base, _with_classifier(table[k][1], args.classifier)) for k in keys}
+    choose = [k for k in keys if args.choose and k in args.choose.split(",")]
     labels = {k: table[k][0] or f"default of recipes/demo.yaml: {describe(sections[k].reconstruction)}" for k in keys}
     rows, cropped = [], []
     for model in models:
         loaded = load_denoiser(model, device)
         cases = load_cases(listing, loaded[1], base)
         cropped += [c["cropped"] for c in cases]
-        for key in keys:
-            rows += run_setting(model, loaded, key, sections[key], cases, seeds, device, work)
+        made: dict[str, dict] = {k: {} for k in keys}
+        for key in (k for k in keys if k not in choose):
+            rows += run_setting(model, loaded, key, sections[key], cases, seeds, device, work, made=made[key])
+        if choose:
+            tried = [run_setting(model, loaded, k, sections[k], cases, seeds, device, work, test=False,
+                                 made=made[k])[0] for k in choose]
+            best = max(tried, key=selection_score)["setting"]
+            rows += [r for r in tried if r["setting"] != best]
+            rows += run_setting(model, loaded, best, sections[best], cases, seeds, device, work, made=made[best])
     if args.append and out.with_suffix(".json").is_file():
         rows = merge(rows, out.with_suffix(".json"))
         labels = json.loads(out.with_suffix(".json").read_text())["meta"]["labels"] | labels
@@ -586,8 +670,8 @@ def main(argv: list[str] | None = None) -> int:
             "n_subjects": {s: len({p[0]["subject"] for p in pairs}) for s, pairs in plan.items()},
             "machine": f"{platform.processor() or platform.machine()} ({device}), {torch.get_num_threads()} PyTorch "
                        f"thread(s), torch {torch.__version__}",
-            "slices_per_volume": float(np.mean([r["slices_per_volume"] for r in rows])),
-            "cropped_share": float(np.mean(cropped))}
+            "slices_per_volume": float(np.mean([r["slices_per_volume"] for r in rows if "slices_per_volume" in r])),
+            "cropped_share": float(np.mean(cropped)) if cropped else 0.0}
     write_json({"meta": meta, "rows": rows}, out.with_suffix(".json"))
     write_report(out, rows, meta)
     print(f"wrote {out}")

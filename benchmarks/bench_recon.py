@@ -250,11 +250,16 @@ def main(argv=None) -> int:
             lines.append("")
             record[f"{modality} {label}"] = [(n, k, statistics.mean(v["psnr"]), statistics.mean(v["ssim"]), s)
                                             for n, k, v, s in rows]
-    lines += targets(record)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            write(out, lines, record)  # after every setting: a run cut short keeps what it measured
+    write(out, lines, record)
     print(f"wrote {out}")
     return 0
+
+
+def write(out: Path, lines: list[str], record: dict) -> None:
+    """The report so far: the settings measured and the targets over them."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines + targets(record)) + "\n", encoding="utf-8")
 
 
 def targets(record: dict) -> list[str]:

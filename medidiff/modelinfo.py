@@ -136,6 +136,7 @@ class DataPrep(_Strict):
         labels: for a segmentation model, what it generates.
         cases: number of training (and validation) cases.
         holdout, slices: provenance of a single-volume source (held-out and used slice ranges).
+        brains: the healthy brains generated lesions were drawn on (``sample:lesions``, ``sample:lesion_classes``).
     """
 
     source: str
@@ -150,6 +151,7 @@ class DataPrep(_Strict):
     cases: int | None = None
     holdout: list[list[int]] | None = None
     slices: list[int] | None = None
+    brains: list[str] | None = None
 
     @model_validator(mode="after")
     def _spacing(self) -> DataPrep:

@@ -626,10 +626,18 @@ def initial_weights(net: nn.Module, path: str | Path, prediction: str) -> dict:
     """
     import json
 
+    import torch
+
     from .weights import load_checked
 
     denoiser, info, digest = load_checked(path)
-    if json.dumps(info.net, sort_keys=True) != json.dumps(dict(net.config), sort_keys=True, default=list):
+    ours = dict(net.config)
+    # a class-conditional network may start from an unconditional one: its class embeddings start at zero, so
+    # every class begins as the saved model (Sanchez et al.'s counterfactual model fine-tuned from a healthy one)
+    added = "num_class_embeds" in ours and "num_class_embeds" not in info.net
+    if added:
+        ours.pop("num_class_embeds")
+    if json.dumps(info.net, sort_keys=True) != json.dumps(ours, sort_keys=True, default=list):
         raise TrainingError(f"the network of {path} differs from the recipe's model section",
                             where="training.init_from",
                             fix="copy the saved model's network settings (its .json 'net') into the recipe's "
@@ -637,5 +645,15 @@ def initial_weights(net: nn.Module, path: str | Path, prediction: str) -> dict:
     if info.prediction != prediction:
         raise TrainingError(f"{path} predicts {info.prediction!r}, the recipe {prediction!r}",
                             where="training.init_from", fix=f"set model.prediction: {info.prediction}.")
-    net.load_state_dict(denoiser.net.state_dict(), strict=True)
-    return {"name": model_paths(path)[0].name, "sha256": digest, "step": info.step}
+    missing, unexpected = net.load_state_dict(denoiser.net.state_dict(), strict=not added)
+    new = sorted(missing)
+    if added:
+        if unexpected or not new or any(".class_embedding." not in f".{k}" for k in new):
+            raise TrainingError(f"the weights of {path} do not fit the recipe's network "
+                                f"(missing {new}, unexpected {sorted(unexpected)})", where="training.init_from",
+                                fix="start from a model with the recipe's network settings.")
+        with torch.no_grad():
+            for key in new:
+                net.get_parameter(key).zero_()
+    record = {"name": model_paths(path)[0].name, "sha256": digest, "step": info.step}
+    return record | ({"zero_initialised": new} if added else {})

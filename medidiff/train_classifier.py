@@ -57,31 +57,30 @@ class ClassDataset(Dataset):
 def lesion_classes(cfg: DataConfig, seed: int) -> DataBundle:
     """``sample:lesion_classes``: brain slices, healthy or with generated lesions, labelled per image."""
     from .data.augment import Augmented
-    from .data.sample import data_dir
-    from .train_segment import brain_volumes, lesion_slices
+    from .train_segment import labelled_brains, lesion_slices
 
     if cfg.spatial_dims != 2 or cfg.slice_axis != 2:
         raise RecipeError("sample:lesion_classes gives axial 2D slices", where="data.spatial_dims",
                           fix="set data.spatial_dims: 2 and data.slice_axis: 2 (with a 2-entry data.size).")
     labels = (cfg.labels or LabelsConfig()).model_copy(update={"raters": 1, "boundary_mm": 0.0})
     one_rater = cfg.model_copy(update={"labels": labels})
-    brains = brain_volumes()
+    train_brains, val_brains, inputs = labelled_brains(cfg)
 
-    def items(variants: int, stream: int) -> tuple[ClassDataset, dict]:
+    def items(variants: int, stream: int, brains: list[dict]) -> tuple[ClassDataset, dict]:
         images, masks, _, record = lesion_slices(one_rater, seed, variants=variants, stream=stream, brains=brains)
         return ClassDataset(images.clamp(-1.0, 1.0), masks.flatten(1).any(dim=1).long()), record
 
-    train, record = items(labels.variants, 0)
+    train, record = items(labels.variants, 0, train_brains)
     n_val = max(1, round(labels.variants * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
-    val = items(n_val, 1)[0] if n_val else None
+    val = items(n_val, 1, val_brains)[0] if n_val else None
     if cfg.augment is not None:
         train = Augmented(train, **cfg.augment.model_dump())
     prep = {"source": "sample:lesion_classes", "modality": "MR T1", "orientation": "RAS", "spacing_mm": [2.0, 2.0],
             "slicing_axis": 2, "size": list(cfg.size), "cases": len(train),
             "intensity": {"method": "percentile", "percentiles": list(MRI_PERCENTILES),
                           "reference": record["reference"], "reference_levels": record["reference_levels"]},
-            "labels": {"classes": list(CLASSES)}, "holdout": [list(r) for r in cfg.holdout] or None}
-    inputs = [data_dir() / "mni152_2mm_t1.nii.gz", data_dir() / "mni152_2mm_brainmask.nii.gz"]
+            "labels": {"classes": list(CLASSES)}, "holdout": [list(r) for r in cfg.holdout] or None,
+            "brains": record["brains"]}
     return DataBundle(train, val, 1, data_prep=prep, inputs=inputs)
 
 

@@ -111,6 +111,11 @@ class LabelsConfig(BaseModel):
         contrast: lesion contrast range (relative to the tissue; bright and dark lesions alike).
         healthy_fraction: share of the generated cases without lesions.
         variants: lesion draws per brain slice.
+        brains: the healthy brains the lesions are drawn on: ``templates`` (the bundled 2 mm MNI152 brain and
+            nilearn's 1 mm one) or a MONAI datalist (JSON) of 2 mm brains with masks, e.g.
+            ``data/brains/datalist.json`` (the IXI subjects): its ``training`` entries (``image``, ``mask``) give
+            the training slices and its ``validation`` entries the validation slices. ``data.holdout`` applies
+            to the templates only.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -124,6 +129,7 @@ class LabelsConfig(BaseModel):
     contrast: tuple[PositiveFloat, PositiveFloat] = (0.2, 0.6)
     healthy_fraction: float = Field(0.25, ge=0.0, le=1.0)
     variants: PositiveInt = 6
+    brains: str = "templates"
 
 
 class DataConfig(BaseModel):

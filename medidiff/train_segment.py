@@ -182,6 +182,69 @@ def brain_volumes(with_1mm: bool = True) -> list[dict]:
     return out
 
 
+def datalist_brains(path: str | Path, split: str) -> list[dict]:
+    """The 2 mm brains of a MONAI datalist's ``split`` (``training``, ``validation``), as ``brain_volumes`` gives them.
+
+    Each entry needs ``image`` and ``mask`` (paths relative to the datalist's folder); the brains are reoriented to
+    RAS; ``z`` is ``nan`` (``data.holdout``'s template slices do not apply).
+
+    Raises:
+        RecipeError: the datalist is missing or unreadable, has no such entries, or a brain is not at 2 mm.
+    """
+    import json
+
+    import nibabel as nib
+
+    path = Path(path)
+    where = "data.labels.brains"
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8")).get(split) or []
+    except (OSError, ValueError, AttributeError) as err:
+        raise RecipeError(f"cannot read the datalist {path}: {err}", where=where,
+                          fix="give a MONAI datalist JSON with 'training' entries of 'image' and 'mask', or "
+                              "'templates'.") from err
+    if split == "training" and not entries:
+        raise RecipeError(f"{path} lists no training brains", where=where,
+                          fix="add 'training' entries with 'image' and 'mask' to the datalist.")
+    out = []
+    for entry in entries:
+        if not {"image", "mask"} <= set(entry):
+            raise RecipeError(f"an entry of {path} ({entry}) lacks 'image' or 'mask'", where=where,
+                              fix="give every brain its T1 ('image') and brain mask ('mask').")
+        image = nib.as_closest_canonical(nib.load(path.parent / entry["image"]))
+        mask = nib.as_closest_canonical(nib.load(path.parent / entry["mask"]))
+        if not np.allclose(image.header.get_zooms()[:3], 2.0, atol=0.05):
+            raise RecipeError(f"{entry['image']} has voxels of {image.header.get_zooms()[:3]} mm; the lesion "
+                              "generator draws on 2 mm brains", where=where,
+                              fix="resample the brains to 2 mm isotropic (e.g. scripts/prepare_brains.py).")
+        brain = torch.from_numpy(np.asarray(mask.dataobj) > 0)
+        t1 = torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32)) * brain
+        out.append({"name": Path(entry["image"]).name.split(".")[0], "t1": t1, "brain": brain,
+                    "z": torch.full((t1.shape[2],), float("nan"), dtype=torch.float64)})
+    return out
+
+
+def labelled_brains(cfg: DataConfig) -> tuple[list[dict], list[dict], list[Path]]:
+    """The training and validation brains of ``data.labels.brains`` and the files they came from.
+
+    ``templates``: the same brains for both (validation draws other lesions); a datalist: its splits
+    (validation falls back to the training brains when it lists none).
+    """
+    choice = cfg.labels.brains if cfg.labels is not None else "templates"
+    if choice == "templates":
+        from .data.sample import data_dir
+
+        brains = brain_volumes()
+        return brains, brains, [data_dir() / "mni152_2mm_t1.nii.gz", data_dir() / "mni152_2mm_brainmask.nii.gz"]
+    import json
+
+    train, val = datalist_brains(choice, "training"), datalist_brains(choice, "validation")
+    listed = json.loads(Path(choice).read_text(encoding="utf-8"))
+    files = [Path(choice)] + [Path(choice).parent / e[k] for split in ("training", "validation")
+                               for e in listed.get(split) or [] for k in ("image", "mask")]
+    return train, val or train, files
+
+
 def _centred(volume: torch.Tensor, brain: torch.Tensor, size: list[int], fill: float) -> torch.Tensor:
     """Crop/pad the in-plane axes (0, 1) of ``(X, Y, Z)`` so the brain's bounding box is centred in ``size``."""
     plane = brain.any(dim=2)
@@ -258,7 +321,6 @@ def lesion_slices(cfg: DataConfig, seed: int, *, variants: int | None = None, st
 
 def lesions(cfg: DataConfig, seed: int) -> DataBundle:
     """``sample:lesions``: brain slices with generated bright and dark lesions, one item per rater's mask."""
-    from .data.sample import data_dir
 
     if cfg.spatial_dims != 2 or cfg.slice_axis != 2:
         raise RecipeError("sample:lesions gives axial 2D slices", where="data.spatial_dims",
@@ -266,20 +328,19 @@ def lesions(cfg: DataConfig, seed: int) -> DataBundle:
     if cfg.labels is None or len(cfg.labels.classes) != 2:
         raise RecipeError("sample:lesions has two classes (background, lesion)", where="data.labels.classes",
                           fix="set data.labels.classes: [background, lesion].")
-    brains = brain_volumes()
+    train_brains, val_brains, inputs = labelled_brains(cfg)
 
-    def items(variants: int, stream: int) -> tuple[TensorDataset, dict]:
+    def items(variants: int, stream: int, brains: list[dict]) -> tuple[TensorDataset, dict]:
         images, masks, _, record = lesion_slices(cfg, seed, variants=variants, stream=stream, brains=brains)
         k = masks.shape[1]  # one item per rater: (slice 0, rater 0), (slice 0, rater 1)...
         return TensorDataset(mask_channels(masks.flatten(0, 1).long(), 2), images.repeat_interleave(k, 0)), record
 
-    train, record = items(cfg.labels.variants, 0)
+    train, record = items(cfg.labels.variants, 0, train_brains)
     n_val = max(1, round(cfg.labels.variants * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
-    val = items(n_val, 1)[0] if n_val else None
+    val = items(n_val, 1, val_brains)[0] if n_val else None
     prep = {"source": "sample:lesions", "modality": "MR T1", "orientation": "RAS", "spacing_mm": [2.0, 2.0],
             "slicing_axis": 2, "size": list(cfg.size), "cases": len(train) // cfg.labels.raters,
             "intensity": {"method": "percentile", "percentiles": list(MRI_PERCENTILES),
                           "reference": record["reference"], "reference_levels": record["reference_levels"]},
-            "holdout": [list(r) for r in cfg.holdout] or None}
-    inputs = [data_dir() / "mni152_2mm_t1.nii.gz", data_dir() / "mni152_2mm_brainmask.nii.gz"]
+            "holdout": [list(r) for r in cfg.holdout] or None, "brains": record["brains"]}
     return _bundle(train, val, cfg, 1, 1, prep, inputs)

@@ -144,6 +144,28 @@ def test_simplex_noise_and_bad_settings():
         reconstruct_healthy(Identity(process), x, n_sample=3)  # a misspelt option is not ignored
 
 
+def test_a_stochastic_sampler_draws_the_forward_noise_kind_in_every_reverse_step():
+    """AnoDDPM: a simplex-noised reconstruction with ``ddpm`` is the ancestral chain whose posterior noise is simplex
+    noise from each member's generator (replayed exactly); with Gaussian reverse noise it would differ."""
+    from medidiff.core import samplers
+    from medidiff.core.noise import noise_like
+
+    process = DDPM(n_steps=100)
+    x = torch.linspace(-1, 1, 2 * 256).reshape(2, 1, 16, 16)
+    opts = {"octaves": 2, "frequency": 2.0}
+    rec, _ = reconstruct_healthy(Identity(process), x, t_levels=[0.5], sampler="ddpm", steps=3, noise="simplex",
+                                 noise_options=opts, n_samples=1, seed=4, bf16=False)
+
+    def replay(reverse):
+        gens = [torch.Generator().manual_seed(derived_seed(4, 0, 0, i)) for i in range(2)]
+        t = float(process.snap(torch.tensor([0.5], dtype=torch.float64))[0])
+        x_t = process.noised(x, torch.full((2,), t), noise_like(x, "simplex", gens, **opts))
+        return samplers.ddpm(Identity(process), x_t, process, 3, t_start=t, generator=gens, noise=reverse)
+
+    torch.testing.assert_close(rec, replay(lambda z, g: noise_like(z, "simplex", g, **opts)), atol=1e-5, rtol=0)
+    assert (rec - replay(None)).abs().max() > 0.1
+
+
 def test_bf16_evaluates_the_network_under_autocast_and_keeps_float32():
     """``bf16``: the network runs under autocast where the CPU computes bf16 natively; the maps stay float32
     and within bf16's precision of the float32 ones."""

@@ -126,3 +126,48 @@ def test_anoddpm_row_noises_with_the_simplex_options_the_model_learned(bench):
     assert bench.with_model_noise(bench.recipe_section(), simplex_model).reconstruction.noise_options == {}
     named = section.updated(noise_options={"octaves": 3})
     assert bench.with_model_noise(named, simplex_model).reconstruction.noise_options == {"octaves": 3}
+
+
+def test_candidates_are_mapped_on_validation_and_only_the_best_is_tested(bench, tmp_path, monkeypatch):
+    """``--choose``: every candidate gets a validation-only row, only the one with the best worse-polarity validation
+    AUPRC is run on the test cases; the report's tables leave the candidates out and list them in a note."""
+    from types import SimpleNamespace
+
+    scores = {"counterfactual_w1.5": (0.30, 0.02), "counterfactual_w3": (0.10, 0.08)}  # (bright, dark) val AUPRC
+    calls = []
+
+    def fake_run(model, loaded, key, section, cases, seeds, device, work, *, test=True, made=None):
+        calls.append((key, test))
+        bright, dark = scores[key]
+        common = {"model": str(model), "setting": key, "val_auprc": (bright + dark) / 2, "val_auprc_bright": bright,
+                  "val_auprc_dark": dark, "nfe": 30, "threshold": 0.1, "saved_threshold": None}
+        if not test:
+            return [{**common, "seed": None, "validation_only": True}]
+        metrics = {m: 0.5 for m in bench.METRICS}
+        return [{**common, **metrics, "seed": s, "fpr_worst_deviation": 0.0, "slices_per_volume": 60.0,
+                 "per_subject": {}} for s in seeds]
+
+    monkeypatch.setattr(bench, "run_setting", fake_run)
+    monkeypatch.setattr(bench, "load_denoiser", lambda path, device: (None, SimpleNamespace()))
+    monkeypatch.setattr(bench, "load_cases", lambda listing, info, base: [])
+    monkeypatch.setattr(bench, "plan_cases", lambda quick, limit, seeds: ({"validation": [], "test": []}, "data"))
+    monkeypatch.setattr(bench, "write_cases", lambda work, plan: work / "cases.json")
+    out = tmp_path / "table.md"
+    bench.main(["--models", str(tmp_path / "cf.safetensors"), "--only", ",".join(scores),
+                "--choose", ",".join(scores), "--seeds", "0,1", "--out", str(out)])
+    assert calls == [("counterfactual_w1.5", False), ("counterfactual_w3", False), ("counterfactual_w3", True)]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["setting"], r["seed"]) for r in rows] == [("counterfactual_w1.5", None), ("counterfactual_w3", 0),
+                                                          ("counterfactual_w3", 1)]
+    table = out.read_text()
+    assert table.count("weight 3 (") == 1 and "**(chosen)**" in table
+    assert "weight 1.5 (for a class-conditional model: recipes/counterfactual_lesion_2d.yaml): 0.0200 (pooled " \
+           "0.1600)" in table
+
+
+def test_guided_settings_steer_with_the_given_classifier(bench, tmp_path):
+    changes = bench._with_classifier(bench.SETTINGS["guided_s100"][1], tmp_path / "clf")
+    section = bench.setting_section(bench.recipe_section(), changes)
+    assert section.reconstruction.method == "guided" and section.reconstruction.classifier == str(tmp_path / "clf")
+    assert section.reconstruction.guidance_scale == 100.0
+    assert bench._with_classifier(bench.SETTINGS[bench.DEFAULT][1], tmp_path) == {}

@@ -30,6 +30,7 @@ import torch
 from oracles import GAUSSIAN
 
 from medidiff.core import samplers
+from medidiff.core.noise import noise_like
 from medidiff.core.processes import DDPM, VESDE, VPSDE, SubVPSDE
 
 M, S = GAUSSIAN.means[0], GAUSSIAN.stds[0]
@@ -50,29 +51,35 @@ def _recording(den, log: list):
 
 
 # -- ancestral (eta > 0) variance -------------------------------------------------------------------
-@pytest.mark.parametrize("n_steps,steps,eta", [(50, 50, 1.0), (50, 10, 1.0), (50, 10, 0.5)])
-def test_ancestral_steps_have_the_posterior_variance(n_steps, steps, eta):
+@pytest.mark.parametrize("n_steps,steps,eta,kind", [(50, 50, 1.0, None), (50, 10, 1.0, None), (50, 10, 0.5, None),
+                                                    (50, 10, 1.0, "simplex")])
+def test_ancestral_steps_have_the_posterior_variance(n_steps, steps, eta, kind):
     """Each DDIM step with ``eta`` from index ``i`` to ``j < i`` of a DDPM is
     ``sqrt(abar_j) x0 + sqrt(1 - abar_j - s^2) eps + s z`` with ``s^2 = eta^2 (1 - abar_j) / (1 - abar_i)
     (1 - abar_i / abar_j)`` (Song, Meng & Ermon 2021, eq. 16); for consecutive indices and ``eta = 1`` this is
     Ho et al.'s posterior mean and variance ``beta~_i = (1 - abar_{i-1}) / (1 - abar_i) beta_i`` (eqs. 6-7).
 
-    The denoiser returns a fixed ``x0``; ``z`` is replayed from a twin generator. Tolerance 1e-12.
+    The denoiser returns a fixed ``x0``; ``z`` is replayed from a twin generator, standard normal or, given as the
+    sampler's ``noise``, simplex noise (AnoDDPM's reverse steps). Tolerance 1e-12.
     """
+    def draw(x, g):
+        return noise_like(x, kind, g, octaves=2, frequency=2.0) if kind else torch.randn(x.shape, generator=g,
+                                                                                            dtype=x.dtype)
+
     process = DDPM(n_steps)
     abar = process.alphas_cumprod
     g0 = torch.Generator().manual_seed(5)
     x0 = torch.randn(2, 1, 4, 4, generator=g0, dtype=torch.float64)
     x = torch.randn(2, 1, 4, 4, generator=g0, dtype=torch.float64)
     states = []
-    samplers.ddim(lambda x_t, t: x0.expand_as(x_t), x, process, steps, eta=eta,
+    samplers.ddim(lambda x_t, t: x0.expand_as(x_t), x, process, steps, eta=eta, noise=draw if kind else None,
                   generator=torch.Generator().manual_seed(9), callback=lambda info: states.append(info["x"]))
     twin = torch.Generator().manual_seed(9)
     idx = process.index(process.time_grid(steps)[:-1]).tolist()
     assert len(states) == steps
     for k in range(steps - 1):
         i, j = idx[k], idx[k + 1]
-        z = torch.randn(x.shape, generator=twin, dtype=torch.float64)
+        z = draw(x, twin)
         if steps == n_steps and eta == 1.0:  # Ho et al. 2020, eqs. 6-7
             beta = process.betas[i]
             c0, ct = abar[j].sqrt() * beta / (1 - abar[i]), (1 - beta).sqrt() * (1 - abar[j]) / (1 - abar[i])

@@ -192,3 +192,14 @@ def test_fine_tuning_starts_from_the_saved_weights_and_records_them(tmp_path):
         initial_weights(wider.model.build(spatial_dims=2, in_channels=1, cond_channels=0), tmp_path / "a", "eps")
     with pytest.raises(TrainingError, match="predicts 'eps'"):
         initial_weights(net, tmp_path / "a", "v")
+    # a class-conditional network starts from the unconditional one: shared weights copied, class embeddings zero,
+    # so every class (the null class too) predicts exactly what the saved model does
+    conditional = recipe.model.model_copy(update={"class_conditional": True}).build(
+        spatial_dims=2, in_channels=1, cond_channels=0, classes=2)
+    record = initial_weights(conditional, tmp_path / "a", "eps")
+    assert record["zero_initialised"] == ["net.class_embedding.weight"]
+    assert all(torch.equal(v, saved[k]) for k, v in conditional.state_dict().items() if "class_embedding" not in k)
+    x, t = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        for c in range(3):
+            assert torch.allclose(conditional(x, t, class_labels=torch.full((3,), c)), net(x, t), atol=1e-6)

@@ -113,3 +113,38 @@ def test_objective_network_and_data_must_go_together():
         parse_recipe(tiny_recipe(model={"arch": "unet"}))
     with pytest.raises(RecipeError, match="no labels"):
         build_data(DataConfig(source="sample:brain", size=[80, 96], labels={}), 0)
+
+
+def test_lesions_drawn_on_the_brains_of_a_datalist(tmp_path):
+    """``data.labels.brains``: a datalist's training brains give the training slices, its validation brains the
+    validation slices (RAS, masked, ``data.holdout`` not applied); a brain that is not at 2 mm or an entry
+    without a mask is refused with the fix."""
+    from medidiff.data.sample import data_dir
+    from medidiff.train_segment import datalist_brains, labelled_brains
+
+    t1, mask = data_dir() / "mni152_2mm_t1.nii.gz", data_dir() / "mni152_2mm_brainmask.nii.gz"
+    flipped = nib.load(t1)  # the same brain stored LAS: read back as RAS
+    las = nib.Nifti1Image(np.asarray(flipped.dataobj)[::-1].copy(), flipped.affine @ np.diag([-1, 1, 1, 1]))
+    las.affine[0, 3] = flipped.affine[0, 3] + flipped.affine[0, 0] * (flipped.shape[0] - 1)
+    nib.save(las, tmp_path / "las.nii.gz")
+    listing = tmp_path / "brains.json"
+    listing.write_text(json.dumps({"training": [{"image": str(t1), "mask": str(mask)}],
+                                   "validation": [{"image": "las.nii.gz", "mask": str(mask)}]}))
+    cfg = DataConfig(source="sample:lesion_classes", size=[80, 96], holdout=[[0, 91]],
+                     labels={"brains": str(listing), "variants": 1, "raters": 1})
+    train, val, files = labelled_brains(cfg)
+    template = brain_volumes(with_1mm=False)[0]
+    assert [b["name"] for b in train] == ["mni152_2mm_t1"] and files[0] == listing and len(files) == 5
+    assert torch.equal(train[0]["t1"], template["t1"] * template["brain"]) and torch.equal(val[0]["t1"], train[0]["t1"])
+    images, _, _, record = lesion_slices(cfg, seed=0, brains=train)  # the holdout of every slice does not apply
+    assert images.shape[0] > 20 and record["brains"] == ["mni152_2mm_t1"]
+    coarse = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.diag([1.0, 1.0, 1.0, 1.0]))
+    nib.save(coarse, tmp_path / "one_mm.nii.gz")
+    listing.write_text(json.dumps({"training": [{"image": "one_mm.nii.gz", "mask": "one_mm.nii.gz"}]}))
+    with pytest.raises(RecipeError, match="2 mm"):
+        datalist_brains(listing, "training")
+    listing.write_text(json.dumps({"training": [{"image": "one_mm.nii.gz"}]}))
+    with pytest.raises(RecipeError, match="lacks 'image' or 'mask'"):
+        datalist_brains(listing, "training")
+    with pytest.raises(RecipeError, match="cannot read the datalist"):
+        datalist_brains(tmp_path / "missing.json", "training")

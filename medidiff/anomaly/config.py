@@ -52,7 +52,9 @@ class HealthyOptions(_Section):
         t_levels: noise levels ``t_L`` in ``(0, 1]`` reconstructed from and averaged.
         sampler: reverse sampler (``ddim``, ``dpm_solver_2m``, ``ddpm``...; ``latent``: ``ddim`` or ``ddpm``).
         steps: sampler steps from each level (``null``: the whole DDPM chain, as AnoDDPM).
-        noise: forward noise, ``gaussian`` or ``simplex``.
+        noise: the noise, ``gaussian`` or ``simplex``: of the forward noising and of every reverse step of a
+            stochastic sampler (``ddpm``, ``ddim`` with ``eta``, ``euler_maruyama``), as AnoDDPM samples a model
+            trained on simplex noise.
         noise_options: options of the noise (simplex ``octaves``, ``frequency``...); empty: the options the model was
             trained with, when it was trained on this kind of noise.
         n_samples: reconstructions per level from other noise seeds, reduced by ``reduce``.

@@ -5,7 +5,8 @@ from there; pDDPM (Behrendt et al. 2023): the same with one patch noised at a ti
 
 Everything runs on the shared core: the forward noising is ``process.noised`` with Gaussian or simplex
 noise (``medidiff.core.noise.noise_like``), the reverse pass is any sampler of
-``medidiff.core.samplers`` started at ``t_start = t_L``. Five methods:
+``medidiff.core.samplers`` started at ``t_start = t_L``; a stochastic sampler's reverse steps draw the same kind of
+noise (AnoDDPM samples its simplex-trained model with simplex noise). Five methods:
 
 - ``partial``: noise the whole image to ``t_L`` and sample back (AnoDDPM; ``ddpm`` from ``t_L = 0.25``
   is its 250-evaluation setting, a few-step ``ddim`` or ``dpm_solver_2m`` does the same job in ~10).
@@ -50,9 +51,11 @@ one ``HealthyOptions`` (the recipe's ``anomaly.reconstruction``), with its defau
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -195,6 +198,11 @@ def healthy_nfe(opts: HealthyOptions | None = None, *, n_patches: int = 1, proce
     return healthy_evaluations(opts, n_patches=n_patches, process=process, **overrides).denoiser
 
 
+def _reverse_noise(x: torch.Tensor, generator, *, kind: str, options: dict) -> torch.Tensor:
+    """A sampler's fresh noise of ``kind`` (``samplers``' ``noise(x, generator)``)."""
+    return noise_like(x, kind, generator, **options)
+
+
 def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None = None, *, seed: int = 0,
                         process: Process | None = None, progress: bool = False, codec=None, **overrides: Any
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,6 +250,10 @@ def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None =
         sample_fn = samplers.get_sampler("ddim" if inverted else o.sampler)
     except ValueError as e:
         raise ValueError(f"sampler: {e}") from None
+    # the reverse steps of a stochastic sampler draw the forward noise's kind (AnoDDPM: simplex throughout)
+    reverse_noise = {}
+    if o.noise != "gaussian" and "noise" in inspect.signature(sample_fn).parameters:
+        reverse_noise["noise"] = partial(_reverse_noise, kind=o.noise, options=o.noise_options)
     spatial = tuple(x.shape[2:])
     if o.method == "patch":
         size = o.patch_size if o.patch_size is not None else [math.ceil(s / 2) for s in spatial]
@@ -268,7 +280,8 @@ def reconstruct_healthy(denoiser, x: torch.Tensor, opts: HealthyOptions | None =
                 hook = Projection(MaskOperator(kept), clean * kept)  # replacement by a masking operator
             eps = noise_like(clean, o.noise, gens, **o.noise_options)
             x_t = process.noised(clean, torch.full((len(items),), t_start, dtype=x.dtype, device=x.device), eps)
-            return sample_fn(denoiser, x_t, process, n_steps, t_start=t_start, hook=hook, generator=gens)
+            return sample_fn(denoiser, x_t, process, n_steps, t_start=t_start, hook=hook, generator=gens,
+                             **reverse_noise)
 
         out = ensemble.run_members(members, x.shape[0] * n_tiles, o.samples, seed=seed, stream=level,
                                    batch_size=o.batch_size, device=x.device, progress=progress, desc="healthy")

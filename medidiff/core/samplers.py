@@ -13,6 +13,9 @@
   autograd from ``x_t.requires_grad_()``, so it can differentiate a loss on ``x0_hat`` with respect to
   ``x_t``; its result is detached. Still one network evaluation per denoiser call.
 - ``generator``: one ``torch.Generator`` or a list with one per sample (per-sample seeds).
+- ``noise(x, generator)``: the fresh noise of the stochastic samplers (``ddpm``, ``ddim`` with ``eta > 0``,
+  ``masked_ddim``, ``euler_maruyama``), shaped like ``x``; default standard normal (``gaussian_like``). AnoDDPM
+  (Wyatt et al. 2022) samples a model trained on simplex noise with simplex noise at every step.
 - ``progress=True`` shows a progress bar.
 
 ``masked_ddim`` is DDIM with part of the state known (inpainting): before every step the known entries of the
@@ -82,14 +85,18 @@ def _marginals(process: Process, times) -> tuple[list[float], list[float]]:
     return alpha.tolist(), sigma.tolist()
 
 
-def _ddim_step(x, x0, a_t: float, s_t: float, a_s: float, s_s: float, eta: float, generator) -> torch.Tensor:
+Noise = Callable[[torch.Tensor, object], torch.Tensor]
+
+
+def _ddim_step(x, x0, a_t: float, s_t: float, a_s: float, s_s: float, eta: float, generator,
+               noise: Noise | None = None) -> torch.Tensor:
     """Generalised DDIM update (Song, Meng & Ermon 2021, eq. 12) from ``(a_t, s_t)`` to ``(a_s, s_s)``."""
     eps = (x - a_t * x0) / s_t
     if eta == 0:
         return a_s * x0 + s_s * eps
     # the eta = 1 variance is that of the posterior q(x_s | x_t, x0)
     var = (eta * s_s) ** 2 * max(0.0, 1 - (a_t * s_s / (a_s * s_t)) ** 2)
-    return a_s * x0 + math.sqrt(s_s**2 - var) * eps + math.sqrt(var) * gaussian_like(x, generator)
+    return a_s * x0 + math.sqrt(s_s**2 - var) * eps + math.sqrt(var) * (noise or gaussian_like)(x, generator)
 
 
 class _Grid:
@@ -120,7 +127,7 @@ def _integrate(name: str, denoiser, x, grid: _Grid, *, hook, callback, progress,
     return x
 
 
-def _em_update(grid: _Grid, generator) -> Callable:
+def _em_update(grid: _Grid, generator, noise: Noise | None = None) -> Callable:
     """Euler-Maruyama steps of the reverse-time SDE (Song et al. 2021, eq. 6) along ``grid``."""
 
     def update(i, x, x0):
@@ -128,7 +135,7 @@ def _em_update(grid: _Grid, generator) -> Callable:
         drift, diffusion = grid.process.sde(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
         g = bcast(diffusion, x)
         score = score_from_x0(x, x0, grid.alpha[i], grid.sigma[i])
-        return x - (drift - g**2 * score) * dt + g * math.sqrt(dt) * gaussian_like(x, generator)
+        return x - (drift - g**2 * score) * dt + g * math.sqrt(dt) * (noise or gaussian_like)(x, generator)
 
     return update
 
@@ -178,48 +185,51 @@ def _counts(fn: Callable) -> Callable:
 # -- samplers --------------------------------------------------------------------------------------
 @torch.no_grad()
 def ddim(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
-         eta: float = 0.0, grid: str = "uniform", progress: bool = False) -> torch.Tensor:
+         eta: float = 0.0, grid: str = "uniform", progress: bool = False, noise: Noise | None = None
+         ) -> torch.Tensor:
     """DDIM (Song, Meng & Ermon 2021, eq. 12); ``eta=0`` is deterministic, ``eta=1`` is ancestral DDPM.
 
     Args:
         eta: scale of the fresh noise (0 deterministic, 1 the DDPM posterior variance).
         grid: time grid kind (``uniform``, ``quadratic``, ``logsnr``).
+        noise: the fresh noise (default standard normal).
     """
     return _ddim("ddim", denoiser, x, process, steps, t_start=t_start, hook=hook, callback=callback,
-                 generator=generator, eta=eta, grid=grid, progress=progress)
+                 generator=generator, eta=eta, grid=grid, progress=progress, noise=noise)
 
 
 def _ddim(name: str, denoiser, x, process, steps, *, t_start, hook, callback, generator, eta, grid,
-          progress, before: Callable[[_Grid], Callable] | None = None) -> torch.Tensor:
+          progress, before: Callable[[_Grid], Callable] | None = None, noise: Noise | None = None) -> torch.Tensor:
     """DDIM steps along the grid; ``before(grid)`` makes ``_integrate``'s per-step ``before`` (e.g. replacements)."""
     g = _Grid(process, steps, t_start, grid)
 
     def update(i, x, x0):
-        return _ddim_step(x, x0, g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1], eta, generator)
+        return _ddim_step(x, x0, g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1], eta, generator, noise)
 
     return _integrate(name, denoiser, x, g, hook=hook, callback=callback, progress=progress, update=update,
                       before=None if before is None else before(g))
 
 
 def ddpm(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
-         grid: str = "uniform", progress: bool = False) -> torch.Tensor:
+         grid: str = "uniform", progress: bool = False, noise: Noise | None = None) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020, Algorithm 2): each step samples the posterior ``q(x_s | x_t, x0_hat)``.
 
     With a ``DDPM`` process and ``steps == n_steps`` this is the original chain; fewer steps skip
-    along the grid with the matching posterior.
+    along the grid with the matching posterior. ``noise``: the posterior's fresh noise (default standard normal;
+    AnoDDPM's simplex noise for a simplex-trained model).
     """
     with torch.no_grad():
         return _ddim("ddpm", denoiser, x, process, steps, t_start=t_start, hook=hook, callback=callback,
-                     generator=generator, eta=1.0, grid=grid, progress=progress)
+                     generator=generator, eta=1.0, grid=grid, progress=progress, noise=noise)
 
 
 @torch.no_grad()
 def euler_maruyama(denoiser, x, process, steps, *, t_start=1.0, hook=None, callback=None, generator=None,
-                   grid: str = "uniform", progress: bool = False) -> torch.Tensor:
+                   grid: str = "uniform", progress: bool = False, noise: Noise | None = None) -> torch.Tensor:
     """Euler-Maruyama on the reverse-time SDE (Song et al. 2021, eq. 6); the last step returns ``x0_hat``."""
     g = _Grid(process, steps, t_start, grid)
     return _integrate("euler_maruyama", denoiser, x, g, hook=hook, callback=callback, progress=progress,
-                      update=_em_update(g, generator))
+                      update=_em_update(g, generator, noise))
 
 
 @_counts(lambda steps, n_corrector, **_: steps * (n_corrector + 1))
@@ -384,7 +394,7 @@ def ddim_invert(denoiser, x0, process, steps, *, t_end=1.0, hook=None, callback=
 @torch.no_grad()
 def masked_ddim(denoiser, x, process, steps, *, known: torch.Tensor, keep: torch.Tensor, t_start=1.0, hook=None,
                 callback=None, generator=None, eta: float = 0.0, grid: str = "uniform",
-                progress: bool = False) -> torch.Tensor:
+                progress: bool = False, noise: Noise | None = None) -> torch.Tensor:
     """DDIM that re-denoises only where ``keep`` is false (RePaint's replacement, Lugmayr et al. 2022, eq. 8).
 
     Before the network evaluation at each grid time ``t_i``, the kept entries of the state are replaced by
@@ -399,6 +409,7 @@ def masked_ddim(denoiser, x, process, steps, *, known: torch.Tensor, keep: torch
         keep: where the known values are kept: a bool (or 0/1) tensor broadcastable to ``x``.
         eta: DDIM's noise scale (0 deterministic, 1 the DDPM posterior).
         grid: time grid kind.
+        noise: the fresh noise of the steps and of the replacements (default standard normal).
 
     Returns:
         The sample: ``known`` where ``keep``, re-denoised elsewhere.
@@ -409,12 +420,12 @@ def masked_ddim(denoiser, x, process, steps, *, known: torch.Tensor, keep: torch
 
     def replacement(g: _Grid) -> Callable:
         def replace(i, x):
-            noised = g.alpha[i] * known + g.sigma[i] * gaussian_like(known, generator)
+            noised = g.alpha[i] * known + g.sigma[i] * (noise or gaussian_like)(known, generator)
             return torch.where(keep, noised.to(x.dtype), x)
         return replace
 
     out = _ddim("masked_ddim", denoiser, x, process, steps, t_start=t_start, hook=hook, callback=callback,
-                generator=generator, eta=eta, grid=grid, progress=progress, before=replacement)
+                generator=generator, eta=eta, grid=grid, progress=progress, before=replacement, noise=noise)
     return torch.where(keep, known.to(out.dtype), out)
 
 
