@@ -46,9 +46,12 @@ def main() -> None:
     raw = args.raw or not state.get("ema")
     net.load_state_dict(state["model"] if raw else state["ema"]["shadow"])
     extra = {"step": int(state["step"]), "weights": "raw" if raw else "ema", "checkpoint": path.name,
-             "data_prep": _data_prep(args.run), "noise": {"kind": recipe.training.noise}}
-    if (args.run / CONFIG_NAME).exists() and load_meta(args.run / CONFIG_NAME).init_from:
-        extra["init_from"] = load_meta(args.run / CONFIG_NAME).init_from
+             "data_prep": _data_prep(args.run), "noise": {"kind": recipe.training.noise},
+             "loss_weighting": recipe.training.loss_weighting}
+    if (args.run / CONFIG_NAME).exists():
+        meta = load_meta(args.run / CONFIG_NAME)
+        extra |= {k: v for k, v in (("init_from", meta.init_from), ("extra", meta.extra)) if v}
+        extra["noise"] = meta.noise.model_dump()  # with the options the run learned (simplex octaves...)
     tmp = args.out / f".export_{path.stem}"
     save_model(tmp, net, recipe.process.build(), recipe.model.prediction, extra)
     stem = args.name or "model"
@@ -89,7 +92,8 @@ def _channels(run: Path) -> dict:
     meta_path = run / CONFIG_NAME
     if meta_path.exists():
         net = load_meta(meta_path).net
-        return {"in_channels": net["in_channels"], "cond_channels": net["cond_channels"]}
+        classes = int(net.get("num_class_embeds", 0)) - 1 if net.get("num_class_embeds") else 0  # the null class
+        return {"in_channels": net["in_channels"], "cond_channels": net["cond_channels"], "classes": classes}
     return {"in_channels": 1, "cond_channels": 0}
 
 
