@@ -247,6 +247,8 @@ class _Engine:
         labels = batch.get("class")  # per-image classes, for a classifier or a class-conditional U-Net
         labels = None if labels is None else labels.to(self.device, non_blocking=True)
         t = self.process.sample_time(x0.shape[0], generator=generator, device=self.device)
+        if self.cfg.max_time < 1.0:  # the loss on the lower times only (a classifier of the levels it guides)
+            t = self.process.snap(t * self.cfg.max_time)
         eps = _draw_noise(x0, self.cfg.noise, generator, self.cfg.noise_options)
         with self._autocast():  # the class dropout is drawn after the times and the noise
             loss = objective_loss(self.cfg, denoiser, x0, cond, noise=eps, t=t, labels=labels,
@@ -631,6 +633,8 @@ def initial_weights(net: nn.Module, path: str | Path, prediction: str) -> dict:
     from .weights import load_checked
 
     denoiser, info, digest = load_checked(path)
+    if net.config.get("arch") == "classifier":
+        return _encoder_weights(net, denoiser.net, info, path, digest)
     ours = dict(net.config)
     # a class-conditional network may start from an unconditional one: its class embeddings start at zero, so
     # every class begins as the saved model (Sanchez et al.'s counterfactual model fine-tuned from a healthy one)
@@ -657,3 +661,38 @@ def initial_weights(net: nn.Module, path: str | Path, prediction: str) -> dict:
                 net.get_parameter(key).zero_()
     record = {"name": model_paths(path)[0].name, "sha256": digest, "step": info.step}
     return record | ({"zero_initialised": new} if added else {})
+
+
+#: The parts of a diffusion U-Net a noise-aware classifier shares (``medidiff.nets.Classifier``).
+ENCODER_PARTS = ("time_embed", "conv_in", "down_blocks", "middle_block")
+
+
+def _encoder_weights(classifier, unet, info, path, digest: str) -> dict:
+    """A classifier's encoder loaded from a saved diffusion U-Net of the same levels (its head starts fresh).
+
+    Raises:
+        TrainingError: the saved model is not a U-Net, or its levels differ from the classifier's.
+    """
+    shared = ("spatial_dims", "in_channels", "channels", "attention_levels", "num_res_blocks", "num_head_channels",
+              "norm_num_groups", "resblock_updown")
+    differs = [k for k in shared if json_equal(info.net.get(k), classifier.config.get(k)) is False]
+    if info.net.get("arch", "diffusion_unet") != "diffusion_unet" or info.net.get("cond_channels") or differs:
+        raise TrainingError(f"the classifier's encoder does not fit the network of {path} "
+                            f"({', '.join(differs) or 'not an unconditioned diffusion U-Net'})",
+                            where="training.init_from",
+                            fix="give the classifier the saved U-Net's level settings (its .json 'net').")
+    state = {k[len("net."):]: v for k, v in unet.state_dict().items()
+             if k.startswith("net.") and k[len("net."):].split(".")[0] in ENCODER_PARTS}
+    missing, unexpected = classifier.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise TrainingError(f"the encoder weights of {path} do not fit the classifier (missing {sorted(missing)}, "
+                            f"unexpected {sorted(unexpected)})", where="training.init_from",
+                            fix="start from a diffusion U-Net with the classifier's level settings.")
+    return {"name": model_paths(path)[0].name, "sha256": digest, "step": info.step, "parts": list(ENCODER_PARTS)}
+
+
+def json_equal(a, b) -> bool:
+    """Whether two config values are equal as JSON writes them (tuples and lists alike)."""
+    import json
+
+    return json.dumps(a, sort_keys=True, default=list) == json.dumps(b, sort_keys=True, default=list)

@@ -64,9 +64,13 @@ class TrainingConfig(BaseModel):
         keep_checkpoints: how many recent checkpoints to keep.
         resume: continue from the latest checkpoint in the output folder (start afresh if there is none).
         stop_after: end the run cleanly after this step (with a checkpoint), e.g. for time-limited jobs.
+        max_time: draw the loss's times on ``(0, max_time]`` instead of ``(0, 1]`` (e.g. a noise-aware classifier
+            of the levels guidance uses: ``t <= t_L``).
         init_from: start from the weights of a saved model (a ``.safetensors`` file with its ``.json``, or a
             run folder) instead of random ones: fine-tuning. Its network must be the recipe's (``model``)
-            and its prediction the same; its name, SHA-256 and step are recorded in ``model.json``.
+            and its prediction the same; its name, SHA-256 and step are recorded in ``model.json``. A
+            class-conditional U-Net may start from an unconditional one (its class embeddings at zero), and a
+            noise-aware classifier from a diffusion U-Net of the same levels (its encoder; the head fresh).
         tensorboard: write TensorBoard logs to ``tb/``.
         progress: show a progress bar.
         compile: ``torch.compile`` the network (CUDA).
@@ -107,6 +111,7 @@ class TrainingConfig(BaseModel):
     resume: bool = False
     stop_after: PositiveInt | None = None
     init_from: str | None = None
+    max_time: float = Field(1.0, gt=0.0, le=1.0)
     tensorboard: bool = True
     progress: bool = True
     compile: bool = False

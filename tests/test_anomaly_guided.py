@@ -17,7 +17,7 @@ from medidiff.core.guidance import ClassifierGuidance, NoisyClassifier
 from medidiff.core.processes import DDPM, VESDE, VPSDE
 from medidiff.core.samplers import ddim, ddim_invert
 from medidiff.core.utils import bcast
-from medidiff.errors import RecipeError
+from medidiff.errors import RecipeError, TrainingError
 from medidiff.nets import build_classifier
 from medidiff.train import TrainingConfig, fit
 from medidiff.train_classifier import ClassDataset
@@ -283,3 +283,42 @@ def test_detect_resolves_the_classifier_like_the_model_and_records_its_checksum(
     assert "12 + 6 classifier gradients" in (out / "report.md").read_text()
     assert main([*argv, "-o", str(tmp_path / "o2"), "--set", "classifier=missing"]) == EXIT_DATA
     assert "classifier weights not found" in capsys.readouterr().err
+
+
+def test_a_classifier_starts_from_a_diffusion_unets_encoder_and_learns_the_low_times_only(tmp_path, monkeypatch):
+    """``training.init_from`` a U-Net of the same levels: the classifier's encoder holds its weights exactly, the head
+    starts fresh; other levels are refused. ``training.max_time``: every time the loss sees is on the process's grid
+    and at most ``max_time``."""
+    import medidiff.train as train
+    from medidiff.nets import build_unet
+    from medidiff.weights import save_model
+
+    unet = build_unet(spatial_dims=2, in_channels=1, out_channels=1, **TINY_CLASSIFIER)
+    save_model(tmp_path / "u", unet, DDPM(100), "eps", {"data_prep": {"source": "synthetic"}})
+    net = build_classifier(2, **TINY_CLASSIFIER)
+    head = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("head.")}
+    record = train.initial_weights(net, tmp_path / "u", "eps")
+    saved = unet.state_dict()
+    assert record["parts"] == list(train.ENCODER_PARTS) and len(record["sha256"]) == 64
+    encoder = {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
+    assert encoder and all(torch.equal(v, saved[f"net.{k}"]) for k, v in encoder.items())
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in head.items())
+    with pytest.raises(TrainingError, match="channels"):
+        train.initial_weights(build_classifier(2, **{**TINY_CLASSIFIER, "channels": [8, 24]}), tmp_path / "u", "eps")
+
+    seen = []
+    real = train.objective_loss
+
+    def recording(config, denoiser, x0, cond, *, t, **kw):
+        seen.append(t.clone())
+        return real(config, denoiser, x0, cond, t=t, **kw)
+
+    monkeypatch.setattr(train, "objective_loss", recording)
+    config = TrainingConfig(steps=6, batch_size=16, objective="classification", max_time=0.3, ema_decay=None,
+                            val_every=0, checkpoint_every=0, tensorboard=False, progress=False)
+    fit(net, DDPM(100), _two_class_images(32, seed=1), config=config, out_dir=tmp_path / "c", device="cpu",
+        data_prep={"source": "synthetic", "size": [16, 16], "labels": {"classes": ["healthy", "lesion"]}},
+        extra_meta={"task": "classifier"})
+    times = torch.cat(seen)
+    assert len(times) == 96 and float(times.max()) <= 0.3 + 1e-6 and float(times.min()) >= 0.01 - 1e-6
+    assert torch.allclose(times * 100, (times * 100).round(), atol=1e-4) and len(times.unique()) > 10
