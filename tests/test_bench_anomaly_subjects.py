@@ -171,3 +171,24 @@ def test_guided_settings_steer_with_the_given_classifier(bench, tmp_path):
     assert section.reconstruction.method == "guided" and section.reconstruction.classifier == str(tmp_path / "clf")
     assert section.reconstruction.guidance_scale == 100.0
     assert bench._with_classifier(bench.SETTINGS[bench.DEFAULT][1], tmp_path) == {}
+
+
+def test_a_3d_model_maps_the_whole_volume_in_one_call(bench):
+    """A 3D model's healer gets the whole prepared volume ``(1, C, X, Y, Z)`` once (one 'slice' processed); the map
+    comes back as the volume; the neighbour-slice baseline refuses a 3D grid."""
+    import torch
+
+    calls = []
+
+    def heal(stack, fg):
+        calls.append(tuple(stack.shape))
+        return (stack * 2,)
+
+    image = torch.rand(1, 8, 10, 6)
+    case = {"image": image, "brain": torch.ones(1, 8, 10, 6, dtype=torch.bool)}
+    section = bench.recipe_section()
+    score, _, n = bench.case_map(case, heal, section, axis=2, spatial_dims=3)
+    assert calls == [(1, 1, 8, 10, 6)] and n == 1 and np.allclose(score, image.numpy() * 2)
+    baseline = bench.healer(bench.BASELINE, None, section, 0, "cpu", spatial_dims=3)
+    with pytest.raises(SystemExit, match="2D model"):
+        baseline(image[None], torch.ones(1, 1, 8, 10, 6))
