@@ -121,9 +121,9 @@ SETTINGS: dict[str, tuple[str, dict | None]] = {
              "(for a latent model: recipes/latent_brain_2d.yaml)",
              {"method": "latent", "sampler": "ddim", "steps": 10, "t_levels": [0.5], "n_samples": 1}),
     ANODDPM_DDPM: ("AnoDDPM as the paper samples: simplex noise to t_L 0.25 (lambda 250), ancestral DDPM back with "
-                   "simplex noise in every step (50 steps skipping along the 250-step chain), one reconstruction (for "
+                   "simplex noise in every step (25 steps skipping along the 250-step chain), one reconstruction (for "
                    "a model trained on simplex noise)",
-                   {"sampler": "ddpm", "steps": 50, "t_levels": [0.25], "noise": "simplex", "n_samples": 1}),
+                   {"sampler": "ddpm", "steps": 25, "t_levels": [0.25], "noise": "simplex", "n_samples": 1}),
     **{f"guided_s{s:g}": (f"Wolleb et al.: DDIM inversion to t_L 0.5 (10 steps), DDIM-10 back steered to 'healthy' by "
                           f"the noise-aware classifier's gradient, scale {s:g} (for the classifier: --classifier)",
                           {"method": "guided", "steps": 10, "t_levels": [0.5], "guidance_scale": float(s)})
@@ -539,7 +539,7 @@ def write_report(path: Path, rows: list[dict], meta: dict) -> None:
     if ANODDPM_DDPM in present:
         lines.append("- AnoDDPM as the paper samples: the same simplex-trained model, every reverse step drawing "
                      "simplex noise (`medidiff.core.samplers`' `noise`; the paper's 250 ancestral steps skipped to "
-                     "50 along the same chain, for a CPU); not tuned on the validation subjects.")
+                     "25 along the same chain, for a CPU); not tuned on the validation subjects.")
     if any(r.get("spatial_dims") == 3 for r in rows):
         lines.append("- 3D: a 3D U-Net of whole brains at 4 mm trained from scratch on the IXI training brains "
                      "(recipes/healthy_brain_3d.yaml, on a CPU); its metrics are on its 4 mm grid (the lesions "
