@@ -614,20 +614,22 @@ def _denoiser_network(recipe: Any, bundle: Any, channels: int | None = None) -> 
 def initial_weights(net: nn.Module, path: str | Path, prediction: str) -> dict:
     """Load a saved model's weights into ``net`` (``training.init_from``: fine-tuning).
 
+    A class-conditional U-Net may start from the same U-Net without classes (its class embeddings at zero, so every
+    class begins as the saved model); a noise-aware classifier from a diffusion U-Net of its levels (the encoder).
+
     Args:
         net: the recipe's network, freshly built.
         path: the saved model (checked and loaded without unpickling, ``medidiff.weights.load_checked``).
         prediction: the recipe's parametrisation, which the saved model must share.
 
     Returns:
-        The record for ``model.json``: the weights file's name, its SHA-256 and its training step.
+        The record for ``model.json``: the weights file's name, its SHA-256 and its training step (and the
+        zero-initialised class embeddings, or the encoder parts loaded).
 
     Raises:
         ModelError: the file is missing, unsafe or corrupt.
         TrainingError: its network or prediction differs from the recipe's.
     """
-    import json
-
     import torch
 
     from .weights import load_checked
@@ -641,7 +643,7 @@ def initial_weights(net: nn.Module, path: str | Path, prediction: str) -> dict:
     added = "num_class_embeds" in ours and "num_class_embeds" not in info.net
     if added:
         ours.pop("num_class_embeds")
-    if json.dumps(info.net, sort_keys=True) != json.dumps(ours, sort_keys=True, default=list):
+    if not _same_json(info.net, ours):
         raise TrainingError(f"the network of {path} differs from the recipe's model section",
                             where="training.init_from",
                             fix="copy the saved model's network settings (its .json 'net') into the recipe's "
@@ -675,7 +677,7 @@ def _encoder_weights(classifier, unet, info, path, digest: str) -> dict:
     """
     shared = ("spatial_dims", "in_channels", "channels", "attention_levels", "num_res_blocks", "num_head_channels",
               "norm_num_groups", "resblock_updown")
-    differs = [k for k in shared if json_equal(info.net.get(k), classifier.config.get(k)) is False]
+    differs = [k for k in shared if not _same_json(info.net.get(k), classifier.config.get(k))]
     if info.net.get("arch", "diffusion_unet") != "diffusion_unet" or info.net.get("cond_channels") or differs:
         raise TrainingError(f"the classifier's encoder does not fit the network of {path} "
                             f"({', '.join(differs) or 'not an unconditioned diffusion U-Net'})",
@@ -691,7 +693,7 @@ def _encoder_weights(classifier, unet, info, path, digest: str) -> dict:
     return {"name": model_paths(path)[0].name, "sha256": digest, "step": info.step, "parts": list(ENCODER_PARTS)}
 
 
-def json_equal(a, b) -> bool:
+def _same_json(a, b) -> bool:
     """Whether two config values are equal as JSON writes them (tuples and lists alike)."""
     import json
 
