@@ -185,41 +185,58 @@ def brain_volumes(with_1mm: bool = True) -> list[dict]:
 def datalist_brains(path: str | Path, split: str) -> list[dict]:
     """The 2 mm brains of a MONAI datalist's ``split`` (``training``, ``validation``), as ``brain_volumes`` gives them.
 
-    Each entry needs ``image`` and ``mask`` (paths relative to the datalist's folder); the brains are reoriented to
-    RAS; ``z`` is ``nan`` (``data.holdout``'s template slices do not apply).
+    The datalist is read as every input is (``medidiff.cases.find_cases`` and ``load_case``: each entry's
+    ``image`` and ``mask``, relative to the datalist's folder, the mask checked to lie on the image's grid); the
+    brains are reoriented to RAS; ``z`` is ``nan`` (``data.holdout``'s template slices do not apply).
 
     Raises:
-        RecipeError: the datalist is missing or unreadable, has no such entries, or a brain is not at 2 mm.
+        RecipeError: the datalist is missing or unreadable, lists no training brains, an entry has no mask, or a
+            brain is not at 2 mm.
     """
-    import json
+    return _split_brains(_datalist_sources(path), path, split)
 
-    import nibabel as nib
 
-    path = Path(path)
-    where = "data.labels.brains"
+def _datalist_sources(path: str | Path) -> list:
+    """The sources of a datalist of brains (nothing read yet)."""
+    from .cases import find_cases
+
     try:
-        entries = json.loads(path.read_text(encoding="utf-8")).get(split) or []
-    except (OSError, ValueError, AttributeError) as err:
-        raise RecipeError(f"cannot read the datalist {path}: {err}", where=where,
+        return find_cases(path, where="data.labels.brains")
+    except DataError as err:
+        raise RecipeError(f"cannot read the datalist {path}: {err}", where="data.labels.brains",
                           fix="give a MONAI datalist JSON with 'training' entries of 'image' and 'mask', or "
                               "'templates'.") from err
-    if split == "training" and not entries:
+
+
+def _split_brains(sources: list, path: str | Path, split: str) -> list[dict]:
+    """The brains of one split of a datalist's sources (``datalist_brains``)."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation
+
+    from .cases import load_case, plain
+
+    where = "data.labels.brains"
+    chosen = [s for s in sources if s.split == split]
+    if split == "training" and not chosen:
         raise RecipeError(f"{path} lists no training brains", where=where,
                           fix="add 'training' entries with 'image' and 'mask' to the datalist.")
     out = []
-    for entry in entries:
-        if not {"image", "mask"} <= set(entry):
-            raise RecipeError(f"an entry of {path} ({entry}) lacks 'image' or 'mask'", where=where,
+    for source in chosen:
+        name = Path(source.paths[0]).name
+        if source.mask is None:
+            raise RecipeError(f"the entry of {path} for {name} lacks 'image' or 'mask'", where=where,
                               fix="give every brain its T1 ('image') and brain mask ('mask').")
-        image = nib.as_closest_canonical(nib.load(path.parent / entry["image"]))
-        mask = nib.as_closest_canonical(nib.load(path.parent / entry["mask"]))
-        if not np.allclose(image.header.get_zooms()[:3], 2.0, atol=0.05):
-            raise RecipeError(f"{entry['image']} has voxels of {image.header.get_zooms()[:3]} mm; the lesion "
-                              "generator draws on 2 mm brains", where=where,
+        case = load_case(source)  # the image and its mask on one grid, reoriented together
+        both = Orientation("RAS", labels=None)(MetaTensor(torch.cat([plain(case.image)[:1].float(), case.mask]),
+                                             affine=case.image.affine))
+        zooms = np.linalg.norm(np.asarray(both.affine, dtype=np.float64)[:3, :3], axis=0)
+        if not np.allclose(zooms, 2.0, atol=0.05):
+            raise RecipeError(f"{name} has voxels of {tuple(np.round(zooms, 3))} mm; the lesion generator draws on "
+                              "2 mm brains", where=where,
                               fix="resample the brains to 2 mm isotropic (e.g. scripts/prepare_brains.py).")
-        brain = torch.from_numpy(np.asarray(mask.dataobj) > 0)
-        t1 = torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32)) * brain
-        out.append({"name": Path(entry["image"]).name.split(".")[0], "t1": t1, "brain": brain,
+        brain = plain(both)[1] > 0.5
+        t1 = plain(both)[0] * brain
+        out.append({"name": name.split(".")[0], "t1": t1, "brain": brain,
                     "z": torch.full((t1.shape[2],), float("nan"), dtype=torch.float64)})
     return out
 
@@ -236,12 +253,10 @@ def labelled_brains(cfg: DataConfig) -> tuple[list[dict], list[dict], list[Path]
 
         brains = brain_volumes()
         return brains, brains, [data_dir() / "mni152_2mm_t1.nii.gz", data_dir() / "mni152_2mm_brainmask.nii.gz"]
-    import json
-
-    train, val = datalist_brains(choice, "training"), datalist_brains(choice, "validation")
-    listed = json.loads(Path(choice).read_text(encoding="utf-8"))
-    files = [Path(choice)] + [Path(choice).parent / e[k] for split in ("training", "validation")
-                               for e in listed.get(split) or [] for k in ("image", "mask")]
+    sources = _datalist_sources(choice)
+    train, val = _split_brains(sources, choice, "training"), _split_brains(sources, choice, "validation")
+    files = [Path(choice)] + [Path(f) for s in sources if s.split in ("training", "validation")
+                              for f in (s.paths[0], s.mask)]
     return train, val or train, files
 
 

@@ -123,13 +123,14 @@ def test_lesions_drawn_on_the_brains_of_a_datalist(tmp_path):
     from medidiff.train_segment import datalist_brains, labelled_brains
 
     t1, mask = data_dir() / "mni152_2mm_t1.nii.gz", data_dir() / "mni152_2mm_brainmask.nii.gz"
-    flipped = nib.load(t1)  # the same brain stored LAS: read back as RAS
-    las = nib.Nifti1Image(np.asarray(flipped.dataobj)[::-1].copy(), flipped.affine @ np.diag([-1, 1, 1, 1]))
-    las.affine[0, 3] = flipped.affine[0, 3] + flipped.affine[0, 0] * (flipped.shape[0] - 1)
-    nib.save(las, tmp_path / "las.nii.gz")
+    for source, name in ((t1, "las.nii.gz"), (mask, "las_mask.nii.gz")):  # the same brain stored LAS: read as RAS
+        flipped = nib.load(source)
+        affine = flipped.affine @ np.diag([-1, 1, 1, 1])
+        affine[0, 3] = flipped.affine[0, 3] + flipped.affine[0, 0] * (flipped.shape[0] - 1)
+        nib.save(nib.Nifti1Image(np.asarray(flipped.dataobj)[::-1].copy(), affine), tmp_path / name)
     listing = tmp_path / "brains.json"
     listing.write_text(json.dumps({"training": [{"image": str(t1), "mask": str(mask)}],
-                                   "validation": [{"image": "las.nii.gz", "mask": str(mask)}]}))
+                                   "validation": [{"image": "las.nii.gz", "mask": "las_mask.nii.gz"}]}))
     cfg = DataConfig(source="sample:lesion_classes", size=[80, 96], holdout=[[0, 91]],
                      labels={"brains": str(listing), "variants": 1, "raters": 1})
     train, val, files = labelled_brains(cfg)
