@@ -180,9 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="lesion mask of a single scan (enables metrics.json)")
     p.add_argument("--mask", help="brain/foreground mask of a single scan")
     p.add_argument("--calibration", help="healthy scans to calibrate the threshold on")
-    p.add_argument("--threshold", help="a fixed threshold on the model's [-1, 1] scale (as thresholds.json "
-                                       "records it), or a thresholds.json; each case's value in its heatmap's "
-                                       "units is in scores.csv (threshold_scan_units) and the heatmap's cal_min")
+    p.add_argument("--threshold", help="a fixed threshold in the heatmaps' units (each scan's map over its own "
+                                       "0.9-quantile: one number for every scan), as thresholds.json records it, "
+                                       "or a thresholds.json; with --set scan_quantile=null it is on the model's "
+                                       "[-1, 1] scale and each case's value in its heatmap's units is in "
+                                       "scores.csv (threshold_scan_units)")
     p.add_argument("--method", choices=tuple(DETECT_METHODS), metavar="METHOD",
                    help="the healthy reconstruction: " + "; ".join(f"{k}: {v}" for k, v in DETECT_METHODS.items())
                    + " (the same as --set method=METHOD)")

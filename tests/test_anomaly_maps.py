@@ -254,3 +254,32 @@ def test_case_score_bounds_and_precision():
     for bad in (1.5, 2.0, -0.1):
         with pytest.raises(ValueError, match=f"top_k must lie in \\(0, 1\\], got {bad}"):
             maps.case_score(a, top_k=bad)
+
+
+def test_scan_scale_is_the_quantile_of_the_covered_brain_voxels():
+    a = np.zeros((1, 4, 5), np.float32)
+    a[0, 1:3, 1:4] = np.arange(1, 7).reshape(2, 3)  # the map covers 6 voxels: 1..6
+    region = np.ones_like(a, bool)
+    assert maps.scan_scale(a, region, 0.5) == pytest.approx(3.5)  # zeros (outside the eroded mask) do not count
+    region[0, 2] = False  # 4, 5, 6 left out
+    assert maps.scan_scale(a, region, 0.5) == pytest.approx(2.0)
+    assert maps.scan_scale(np.zeros_like(a), region, 0.9) == 1.0  # nothing covered: left as it is
+    with pytest.raises(ValueError, match="quantile"):
+        maps.scan_scale(a, region, 1.0)
+
+
+def test_per_scan_maps_share_one_threshold_across_gains():
+    from medidiff.anomaly import thresholds
+
+    base = np.random.default_rng(0).gamma(2.0, 1.0, size=(30, 30)).astype(np.float32)
+    region = np.ones_like(base, bool)
+    dim, bright = base * 0.5, base * 3.0  # one healthy pattern in two scans of other contrasts
+    a, scale = maps.per_scan(dim, region, 0.9)
+    assert scale == pytest.approx(np.quantile(dim, 0.9)) and np.allclose(a * scale, dim, rtol=1e-6)
+    b = maps.per_scan(bright, region, 0.9)[0]
+    # a threshold calibrated on one scan flags the same share of the other only on the per-scan scale
+    assert thresholds.false_positive_rate([b], None, thresholds.calibrate([a], fpr=0.05)) == pytest.approx(0.05,
+                                                                                                          abs=0.002)
+    assert thresholds.false_positive_rate([bright], None, thresholds.calibrate([dim], fpr=0.05)) > 0.5
+    same, one = maps.per_scan(bright, region, None)  # off: unchanged
+    assert one == 1.0 and np.array_equal(same, bright)

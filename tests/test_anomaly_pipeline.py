@@ -38,7 +38,8 @@ def test_datalist_with_labels_masks_and_calibration(tmp_path, tiny_model):
     (tmp_path / "list.json").write_text(json.dumps(
         {"test": [{"image": "a.nii.gz", "label": "a_label.nii.gz", "mask": "a_mask.nii.gz"}]}))
     out = tmp_path / "out"
-    result = detect(tiny_model, tmp_path / "list.json", out, calibration=tmp_path / "calib.nii.gz", fpr=0.1, **FAST)
+    result = detect(tiny_model, tmp_path / "list.json", out, calibration=tmp_path / "calib.nii.gz", fpr=0.1,
+                    scan_quantile=None, **FAST)  # the map in the scan's units (the per-scan map: below)
     for kind in ("heatmap", "healthy", "anomaly_mask"):
         img = nib.load(out / f"a_{kind}.nii.gz")
         assert img.shape == (16, 16, 4)
@@ -133,6 +134,7 @@ def test_cli_detect(tmp_path, tiny_model, capsys):
 
 
 def test_demo_recipe_is_valid():
+    from medidiff.anomaly.config import AnomalySection
     from medidiff.recipes import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "demo.yaml")
@@ -141,8 +143,9 @@ def test_demo_recipe_is_valid():
     # no calibration scans: the threshold saved beside the model applies, calibrated with the demo's settings
     from medidiff.anomaly.thresholds import saved_threshold
 
-    threshold = saved_threshold(ROOT / recipe.anomaly.model, recipe.anomaly.map_settings())[0]
-    assert threshold == pytest.approx(0.194, abs=5e-4)
+    threshold = saved_threshold(ROOT / recipe.anomaly.model, recipe.anomaly.map_settings(), recipe.anomaly.fpr)[0]
+    assert recipe.anomaly.fpr == 0.01 and threshold == pytest.approx(1.403, abs=5e-4)  # per-scan units
+    assert recipe.anomaly.map_settings() == AnomalySection().map_settings()  # the CLI's defaults are the demo's
 
 
 def test_a_threshold_saved_with_the_model_is_used_only_for_its_settings(tmp_path, tiny_model):
@@ -158,8 +161,11 @@ def test_a_threshold_saved_with_the_model_is_used_only_for_its_settings(tmp_path
                         mask=tmp_path / "a_mask.nii.gz", fpr=0.1, **FAST)
     shutil.copy(tmp_path / "c" / "thresholds.json", model_threshold_path(model))
     assert model_threshold_path(model.parent / "w.safetensors").name == "w.thresholds.json"
-    same = detect(model, tmp_path / "a.nii.gz", tmp_path / "s", mask=tmp_path / "a_mask.nii.gz", **FAST)
+    same = detect(model, tmp_path / "a.nii.gz", tmp_path / "s", mask=tmp_path / "a_mask.nii.gz", fpr=0.1, **FAST)
     assert same.extra["threshold"] == calibrated.extra["threshold"] is not None
+    strict = detect(model, tmp_path / "a.nii.gz", tmp_path / "t", mask=tmp_path / "a_mask.nii.gz", **FAST)
+    record = json.loads(model_threshold_path(model).read_text())
+    assert strict.extra["threshold"] == record["at_fpr"]["0.01"] > same.extra["threshold"]  # the default rate
     assert (tmp_path / "s" / "a_anomaly_mask.nii.gz").is_file()
     other = detect(model, tmp_path / "a.nii.gz", tmp_path / "o", mask=tmp_path / "a_mask.nii.gz",
                    **(FAST | {"median_size": 5}))
@@ -180,7 +186,7 @@ def test_a_dicom_scan_gets_a_parametric_map_and_a_seg_too(tmp_path, tiny_model):
     folder = sample.dicom_examples().get("ct_series")
     if folder is None:
         pytest.skip("pydicom's dicomdirtests series is missing")
-    result = detect(tiny_model, folder, tmp_path / "out", threshold=0.0, **FAST)
+    result = detect(tiny_model, folder, tmp_path / "out", threshold=0.0, scan_quantile=None, **FAST)
     sources = [p for p in folder.iterdir() if p.is_file()]
     assert result.failures == 0
     heat = next((tmp_path / "out").glob("*_heatmap.dcm"))
@@ -247,3 +253,33 @@ def test_algorithm_errors_become_recipe_errors_naming_the_key(tmp_path, tiny_mod
     assert info.value.where == "anomaly.reconstruction.sampler" and "warp" in str(info.value)
     with pytest.raises(RecipeError, match="anomaly.reconstruction.n_samples"):
         recipes.parse_recipe({"task": "anomaly", "anomaly": section | {"reconstruction": {"n_samples": 0}}})
+
+
+def test_per_scan_maps_give_one_threshold_for_every_scan(tmp_path, tiny_model):
+    from medidiff.anomaly.config import AnomalySection
+
+    off = AnomalySection().updated(scan_quantile=None)
+    assert "scan_quantile" not in off.map_settings()["map"]  # off: thresholds saved before the option stay valid
+    assert AnomalySection().map_settings()["map"]["scan_quantile"] == 0.9
+    image, brain, affine = volume((16, 16, 4))
+    for folder, name, arr in (("in", "a", image), ("in", "b", image * 7.0), ("cal", "calib", image)):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        write_nifti(tmp_path / folder / f"{name}.nii.gz", arr, affine)
+    out = tmp_path / "out"
+    detect(tiny_model, tmp_path / "in", out, calibration=tmp_path / "cal", fpr=0.1, scan_quantile=0.9, **FAST)
+    record = json.loads((out / "thresholds.json").read_text())
+    assert "0.9-quantile" in record["units"] and "in_scan_units" not in record
+    assert record["settings"]["map"]["scan_quantile"] == 0.9
+    rows = {r["case"]: r for r in csv.DictReader((out / "scores.csv").open())}
+    for case in ("a", "b"):  # the heatmap is the per-scan map: the threshold is one number in its units
+        heat_img = nib.load(out / f"{case}_heatmap.nii.gz")
+        heat = heat_img.get_fdata()
+        assert float(rows[case]["threshold_scan_units"]) == pytest.approx(record["threshold"], rel=1e-6)
+        assert float(heat_img.header["cal_min"]) == pytest.approx(record["threshold"], rel=1e-6)
+        covered = heat[heat > 0]
+        assert np.quantile(covered, 0.9) == pytest.approx(1.0, rel=0.02)  # in multiples of its own 0.9-quantile
+    # scans 7x apart in intensity get the same heatmap (in the scans' units the two would differ 7x)
+    np.testing.assert_allclose(nib.load(out / "a_heatmap.nii.gz").get_fdata(),
+                               nib.load(out / "b_heatmap.nii.gz").get_fdata(), rtol=1e-3, atol=1e-4)
+    assert "the same number for every scan" in (out / "report.md").read_text()
+    assert "0.9-quantile of it over the brain" in (out / "report.html").read_text()

@@ -140,3 +140,20 @@ def test_differences_of_nested_settings():
     assert thresholds._differences({"a": 1}, 5) == [""]
     assert thresholds._differences({"a": 1}, {"a": 2}, "p.") == ["p.a"]
     assert thresholds._differences({"aX": {"bX": 1}}, {"aX": {"bX": 2}}) == ["aX.bX"]
+
+
+def test_saved_threshold_for_another_rate_comes_from_its_levels(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="medidiff.anomaly")
+    settings = {"map": {"residual": "abs"}}
+    thresholds.save_threshold(tmp_path / "thresholds.json", 0.3, fpr=0.05,
+                              extra={"settings": settings, "at_fpr": {"0.01": 0.5, "0.05": 0.3, "0.1": 0.2}})
+    assert thresholds.saved_threshold(tmp_path, settings, 0.05) == (0.3, {"threshold": 0.3, "fpr": 0.05,
+                                                                         "source": str(tmp_path / "thresholds.json")})
+    assert thresholds.saved_threshold(tmp_path, settings, 0.01)[1]["threshold"] == 0.5
+    assert thresholds.saved_threshold(tmp_path, settings, 0.1)[0] == 0.2
+    assert thresholds.saved_threshold(tmp_path, settings)[0] == 0.3  # no rate asked: the record's own
+    caplog.clear()
+    assert thresholds.saved_threshold(tmp_path, settings, 0.02) == (None, {})
+    assert "is for FPR 0.05 and 0.01, 0.05, 0.1, not 0.02" in caplog.messages[0]

@@ -187,8 +187,28 @@ def test_a_3d_model_maps_the_whole_volume_in_one_call(bench):
     image = torch.rand(1, 8, 10, 6)
     case = {"image": image, "brain": torch.ones(1, 8, 10, 6, dtype=torch.bool)}
     section = bench.recipe_section()
-    score, _, n = bench.case_map(case, heal, section, axis=2, spatial_dims=3)
-    assert calls == [(1, 1, 8, 10, 6)] and n == 1 and np.allclose(score, image.numpy() * 2)
+    raw, _, n = bench.case_map(case, heal, section.updated(scan_quantile=None), axis=2, spatial_dims=3)
+    assert calls == [(1, 1, 8, 10, 6)] and n == 1 and np.allclose(raw, image.numpy() * 2)
+    score = bench.case_map(case, heal, section, axis=2, spatial_dims=3)[0]  # the recipe's per-scan scale
+    assert np.allclose(score, raw / np.quantile(raw, section.map.scan_quantile), rtol=1e-5)
     baseline = bench.healer(bench.BASELINE, None, section, 0, "cpu", spatial_dims=3)
     with pytest.raises(SystemExit, match="2D model"):
         baseline(image[None], torch.ones(1, 1, 8, 10, 6))
+
+
+def test_dice_bound_and_threshold_transfer_between_validation_subjects(bench):
+    brain = np.zeros((1, 20, 20, 5), bool)
+    brain[0, 2:18, 2:18] = True  # 1,280 brain voxels
+    label = np.zeros(brain.shape, np.uint8)
+    label[0, 9:11, 9:11, 2] = 1  # 4 lesion voxels
+    case = {"brain": brain, "label": label}
+    healthy = float(bench.healthy_region(brain, label).sum())
+    assert bench.dice_bound(case, 0.05) == pytest.approx(8 / (8 + 0.05 * healthy))
+    assert bench.dice_bound(case, 0.01) > bench.dice_bound(case, 0.05)
+    rng = np.random.default_rng(0)
+    base = rng.gamma(2.0, 1.0, brain.shape)
+    same = [base * brain, rng.permutation(base.ravel()).reshape(brain.shape) * brain]  # one distribution
+    assert bench.loo_fpr_deviation(same, [case, case]) < 0.01
+    scaled = [same[0], same[1] * 3.0]  # a brighter second subject: a threshold calibrated on one misses the other
+    assert bench.loo_fpr_deviation(scaled, [case, case]) > 0.04
+    assert np.isnan(bench.loo_fpr_deviation(same[:1], [case]))

@@ -37,7 +37,7 @@ def test_every_recipe_key_is_listed_with_a_description(reference):
 
 def test_types_defaults_and_descriptions_come_from_the_models(reference):
     text = reference.render()
-    assert "| `anomaly.fpr` | float (> 0, < 1) | `0.05` | voxel false-positive rate" in text
+    assert "| `anomaly.fpr` | float (> 0, < 1) | `0.01` | voxel false-positive rate" in text
     assert "| `segment.sampling.members` | int (> 0) | `10` |" in text
     assert "| `recon.solver.name` | one of `dds`, `dps`, `pc`, `merge` | `dds` |" in text
     assert "| `anomaly.inputs` | path or null | `null` |" in text

@@ -9,7 +9,9 @@ prepares each as the training data were (``ModelInfo.data_prep``), runs a 2D mod
 along the training slicing axis (``medidiff.cases.slicewise``; empty slices skipped) and writes per
 case, on the scan's own grid (``medidiff.cases.restore``):
 
-- ``<case>_heatmap.nii.gz``: the anomaly map in the scan's intensity units (absolute residual);
+- ``<case>_heatmap.nii.gz``: the anomaly map in the scan's intensity units (absolute residual), or with
+  ``map.scan_quantile`` in multiples of the scan's own residual quantile (unitless: the threshold is then one
+  number for every scan);
 - ``<case>_heatmap.dcm``: for DICOM scans (``dicom``), the same as a DICOM Parametric Map (float values,
   one frame per source slice) in the scan's study and frame of reference;
 - ``<case>_healthy.nii.gz``: the healthy reconstruction in the scan's units;
@@ -28,7 +30,8 @@ calibration scans or a threshold, one saved beside the model is used, see ``thre
 false-positive findings per scan), ``report.md`` and ``report.html`` (a self-contained page: every
 slice with a flagged voxel or a reference lesion, one colour scale for the run; ``medidiff.anomaly.report``),
 ``failures.csv`` for skipped cases. Thresholds
-and metrics use the map on the model's ``[-1, 1]`` scale, the same for every scan.
+and metrics use the map on the model's ``[-1, 1]`` scale (or, with ``map.scan_quantile``, the per-scan map), the
+same for every scan.
 
 The loop over cases (and over calibration scans) is ``medidiff.batch.Batch``'s: under ``torchrun`` the
 cases are shared out between the ranks (each loads the model; calibration is sharded too and its
@@ -84,6 +87,7 @@ class CaseMaps:
         nfe: denoiser evaluations spent on the case.
         time_s: seconds spent on the case.
         classifier_nfe: classifier gradients spent on the case (method ``guided``).
+        scan_scale: what the map was divided by (``map.scan_quantile``; 1.0 when off).
     """
 
     prepared: Prepared
@@ -94,6 +98,7 @@ class CaseMaps:
     nfe: int
     time_s: float
     classifier_nfe: int = 0
+    scan_scale: float = 1.0
 
     @property
     def case(self) -> Case:
@@ -125,6 +130,8 @@ def analyse(denoiser, info: ModelInfo, case: Case, options: AnomalySection, *, s
     results, n = slicewise(heal, x, prepared.foreground, spatial_dims=dims, axis=axis,
                            min_foreground=options.min_foreground, fills=(None, 0.0, 0.0))
     healthy, spread, score = results if n else (x.clone(), torch.zeros_like(x), torch.zeros_like(x[:1]))
+    score, scale = maps.per_scan(score, prepared.foreground > 0.5, options.map.scan_quantile)
+    score = torch.from_numpy(score)
     plane = x.shape[1:] if dims == 3 else [s for i, s in enumerate(x.shape[1:]) if i != axis]
     n_patches = len(patch_tiles(plane, recon.patch_size or [-(-s // 2) for s in plane]))
     per_image = healthy_evaluations(recon, n_patches=n_patches, process=denoiser.process)
@@ -133,11 +140,22 @@ def analyse(denoiser, info: ModelInfo, case: Case, options: AnomalySection, *, s
     return CaseMaps(prepared=prepared, score=restore(score, prepared).clamp_min(0),
                     healthy=restore(healthy, prepared, units="image"), spread=restore(spread, prepared).clamp_min(0),
                     mean_spread=float(spread[fg].mean()) if bool(fg.any()) else 0.0, nfe=per_image.denoiser * n,
-                    time_s=time.perf_counter() - start, classifier_nfe=per_image.classifier * n)
+                    time_s=time.perf_counter() - start, classifier_nfe=per_image.classifier * n, scan_scale=scale)
 
 
 def _units(options: AnomalySection) -> str:
+    """``scan``: the map in multiples of each scan's own scale (``map.scan_quantile``), else ``squared`` or
+    ``difference`` (a residual in the scan's intensity units)."""
+    if options.map.scan_quantile is not None:
+        return "scan"
     return "squared" if options.map.residual == "squared" else "difference"
+
+
+def heatmap_label(options: AnomalySection) -> str:
+    """What a heatmap's values are, in words (overlays, reports)."""
+    if options.map.scan_quantile is not None:
+        return f"residual / the scan's {options.map.scan_quantile:g}-quantile"
+    return "residual² (input units²)" if options.map.residual == "squared" else "|residual| (input units)"
 
 
 def restore_factor(prepared: Prepared, units: str) -> float:
@@ -149,7 +167,10 @@ def restore_factor(prepared: Prepared, units: str) -> float:
 
 
 def _heatmap_unit(case: Case, units: str) -> str:
-    """The UCUM unit of a case's heatmap: Hounsfield units (squared) for CT, arbitrary units otherwise."""
+    """The UCUM unit of a case's heatmap: Hounsfield units (squared) for CT, arbitrary units otherwise, none (``1``)
+    for a map in multiples of the scan's own scale."""
+    if units == "scan":
+        return "1"
     if str(case.image.meta.get("modality", "")).upper() == "CT":
         return "[hnsf'U]2" if units == "squared" else "[hnsf'U]"
     return "[arb'U]"
@@ -223,7 +244,8 @@ def _calibration_threshold(options: AnomalySection, path: Path, got: BatchResult
               "at_fpr": {f"{r:g}": t for r, t in zip(rates, levels)},
               "measured_fpr": thresholds.false_positive_rate(values, fgs, value),
               "settings": options.map_settings()}
-    thresholds.save_threshold(out_dir / thresholds.THRESHOLDS_FILE, value, fpr=fpr, extra=record)
+    thresholds.save_threshold(out_dir / thresholds.THRESHOLDS_FILE, value, fpr=fpr, extra=record,
+                              scan_quantile=options.map.scan_quantile)
     return value, record
 
 
@@ -244,7 +266,7 @@ def _threshold(denoiser, info: ModelInfo, options: AnomalySection, model_path: P
         value = thresholds.load_threshold(path)
         return value, {"threshold": value, "source": str(path)}, []
     if options.calibration is None:
-        return (*thresholds.saved_threshold(model_path, options.map_settings()), [])
+        return (*thresholds.saved_threshold(model_path, options.map_settings(), options.fpr), [])
     return _calibrate(denoiser, info, options, resolve(options.calibration, "calibration scans"), out_dir,
                       batch, seed, digests)
 
@@ -259,7 +281,7 @@ class _ScanUnits:
 
 
 def _scan_units(r: CaseMaps, options: AnomalySection, threshold: float | None) -> _ScanUnits:
-    factor = restore_factor(r.prepared, _units(options))
+    factor = 1.0 if options.map.scan_quantile is not None else restore_factor(r.prepared, _units(options))
     spread = (r.spread * restore_factor(r.prepared, "difference") if options.reconstruction.samples > 1 else None)
     return _ScanUnits(r.score * factor, spread, None if threshold is None else threshold * factor)
 
@@ -294,7 +316,7 @@ def _write_case(r: CaseMaps, units: _ScanUnits, options: AnomalySection, thresho
     contours = {k: v for k, v in (("lesion", case.label), ("flagged", flagged)) if v is not None}
     written.append(outputs.overlay_png(
         case.image, heatmap, contours or None, path("overlay", "png"), title=f"{case.name}: anomaly map",
-        units="|residual| (input units)", n_slices=options.overlay_slices,
+        units=heatmap_label(options), n_slices=options.overlay_slices,
         slices=findings.finding_slices(found, options.overlay_slices) or None,
         threshold=in_units, protected=protected))
     return written, flagged, found

@@ -17,7 +17,7 @@ from medidiff import outputs
 from medidiff.outputs import cell
 from medidiff.outputs import html as pages
 
-__all__ = ["write_report", "write_html", "case_view", "LEGEND"]
+__all__ = ["write_report", "write_html", "case_view", "LEGEND", "legend"]
 
 #: Outline colours: the reference lesion is drawn last, on top of the flagged region.
 OUTLINES = {"flagged": pages.Outline("#00bfff", "flagged region (above the threshold; blue)", "finding"),
@@ -43,6 +43,23 @@ LEGEND = [
     ("AUROC, AUPRC, Dice", "How well the heatmap separates lesion from other voxels (1 is perfect; an AUROC of "
                            "0.5 is chance) and how much the flagged region overlaps the reference lesion."),
 ]
+#: The heatmap and threshold entries when each scan's map is divided by its own scale (``map.scan_quantile``).
+PER_SCAN_LEGEND = {
+    "Heatmap": "How different each voxel of the scan is from the model's reconstruction of healthy tissue: the "
+               "absolute difference divided by the scan's own {q:g}-quantile of it over the brain (as in the "
+               "_heatmap NIfTI file), so 1 is a typical difference for this scan and 3 is three times that. "
+               "Brighter means more unusual. It is not a probability and not a diagnosis.",
+    "Threshold": "The heatmap value above which a voxel is flagged: one number for every scan, since each scan's "
+                 "heatmap is on its own scale.",
+}
+
+
+def legend(settings: dict) -> list[tuple[str, str]]:
+    """The page's legend for a run's ``detection.json`` settings (the heatmap's scale as the run made it)."""
+    q = (settings.get("map") or {}).get("scan_quantile")
+    if q is None:
+        return LEGEND
+    return [(k, PER_SCAN_LEGEND[k].format(q=q) if k in PER_SCAN_LEGEND else v) for k, v in LEGEND]
 
 
 def _threshold_text(settings: dict) -> str:
@@ -51,6 +68,10 @@ def _threshold_text(settings: dict) -> str:
         return "none (no calibration scans or threshold given): no anomaly masks"
     origin = (f"calibrated at voxel FPR {record['fpr']:g}" if record.get("fpr") is not None
               else f"from {record.get('source', 'the user')}")
+    q = (settings.get("map") or {}).get("scan_quantile")
+    if q is not None:
+        return (f"{settings['threshold']:.4g} ({origin}), in the heatmaps' units: each scan's residual over its own "
+                f"{q:g}-quantile, the same number for every scan")
     return (f"{settings['threshold']:.4g} on the model's [-1, 1] scale ({origin}); each scan's heatmap is in its "
             "own intensity units, where the threshold is the case's value in the table below (and its heatmap's "
             "cal_min)")
@@ -116,7 +137,7 @@ def _tables(rows: list[dict], metrics: dict | None, bold: bool, out_dir: Path | 
                                     cell(m.get("dice_best"))]
                                    for name, m in [*metrics["per_case"].items(), (pooled, metrics)]]))
     tables.append(pages.Table("Cases", ["case", "score", "max", "voxels flagged",
-                                        "threshold (heatmap units: the scan's)", "time (s)", "NFE"],
+                                        "threshold (in the heatmap's units)", "time (s)", "NFE"],
                               [[row["case"], f"{row['score']:.4f}", f"{row['max']:.4f}",
                                 "—" if row["n_voxels_flagged"] == "" else row["n_voxels_flagged"],
                                 cell(row.get("threshold_scan_units"), fmt=".4g"),
@@ -176,7 +197,9 @@ def write_html(out_dir: Path, rows: list[dict], metrics: dict | None, settings: 
         views: per case name, its ``case_view`` arrays (a case without them is listed without images).
     """
     shown = [v for v in views.values() if v]
-    scales = [pages.run_scale(shown, "heatmap", label="Heatmap", units="scan's intensity units"),
+    q = (settings.get("map") or {}).get("scan_quantile")
+    heat_units = "scan's intensity units" if q is None else f"multiples of each scan's {q:g}-quantile"
+    scales = [pages.run_scale(shown, "heatmap", label="Heatmap", units=heat_units),
               pages.run_scale(shown, "uncertainty", label="Uncertainty (spread)", units="scan's intensity units",
                               cmap="viridis")]
     panels = [pages.Panel("scan with outlines", outlines=("flagged", "lesion")),
@@ -192,5 +215,5 @@ def write_html(out_dir: Path, rows: list[dict], metrics: dict | None, settings: 
 
     return pages.write_run_page(out_dir, "Anomaly detection report", rows=rows, views=views, panels=panels,
                                 facts=facts, intro=[_intro(settings)],
-                                tables=_tables(rows, metrics, bold=False, out_dir=out_dir), legend=LEGEND,
+                                tables=_tables(rows, metrics, bold=False, out_dir=out_dir), legend=legend(settings),
                                 scales=scales, outlines=OUTLINES)

@@ -84,22 +84,28 @@ def false_positive_rate(maps: Iterable[Any], masks: Iterable[Any] | None, thresh
     return float((values > threshold).mean())
 
 
-def save_threshold(path: str | Path, threshold: float, *, fpr: float, extra: dict[str, Any] | None = None) -> Path:
+def save_threshold(path: str | Path, threshold: float, *, fpr: float, extra: dict[str, Any] | None = None,
+                   scan_quantile: float | None = None) -> Path:
     """Write a calibrated threshold as JSON (``threshold``, ``fpr``, ``units`` and any ``extra`` entries).
 
     Args:
         path: the JSON file (usually ``<out>/thresholds.json``).
-        threshold: the threshold, on the model's intensity scale.
+        threshold: the threshold, on the model's intensity scale (or on the per-scan scale).
         fpr: the false-positive rate it was calibrated for.
         extra: more entries (calibration cases, voxel counts, thresholds at other rates...).
+        scan_quantile: the maps' ``map.scan_quantile`` when each scan's map is divided by its own scale.
 
     Returns:
         The path written.
     """
-    record = {"threshold": float(threshold), "fpr": float(fpr),
-              "units": "anomaly map on the model's [-1, 1] intensity scale",
-              "in_scan_units": "differs per scan (its intensity scaling): each run's scores.csv "
-                               "threshold_scan_units and each heatmap's cal_min", **(extra or {})}
+    if scan_quantile is None:
+        units = {"units": "anomaly map on the model's [-1, 1] intensity scale",
+                 "in_scan_units": "differs per scan (its intensity scaling): each run's scores.csv "
+                                  "threshold_scan_units and each heatmap's cal_min"}
+    else:
+        units = {"units": f"anomaly map divided by each scan's own {scan_quantile:g}-quantile of it (the heatmaps' "
+                          "units: the same number for every scan)"}
+    record = {"threshold": float(threshold), "fpr": float(fpr), **units, **(extra or {})}
     return write_json(record, path)
 
 
@@ -132,15 +138,19 @@ def model_threshold_path(model_path: str | Path) -> Path:
     return model_path.with_name(model_path.name.split(".")[0] + ".thresholds.json")
 
 
-def saved_threshold(model_path: str | Path, settings: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
-    """The threshold saved with a model, if it was calibrated with the same map settings.
+def saved_threshold(model_path: str | Path, settings: dict[str, Any], fpr: float | None = None
+                    ) -> tuple[float | None, dict[str, Any]]:
+    """The threshold saved with a model, if it was calibrated with the same map settings (and for ``fpr``).
 
     Args:
         model_path: the model's weights file or folder.
         settings: the map settings of this run (``AnomalySection.map_settings``).
+        fpr: the false-positive rate asked for: the record's own threshold when it was calibrated for it, else
+            its ``at_fpr`` entry for that rate (``None``: the record's own threshold).
 
     Returns:
-        ``(threshold, record)``, or ``(None, {})`` when there is none or its settings differ (logged).
+        ``(threshold, record)``, or ``(None, {})`` when there is none, its settings differ or it has no
+        threshold for ``fpr`` (logged).
     """
     path = model_threshold_path(model_path)
     if not path.is_file():
@@ -153,9 +163,17 @@ def saved_threshold(model_path: str | Path, settings: dict[str, Any]) -> tuple[f
         log.warning("the threshold saved with the model (%s) was calibrated with other settings (%s): no anomaly "
                     "masks or Dice; give calibration scans or a threshold", path, ", ".join(changed))
         return None, {}
-    value = record["threshold"]
-    log.info("threshold %.4g saved with the model (%s, FPR %s)", value, path.name, record.get("fpr"))
-    return value, {"threshold": value, "fpr": record.get("fpr"), "source": str(path)}
+    value, rate = record["threshold"], record.get("fpr")
+    if fpr is not None and rate != fpr:
+        levels = record.get("at_fpr") or {}
+        if f"{fpr:g}" not in levels:
+            log.warning("the threshold saved with the model (%s) is for FPR %s and %s, not %g: no anomaly masks or "
+                        "Dice; give calibration scans or a threshold", path, rate,
+                        ", ".join(levels) or "no other rate", fpr)
+            return None, {}
+        value, rate = float(levels[f"{fpr:g}"]), fpr
+    log.info("threshold %.4g saved with the model (%s, FPR %s)", value, path.name, rate)
+    return value, {"threshold": value, "fpr": rate, "source": str(path)}
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
