@@ -615,7 +615,8 @@ def initial_weights(net: nn.Module, path: str | Path, prediction: str) -> dict:
     """Load a saved model's weights into ``net`` (``training.init_from``: fine-tuning).
 
     A class-conditional U-Net may start from the same U-Net without classes (its class embeddings at zero, so every
-    class begins as the saved model); a noise-aware classifier from a diffusion U-Net of its levels (the encoder).
+    class begins as the saved model); a noise-aware classifier from a diffusion U-Net of its levels (the encoder)
+    or from a classifier of the same network (every weight: a curriculum's next stage).
 
     Args:
         net: the recipe's network, freshly built.
@@ -635,6 +636,8 @@ def initial_weights(net: nn.Module, path: str | Path, prediction: str) -> dict:
     from .weights import load_checked
 
     denoiser, info, digest = load_checked(path)
+    if net.config.get("arch") == "classifier" and info.net.get("arch") == "classifier":
+        return _classifier_weights(net, denoiser.net, info, path, digest)
     if net.config.get("arch") == "classifier":
         return _encoder_weights(net, denoiser.net, info, path, digest)
     ours = dict(net.config)
@@ -667,6 +670,20 @@ def initial_weights(net: nn.Module, path: str | Path, prediction: str) -> dict:
 
 #: The parts of a diffusion U-Net a noise-aware classifier shares (``medidiff.nets.Classifier``).
 ENCODER_PARTS = ("time_embed", "conv_in", "down_blocks", "middle_block")
+
+
+def _classifier_weights(classifier, saved, info, path, digest: str) -> dict:
+    """A classifier's every weight from a saved classifier of the same network (a curriculum's next stage).
+
+    Raises:
+        TrainingError: the saved classifier's network differs from the recipe's.
+    """
+    if not _same_json(info.net, dict(classifier.config)):
+        raise TrainingError(f"the classifier of {path} differs from the recipe's model section",
+                            where="training.init_from",
+                            fix="copy the saved classifier's network settings (its .json 'net') into the recipe.")
+    classifier.load_state_dict(saved.state_dict())
+    return {"name": model_paths(path)[0].name, "sha256": digest, "step": info.step}
 
 
 def _encoder_weights(classifier, unet, info, path, digest: str) -> dict:

@@ -70,7 +70,8 @@ class TrainingConfig(BaseModel):
             run folder) instead of random ones: fine-tuning. Its network must be the recipe's (``model``)
             and its prediction the same; its name, SHA-256 and step are recorded in ``model.json``. A
             class-conditional U-Net may start from an unconditional one (its class embeddings at zero), and a
-            noise-aware classifier from a diffusion U-Net of the same levels (its encoder; the head fresh).
+            noise-aware classifier from a diffusion U-Net of the same levels (its encoder; the head fresh) or from
+            a classifier of the same network (every weight: the next stage of a curriculum).
         tensorboard: write TensorBoard logs to ``tb/``.
         progress: show a progress bar.
         compile: ``torch.compile`` the network (CUDA).

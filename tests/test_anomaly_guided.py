@@ -322,3 +322,15 @@ def test_a_classifier_starts_from_a_diffusion_unets_encoder_and_learns_the_low_t
     times = torch.cat(seen)
     assert len(times) == 96 and float(times.max()) <= 0.3 + 1e-6 and float(times.min()) >= 0.01 - 1e-6
     assert torch.allclose(times * 100, (times * 100).round(), atol=1e-4) and len(times.unique()) > 10
+    # the next stage of a curriculum: a classifier from the saved classifier, every weight
+    again = build_classifier(2, **TINY_CLASSIFIER)
+    record = train.initial_weights(again, tmp_path / "c", "eps")
+    assert record["step"] == 6 and "parts" not in record
+    trained = json.loads((tmp_path / "c" / "model.json").read_text())
+    assert trained["net"]["arch"] == "classifier"
+    from medidiff.weights import load_checked
+
+    reference = load_checked(tmp_path / "c")[0].net.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in again.state_dict().items())
+    with pytest.raises(TrainingError, match="differs from the recipe"):
+        train.initial_weights(build_classifier(2, **{**TINY_CLASSIFIER, "channels": [8, 24]}), tmp_path / "c", "eps")
