@@ -21,7 +21,9 @@ solvers (PC at 1,000 NFE, DPS, the merge) run on ``--heavy-slices`` test slices,
 single-coil settings unless ``--heavy-multicoil`` (a CPU budget: PC at 1,000 NFE costs 20x DDS at 50).
 Each solver batches all slices and seeds of a setting into one network call per step.
 
-Run:  python benchmarks/bench_recon.py [--quick] [--mri-model W] [--ct-model W] [--threads N]
+Run:  python benchmarks/bench_recon.py [--quick] [--mri-model W] [--ct-model W] [--threads N] [--resume]
+A full run takes hours on a CPU: every number is written to the JSON beside the table as it is measured, and
+``--resume`` goes on from it (the same priors, slices, seeds and plan), so the run can span several sittings.
 Writes benchmarks/results/recon.md (``--quick``: recon_quick.md, a smoke run: one slice, one seed, few NFE; the
 MRI slices cropped to their central 96 x 112).
 """
@@ -41,6 +43,7 @@ import torch
 from medidiff.core.ensemble import member_seed
 from medidiff.core.noise import make_generators
 from medidiff.core.operators import LinearOperator
+from medidiff.outputs import write_json
 from medidiff.recon import problems, solvers
 from medidiff.recon.prior import AnySize, unet_multiple
 from medidiff.recon.reconstruct import slice_metrics
@@ -52,7 +55,7 @@ SEEDS = [0, 1, 2]
 #: (solver, NFE list) on the test slices; PC's NFE is 2 per step.
 PLAN = {"dds": [20, 50, 100], "dps": [200], "pc": [1000], "merge": [200]}
 HEAVY = {"dps", "pc", "merge"}
-GRIDS = {"dds": ("eta", [0.0, 0.15, 0.5]), "dps": ("zeta", [0.3, 1.0, 3.0]), "merge": ("lam", [0.5, 0.9, 1.0])}
+GRIDS = {"dds": ("eta", [0.0, 0.15, 0.5]), "dps": ("zeta", [0.003, 0.01, 0.03, 0.1]), "merge": ("lam", [0.5, 0.9, 1.0])}
 
 
 def mri_slices(indices: list[int], crop: bool = False) -> torch.Tensor:
@@ -150,7 +153,33 @@ def baselines(probs: list[problems.Problem]) -> list[tuple[str, int, dict, float
     return rows
 
 
-def tune(prior, modality, images, setting, window, nfe) -> dict[str, dict]:
+class Store:
+    """Every measured number of a run, kept in a JSON file as it comes (``--resume`` goes on from it).
+
+    A full run takes hours on a CPU: each tuning grid and each (setting, method, NFE) row is written to the file
+    the moment it is measured, and a resumed run with the same ``signature`` (priors, slices, seeds, plan) reads
+    them back instead of measuring them again.
+    """
+
+    def __init__(self, path: Path, signature: dict, resume: bool):
+        self.path, self.data = path, {"signature": signature, "tuning": {}, "rows": {}}
+        if resume and path.is_file():
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+            if earlier.get("signature") != signature:
+                raise SystemExit(f"--resume: {path} was measured with other settings; remove it or drop --resume")
+            self.data = earlier
+
+    def get(self, part: str, key: str, measure, *args):
+        """The stored value of ``key`` in ``part`` (``tuning`` or ``rows``), else ``measure(*args)``, stored at
+        once."""
+        if key not in self.data[part]:
+            self.data[part][key] = measure(*args)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(self.data, self.path)
+        return self.data[part][key]
+
+
+def tune(prior, modality, images, setting, window, nfe, store: Store) -> tuple[dict, list[str]]:
     """Each solver's option chosen by mean validation PSNR (one seed)."""
     chosen = {"dds": {}, "dps": {}, "pc": {}, "merge": {}}
     lines = []
@@ -158,14 +187,25 @@ def tune(prior, modality, images, setting, window, nfe) -> dict[str, dict]:
     for name, (key, grid) in GRIDS.items():
         best = None
         for value in grid:
-            imgs, _ = run_solver(prior, probs, name, nfe[name], {key: value}, first_seed=100)
-            p = statistics.mean(score(imgs, probs)["psnr"])
+            p = store.get("tuning", f"{modality} {name} {key}={value} nfe={nfe[name]}", _val_psnr, prior, probs, name,
+                          nfe[name], {key: value})
             lines.append(f"{modality} {name} {key}={value}: {p:.2f} dB")
             print(lines[-1], flush=True)
             if best is None or p > best[0]:
                 best = (p, value)
         chosen[name] = {key: best[1]}
     return chosen, lines
+
+
+def _val_psnr(prior, probs, name: str, nfe: int, options: dict) -> float:
+    imgs, _ = run_solver(prior, probs, name, nfe, options, first_seed=100)
+    return statistics.mean(score(imgs, probs)["psnr"])
+
+
+def _row(prior, probs, name: str, nfe: int, options: dict, shown: str) -> list:
+    """One table row: ``[method shown, NFE, {"psnr": [...], "ssim": [...]}, seconds per slice]``."""
+    imgs, sec = run_solver(prior, probs, name, nfe, options)
+    return [shown, nfe, score(imgs, probs), sec]
 
 
 def main(argv=None) -> int:
@@ -182,6 +222,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false",
                         help="evaluate the priors in float32 (default: bf16 autocast where native)")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on from the numbers already measured (the JSON beside --out, same settings)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -189,16 +231,25 @@ def main(argv=None) -> int:
     plan = {"dds": [4, 8], "dps": [4], "pc": [8], "merge": [4]} if quick else PLAN
     seeds = [0] if quick else SEEDS
     out = args.out or ROOT / "benchmarks/results" / ("recon_quick.md" if quick else "recon.md")
+    chosen_test = [int(i) for i in args.mri_test.split(",")]
+    if not set(chosen_test) <= set(TEST_MRI):
+        parser.error(f"--mri-test takes test slices among {TEST_MRI}")
+    models = {"mri": args.mri_model, "ct": args.ct_model}
+    signature = {"quick": quick, "plan": plan, "grids": GRIDS, "seeds": seeds, "heavy_slices": args.heavy_slices,
+                 "heavy_multicoil": args.heavy_multicoil, "mri_test": chosen_test, "prior_mode": args.prior_mode,
+                 "bf16": args.bf16, "models": {m: _digest(models[m]) for m in ("mri", "ct")}}
+    store = Store(out.with_suffix(".json"), json.loads(json.dumps(signature)), args.resume)
     lines = ["# Reconstruction benchmark", "",
              f"`python benchmarks/bench_recon.py{' --quick' if quick else ''}` on {platform.processor() or 'CPU'}, "
              f"{args.threads} threads, torch {torch.__version__}; prior applied `{args.prior_mode}`"
              f"{', under bf16 autocast' if args.bf16 else ', float32'}. Mean ± std over "
              f"test slices and seeds {seeds}; PC, DPS and merge on the first {args.heavy_slices} test slice(s)"
              f"{'' if args.heavy_multicoil else ' and, for MRI, single coil only'}. "
-             "Seconds are wall-clock per slice (slices and seeds batched).", ""]
+             "Seconds are wall-clock per slice (slices and seeds batched; a run resumed with `--resume` measured "
+             "its rows in several sittings).", ""]
     record = {}
     for modality in args.modalities:
-        path = args.mri_model if modality == "mri" else args.ct_model
+        path = models[modality]
         if not Path(path).with_suffix(".json").is_file() and not Path(path).is_dir():
             lines += [f"## {modality.upper()}", "", f"Skipped: no prior at `{path}`.", ""]
             continue
@@ -209,9 +260,6 @@ def main(argv=None) -> int:
         window = tuple(info.data_prep.intensity.window) if modality == "ct" else None
         if modality == "mri":
             val = mri_slices(VAL_MRI[:1], crop=True) if quick else mri_slices(VAL_MRI)
-            chosen_test = [int(i) for i in args.mri_test.split(",")]
-            if not set(chosen_test) <= set(TEST_MRI):
-                parser.error(f"--mri-test takes test slices among {TEST_MRI}")
             test = mri_slices(TEST_MRI[1:2], crop=True) if quick else mri_slices(chosen_test)
             settings = [{"acceleration": r, "coils": c} for r in (4, 8) for c in (1, 8)]
         else:
@@ -220,7 +268,7 @@ def main(argv=None) -> int:
         tune_nfe = {k: v[-1] if k != "dds" else 50 for k, v in plan.items()}
         if quick:
             tune_nfe = {k: v[0] for k, v in plan.items()}
-        chosen, tuning = tune(prior, modality, val, settings[0 if modality == "mri" else 1], window, tune_nfe)
+        chosen, tuning = tune(prior, modality, val, settings[0 if modality == "mri" else 1], window, tune_nfe, store)
         lines += [f"## {modality.upper()} (prior `{Path(path).name}`, step {info.step})", "",
                   "Validation (one seed): " + "; ".join(tuning) + ".", "",
                   f"Chosen: {json.dumps(chosen)}.", ""]
@@ -229,20 +277,17 @@ def main(argv=None) -> int:
                      if modality == "mri" else f"{setting['views']} views")
             probs = [problem_for(modality, test, setting, s, window) for s in seeds]
             heavy = [p.select(slice(0, args.heavy_slices)) for p in probs]
-            rows = baselines(probs)
+            rows = list(store.get("rows", f"{modality} {label} baselines", _baseline_rows, probs))
             heavy_here = modality == "ct" or setting["coils"] == 1 or args.heavy_multicoil
-            for name, nfes in plan.items():
-                if name in HEAVY and not heavy_here:
-                    continue
-                for nfe in nfes:
-                    use = heavy if name in HEAVY else probs
-                    imgs, sec = run_solver(prior, use, name, nfe, chosen[name])
-                    rows.append((name.upper(), nfe, score(imgs, use), sec))
-                    print(modality, label, name, nfe, mean_std(rows[-1][2]["psnr"], 2), f"{sec:.1f}s", flush=True)
-            if heavy_here:
+            runs = [(name, nfe, name.upper(), heavy if name in HEAVY else probs)
+                    for name, nfes in plan.items() if name not in HEAVY or heavy_here for nfe in nfes]
+            if heavy_here:  # DDS on the heavy solvers' slices too, to compare with them on the same slices
                 dds_nfe = max(n for n in plan["dds"] if n <= 50)
-                imgs, sec = run_solver(prior, heavy, "dds", dds_nfe, chosen["dds"])  # on the heavy solvers' slices
-                rows.append((f"DDS ({args.heavy_slices} slices)", dds_nfe, score(imgs, heavy), sec))
+                runs.append(("dds", dds_nfe, f"DDS ({args.heavy_slices} slices)", heavy))
+            for name, nfe, shown, use in runs:
+                rows.append(store.get("rows", f"{modality} {label} {shown} {nfe}", _row, prior, use, name, nfe,
+                                      chosen[name], shown))
+                print(modality, label, shown, nfe, mean_std(rows[-1][2]["psnr"], 2), f"{rows[-1][3]:.1f}s", flush=True)
             lines += [f"### {label}", "", "| method | NFE | PSNR (dB) | SSIM | s / slice |", "|---|---|---|---|---|"]
             for name, nfe, vals, sec in rows:
                 lines.append(f"| {name} | {nfe} | {mean_std(vals['psnr'], 2)} | {mean_std(vals['ssim'], 4)} | "
@@ -254,6 +299,20 @@ def main(argv=None) -> int:
     write(out, lines, record)
     print(f"wrote {out}")
     return 0
+
+
+def _baseline_rows(probs) -> list[list]:
+    return [list(r) for r in baselines(probs)]
+
+
+def _digest(path: str) -> str | None:
+    """The prior's weights' SHA-256 (``None`` when absent): a resumed run must use the same priors."""
+    from medidiff.weights import check_weights_file
+
+    try:
+        return check_weights_file(path)
+    except Exception:  # noqa: BLE001 - a missing prior is reported where it is used
+        return None
 
 
 def write(out: Path, lines: list[str], record: dict) -> None:
