@@ -161,8 +161,8 @@ def test_candidates_are_mapped_on_validation_and_only_the_best_is_tested(bench, 
                                                           ("counterfactual_w3", 1)]
     table = out.read_text()
     assert table.count("weight 3 (") == 1 and "**(chosen)**" in table
-    assert "weight 1.5 (for a class-conditional model: recipes/counterfactual_lesion_2d.yaml): 0.0200 (pooled " \
-           "0.1600)" in table
+    assert "weight 1.5 (for a class-conditional model: recipes/counterfactual_lesion_2d.yaml); map over the scan's " \
+           "own 0.9-quantile: 0.0200 (pooled 0.1600)" in table
 
 
 def test_guided_settings_steer_with_the_given_classifier(bench, tmp_path):
