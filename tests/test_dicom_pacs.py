@@ -174,7 +174,7 @@ def test_a_detect_run_on_an_mr_series_writes_a_parametric_map_and_a_seg(tmp_path
     pm = pydicom.dcmread(heat_pm)
     frames = _check_geometry(pm, sources)
     unit = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].MeasurementUnitsCodeSequence[0]
-    assert unit.CodeValue == "[arb'U]" and pm.SeriesDescription == "medidiff anomaly heatmap"
+    assert unit.CodeValue == "1" and pm.SeriesDescription == "medidiff anomaly heatmap"  # per-scan map: a ratio
     # the same values as the NIfTI heatmap, slice for slice, and as many flagged voxels as its NIfTI mask
     assert sum(float(f.sum()) for f in frames.values()) == pytest.approx(float(heat_nii.get_fdata().sum()), rel=1e-5)
     assert max(float(f.max()) for f in frames.values()) == pytest.approx(float(heat_nii.get_fdata().max()), rel=1e-6)
