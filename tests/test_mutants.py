@@ -6,23 +6,19 @@ the copy, and runs each mutant's one to three test selections in forked children
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "mutants.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("mutants_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "mutants_script")
 
 
 def test_mutants_are_well_formed():

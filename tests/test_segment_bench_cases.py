@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from script_helpers import load_script
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_segment.py"
 
 
 def _bench(path: Path = BENCH):
-    spec = importlib.util.spec_from_file_location("bench_segment_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(path, "bench_segment_under_test")
 
 
 def test_lesion_cases_have_lesions_in_thin_slabs(tmp_path):
