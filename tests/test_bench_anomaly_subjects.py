@@ -209,3 +209,16 @@ def test_dice_bound_and_threshold_transfer_between_validation_subjects(bench):
     scaled = [same[0], same[1] * 3.0]  # a brighter second subject: a threshold calibrated on one misses the other
     assert bench.loo_fpr_deviation(scaled, [case, case]) > 0.04
     assert np.isnan(bench.loo_fpr_deviation(same[:1], [case]))
+
+
+def test_other_methods_are_set_against_the_default(bench):
+    rows = [{"model": "data/weights/healthy_brain_2d.safetensors", "setting": "default", "auprc_all": a}
+            for a in (0.10, 0.14)]
+    rows += [{"model": "data/weights/healthy_brain_2d.safetensors", "setting": "guided_s100", "auprc_all": 0.03},
+             {"model": "runs/cf", "setting": "counterfactual_w3", "auprc_all": 0.15},
+             {"model": "data/weights/healthy_brain_2d.safetensors", "setting": "ddim5_t40_x5", "auprc_all": 0.2}]
+    labels = {"guided_s100": "Wolleb et al.: guided", "counterfactual_w3": "Sanchez et al.: cf"}
+    assert bench._against_default(rows, labels) == [
+        "- Test AUPRC against the default of healthy_brain_2d (0.120): Wolleb et al. 0.030 (-0.090); "
+        "Sanchez et al. 0.150 (+0.030)."]
+    assert bench._against_default(rows[2:], labels) == []  # no default row: nothing to set against
