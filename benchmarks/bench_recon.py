@@ -23,7 +23,8 @@ Each solver batches all slices and seeds of a setting into one network call per 
 
 Run:  python benchmarks/bench_recon.py [--quick] [--mri-model W] [--ct-model W] [--threads N] [--resume]
 A full run takes hours on a CPU: every number is written to the JSON beside the table as it is measured, and
-``--resume`` goes on from it (the same priors, slices, seeds and plan), so the run can span several sittings.
+``--resume`` goes on from it (the same priors, slices, seeds, plan and solver code), so the run can span several
+sittings.
 Writes benchmarks/results/recon.md (``--quick``: recon_quick.md, a smoke run: one slice, one seed, few NFE; the
 MRI slices cropped to their central 96 x 112).
 """
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
     models = {"mri": args.mri_model, "ct": args.ct_model}
     signature = {"quick": quick, "plan": plan, "grids": GRIDS, "seeds": seeds, "heavy_slices": args.heavy_slices,
                  "heavy_multicoil": args.heavy_multicoil, "mri_test": chosen_test, "prior_mode": args.prior_mode,
-                 "bf16": args.bf16, "models": {m: _digest(models[m]) for m in ("mri", "ct")}}
+                 "bf16": args.bf16, "models": {m: _digest(models[m]) for m in ("mri", "ct")}, "code": code_digest()}
     store = Store(out.with_suffix(".json"), json.loads(json.dumps(signature)), args.resume)
     lines = ["# Reconstruction benchmark", "",
              f"`python benchmarks/bench_recon.py{' --quick' if quick else ''}` on {platform.processor() or 'CPU'}, "
@@ -303,6 +304,22 @@ def main(argv=None) -> int:
 
 def _baseline_rows(probs) -> list[list]:
     return [list(r) for r in baselines(probs)]
+
+
+#: The files whose code makes the numbers: a resumed run must run the same solvers, samplers and operators.
+CODE = ("medidiff/recon/solvers.py", "medidiff/recon/problems.py", "medidiff/recon/prior.py", "medidiff/recon/ct.py",
+        "medidiff/recon/mri.py", "medidiff/recon/masks.py", "medidiff/recon/baselines.py", "medidiff/core/samplers.py",
+        "medidiff/core/guidance.py", "medidiff/core/operators.py")
+
+
+def code_digest() -> str:
+    """SHA-256 over the files of ``CODE`` (a change to any of them starts the measurements anew)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in CODE:
+        h.update((ROOT / name).read_bytes())
+    return h.hexdigest()
 
 
 def _digest(path: str) -> str | None:
