@@ -183,3 +183,36 @@ def test_data_consistent_sampling_through_ddim(hook_kind):
     x = torch.randn(2, 2, 8, 8, generator=_g(13), dtype=D64)
     out = samplers.ddim(_denoiser, x, process, 3, hook=hook)
     assert torch.allclose(op(out), y, atol=1e-10)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_dds_step_keeps_the_networks_noise_estimate(eta):
+    """With ``ddim_gain`` the CG hook's ``x0`` makes the sampler's DDIM step DDS's (Algorithm 1): the corrected
+    ``x0'`` with the network's noise estimate ``(x_t - alpha_t x0_hat) / sigma_t``; without, the estimate is taken
+    from ``x0'``. ``clip`` starts CG from the clamped estimate."""
+    from medidiff.core.guidance import ddim_gain
+
+    process = VPSDE()
+    times = process.time_grid(6)
+    alpha, sigma = (v.double().tolist() for v in process.marginal(times))
+    m = (torch.rand(2, 1, 6, 6, generator=_g(11)) > 0.4).to(D64)
+    op, y = MaskOperator(m), m * torch.randn(2, 1, 6, 6, generator=_g(12), dtype=D64)
+    plain = ConjugateGradient(op, y, iters=2)
+    dds = ConjugateGradient(op, y, iters=2, gain=ddim_gain(process, times, eta))
+    for i in (0, 2, 4):
+        x_t = torch.randn(2, 1, 6, 6, generator=_g(20 + i), dtype=D64)
+        x0_hat = 1.7 * torch.randn(2, 1, 6, 6, generator=_g(30 + i), dtype=D64)
+        t = torch.full((2,), float(times[i]), dtype=D64)
+        corrected, through = plain(x0_hat, x_t, t), dds(x0_hat, x_t, t)
+        a_t, s_t, a_s, s_s = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
+        var = (eta * s_s) ** 2 * max(0.0, 1 - (a_t * s_s / (a_s * s_t)) ** 2)
+        k = math.sqrt(s_s**2 - var)  # the weight of the noise estimate in the step
+        step = a_s * through + k * (x_t - a_t * through) / s_t  # the sampler's step from the hook's x0
+        assert torch.allclose(step, a_s * corrected + k * (x_t - a_t * x0_hat) / s_t, atol=1e-10)
+        assert not torch.allclose(a_s * corrected + k * (x_t - a_t * corrected) / s_t, step)
+    last = torch.full((2,), float(times[-2]), dtype=D64)  # the last step returns x0 itself: no gain
+    assert torch.allclose(dds(x0_hat, x_t, last), plain(x0_hat, x_t, last))
+    clipped = ConjugateGradient(op, y, iters=2, clip=0.5)(x0_hat, x_t, t)
+    assert torch.allclose(clipped, plain(x0_hat.clamp(-0.5, 0.5), x_t, t))
+    with pytest.raises(ValueError, match="clip"):
+        ConjugateGradient(op, y, clip=0.0)

@@ -68,8 +68,11 @@ def test_ct_solvers_return_the_truth_with_an_oracle_denoiser(name):
     assert float((result.image - truth).abs().max()) < 1e-4
 
 
-def test_dds_with_a_gaussian_prior_keeps_the_data_and_follows_ddim_elsewhere():
-    """Unit-variance Gaussian data under a VP process: a DDIM step multiplies x by ``a_s a_t + s_s s_t``."""
+@pytest.mark.parametrize("options", [{}, {"noise_estimate": "network", "clip": 50.0}], ids=["corrected", "network"])
+def test_dds_with_a_gaussian_prior_keeps_the_data_and_follows_ddim_elsewhere(options):
+    """Unit-variance Gaussian data under a VP process: a DDIM step multiplies x by ``a_s a_t + s_s s_t``. With the
+    network's noise estimate (DDS's Algorithm 1) the unmeasured pixels, which CG leaves alone, follow the same DDIM
+    path, and the last step returns the data-consistent image."""
     gauss = Mixture((1.0,), (0.0,), (1.0,))
     den = Wrapped(gauss.denoiser(PROCESS))
     mask = (torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(1)) < 0.4).double()
@@ -77,13 +80,25 @@ def test_dds_with_a_gaussian_prior_keeps_the_data_and_follows_ddim_elsewhere():
     y = op(torch.randn(1, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
     x_init = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
     steps = 6
-    result = solvers.dds(den, op, y, x_init, steps=steps, eta=0.0, generator=torch.Generator().manual_seed(5))
+    result = solvers.dds(den, op, y, x_init, steps=steps, eta=0.0, generator=torch.Generator().manual_seed(5),
+                         **options)
     start, _ = solvers.start_state(PROCESS, x_init, 1.0, torch.Generator().manual_seed(5))
     grid = PROCESS.time_grid(steps).tolist()
     alpha, sigma = (v.tolist() for v in PROCESS.marginal(torch.tensor(grid, dtype=torch.float64)))
     factor = alpha[steps - 1] * math.prod(alpha[i + 1] * alpha[i] + sigma[i + 1] * sigma[i] for i in range(steps - 1))
     expected = torch.where(mask > 0, y, start * factor)
     assert torch.allclose(result.image, expected, atol=1e-10)
+
+
+def test_dds_noise_estimate_is_checked_and_changes_the_path():
+    problem = problems.simulate_mri(_phantom(), acceleration=4, seed=1)
+    op, y, x_init = problem.network(torch.float64)
+    den = Wrapped(lambda x, t: 0.8 * torch.tanh(x))  # nonlinear: a correction now changes later estimates
+    runs = {k: solvers.dds(den, op, y, x_init, steps=4, eta=0.0, noise_estimate=k,
+                           generator=torch.Generator().manual_seed(2)).image for k in ("corrected", "network")}
+    assert not torch.allclose(runs["corrected"], runs["network"])
+    with pytest.raises(ValueError, match="noise_estimate"):
+        solvers.dds(den, op, y, x_init, steps=4, noise_estimate="mine")
 
 
 def test_dds_fits_the_data_of_a_real_image_exactly():

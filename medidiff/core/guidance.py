@@ -43,8 +43,8 @@ import torch
 from .operators import LinearOperator, cg_solve, sq_norm
 from .utils import batch_time, bcast
 
-__all__ = ["Projection", "MeasurementMerge", "ConjugateGradient", "DPS", "ddim_slope", "Compose", "NoisyClassifier",
-           "ClassifierGuidance"]
+__all__ = ["Projection", "MeasurementMerge", "ConjugateGradient", "DPS", "ddim_slope", "ddim_gain", "Compose",
+           "NoisyClassifier", "ClassifierGuidance"]
 
 
 class Projection:
@@ -95,28 +95,58 @@ class ConjugateGradient:
 
     Starts at the Tweedie estimate ``x0_hat``; with ``rho = 0`` the few Krylov steps are the regulariser.
 
+    A DDIM sampler takes its noise estimate from the ``x0`` a hook returns, ``(x_t - alpha_t x0) / sigma_t``;
+    DDS (Algorithm 1) keeps the network's own estimate and puts only the corrected ``x0'`` into the step. With
+    ``gain`` (:func:`ddim_gain`) the hook returns ``x0_hat + gain (x0' - x0_hat)``, whose DDIM step is DDS's.
+
     Args:
         op: the operator.
         y: measurements.
         iters: CG iterations per network evaluation (DDS uses 5).
         rho: Tikhonov weight towards ``x0_hat`` (``>= 0``).
+        gain: ``gain(t) -> (B,)``, DDS's step through the sampler (``None``: the sampler's own noise estimate).
+        clip: CG starts from ``x0_hat`` clamped to ``[-clip, clip]`` (``None``: as it is).
     """
 
     needs_grad = False
 
-    def __init__(self, op: LinearOperator, y: torch.Tensor, *, iters: int = 5, rho: float = 0.0):
+    def __init__(self, op: LinearOperator, y: torch.Tensor, *, iters: int = 5, rho: float = 0.0,
+                 gain: Callable | None = None, clip: float | None = None):
         if iters < 1:
             raise ValueError(f"iters must be >= 1, got {iters}")
         if rho < 0:
             raise ValueError(f"rho must be >= 0, got {rho}")
-        self.op, self.y, self.iters, self.rho = op, y, iters, rho
+        if clip is not None and clip <= 0:
+            raise ValueError(f"clip must be > 0, got {clip}")
+        self.op, self.y, self.iters, self.rho, self.gain, self.clip = op, y, iters, rho, gain, clip
         self._aty = None
 
     def __call__(self, x0_hat, x_t, t):
         if self._aty is None or self._aty.dtype != x0_hat.dtype:
             self._aty = self.op.adjoint(self.y)
-        rhs = self._aty + self.rho * x0_hat if self.rho else self._aty
-        return cg_solve(self.op, rhs=rhs, rho=self.rho, x0=x0_hat, iters=self.iters)
+        start = x0_hat if self.clip is None else x0_hat.clamp(-self.clip, self.clip)
+        rhs = self._aty + self.rho * start if self.rho else self._aty
+        x0 = cg_solve(self.op, rhs=rhs, rho=self.rho, x0=start, iters=self.iters)
+        if self.gain is None:
+            return x0
+        return x0_hat + bcast(self.gain(t), x0) * (x0 - x0_hat)
+
+
+def ddim_gain(process, times: Sequence[float] | torch.Tensor, eta: float = 0.0) -> Callable:
+    """``alpha_s / c``: how much a correction of ``x0`` must be scaled for a DDIM step to keep the network's noise
+    estimate (DDS's step, see :class:`ConjugateGradient`), with ``c`` the step's slope (:func:`ddim_slope`) and
+    ``alpha_s`` the next time's; 1 on the last step.
+
+    Returns:
+        a function ``gain(t) -> (B,)`` for the evaluation times ``t`` of shape ``(B,)``.
+    """
+    coefficients = _ddim_coefficients(process, times, eta)
+
+    def gain(t: torch.Tensor) -> torch.Tensor:
+        a_s, c = coefficients(t)
+        return torch.full(t.shape, a_s / c, dtype=t.dtype, device=t.device)
+
+    return gain
 
 
 def ddim_slope(process, times: Sequence[float] | torch.Tensor, eta: float = 0.0) -> Callable:
@@ -130,22 +160,31 @@ def ddim_slope(process, times: Sequence[float] | torch.Tensor, eta: float = 0.0)
     Returns:
         a function ``slope(t) -> (B,)`` for the evaluation times ``t`` of shape ``(B,)``.
     """
+    coefficients = _ddim_coefficients(process, times, eta)
+
+    def slope(t: torch.Tensor) -> torch.Tensor:
+        return torch.full(t.shape, coefficients(t)[1], dtype=t.dtype, device=t.device)
+
+    return slope
+
+
+def _ddim_coefficients(process, times, eta: float) -> Callable:
+    """``(alpha_s, c)`` of the DDIM step from an evaluation time ``t`` to the next on ``times``: the next time's
+    ``alpha`` and the slope ``d x_s / d x0_hat`` (``(1, 1)`` on the last step)."""
     grid = torch.as_tensor(times, dtype=torch.float64).flatten()
     alpha, sigma = process.marginal(grid)
     alpha, sigma = alpha.double().tolist(), sigma.double().tolist()
     g = grid.tolist()
 
-    def slope(t: torch.Tensor) -> torch.Tensor:
+    def coefficients(t: torch.Tensor) -> tuple[float, float]:
         i = int(torch.argmin((grid - float(t.flatten()[0])).abs()))
         if i + 1 >= len(g) or g[i + 1] == 0:
-            c = 1.0
-        else:
-            a_t, s_t, a_s, s_s = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
-            var = (eta * s_s) ** 2 * max(0.0, 1 - (a_t * s_s / (a_s * s_t)) ** 2)
-            c = a_s - math.sqrt(max(s_s**2 - var, 0.0)) * a_t / s_t
-        return torch.full(t.shape, c, dtype=t.dtype, device=t.device)
+            return 1.0, 1.0
+        a_t, s_t, a_s, s_s = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
+        var = (eta * s_s) ** 2 * max(0.0, 1 - (a_t * s_s / (a_s * s_t)) ** 2)
+        return a_s, a_s - math.sqrt(max(s_s**2 - var, 0.0)) * a_t / s_t
 
-    return slope
+    return coefficients
 
 
 class DPS:

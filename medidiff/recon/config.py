@@ -86,6 +86,10 @@ class SolverOptions(_Section):
         steps: sampler steps (``null``: the solver's default, ``DEFAULT_STEPS``).
         t_start: start time; below 1 a warm start from the classical estimate (CCDF).
         cg_iters, rho, eta: DDS's CG iterations, Tikhonov weight and DDIM noise (``eta`` also for DPS).
+        noise_estimate: DDS's step: ``corrected`` (the noise estimate from the CG-corrected image) or ``network``
+            (the network's own, as DDS's Algorithm 1).
+        clip: DDS's CG starts from the network's estimate clamped to ``[-clip, clip]`` on its scale (``null``: as
+            it is).
         zeta: DPS's step size.
         lam: the merge's weight of the measurements.
         snr, n_corrector: the predictor-corrector's corrector.
@@ -99,6 +103,8 @@ class SolverOptions(_Section):
     cg_iters: PositiveInt = 5
     rho: float = Field(0.0, ge=0.0)
     eta: float | None = Field(None, ge=0.0, le=1.0)
+    noise_estimate: Literal["corrected", "network"] = "corrected"
+    clip: float | None = Field(None, gt=0.0)
     zeta: float = Field(1.0, ge=0.0)
     lam: float = Field(0.9, ge=0.0, le=1.0)
     snr: float = Field(0.16, gt=0.0)
@@ -115,7 +121,8 @@ class SolverOptions(_Section):
         """The keyword arguments of the solver function (``steps`` included)."""
         common = {"steps": self.n_steps, "t_start": self.t_start, "z_tv": self.z_tv}
         eta = {} if self.eta is None else {"eta": self.eta}
-        extra = {"dds": {"cg_iters": self.cg_iters, "rho": self.rho, **eta}, "dps": {"zeta": self.zeta, **eta},
+        extra = {"dds": {"cg_iters": self.cg_iters, "rho": self.rho, "noise_estimate": self.noise_estimate,
+                         "clip": self.clip, **eta}, "dps": {"zeta": self.zeta, **eta},
                  "pc": {"snr": self.snr, "n_corrector": self.n_corrector}, "merge": {"lam": self.lam}}[self.name]
         return {**common, **extra}
 

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from medidiff.core import samplers
-from medidiff.core.guidance import DPS, Compose, ConjugateGradient, MeasurementMerge, ddim_slope
+from medidiff.core.guidance import DPS, Compose, ConjugateGradient, MeasurementMerge, ddim_gain, ddim_slope
 from medidiff.core.noise import gaussian_like
 from medidiff.core.operators import LinearOperator
 
@@ -103,7 +103,8 @@ def _run(name: str, denoiser, hook, x_init, *, steps: int, t_start: float, gener
 
 def dds(denoiser, op: LinearOperator, y: torch.Tensor, x_init: torch.Tensor, *, steps: int = 50,
         cg_iters: int = 5, rho: float = 0.0, eta: float = 0.15, t_start: float = 1.0, z_tv: float = 0.0,
-        generator=None, progress: bool = False) -> Solved:
+        noise_estimate: str = "corrected", clip: float | None = None, generator=None,
+        progress: bool = False) -> Solved:
     """Decomposed diffusion sampler (Chung, Lee & Ye 2023, Algorithm 1): DDIM + CG on the Tweedie estimate.
 
     Args:
@@ -116,6 +117,9 @@ def dds(denoiser, op: LinearOperator, y: torch.Tensor, x_init: torch.Tensor, *, 
         rho: Tikhonov weight towards ``x0_hat`` (0: the Krylov subspace regularises, as DDS).
         eta: DDIM noise (DDS uses a small stochastic part).
         t_start: start time (``< 1``: warm start from ``x_init``).
+        noise_estimate: the DDIM step's noise estimate: ``corrected`` (from the CG-corrected ``x0``, as a DDIM
+            step from any hook's ``x0``) or ``network`` (the network's own, DDS's Algorithm 1).
+        clip: CG starts from the Tweedie estimate clamped to ``[-clip, clip]`` (``None``: as it is).
         z_tv: weight of DiffusionMBIR's total variation along the slices (0: off).
         generator: one generator or one per image.
         progress: progress bar.
@@ -123,7 +127,14 @@ def dds(denoiser, op: LinearOperator, y: torch.Tensor, x_init: torch.Tensor, *, 
     Returns:
         ``Solved(image, nfe)``.
     """
-    hook = _coupled(ConjugateGradient(op, y, iters=cg_iters, rho=rho), op, y, z_tv, replace=True)
+    if noise_estimate not in ("corrected", "network"):
+        raise ValueError(f"noise_estimate must be 'corrected' or 'network', got {noise_estimate!r}")
+    gain = None
+    if noise_estimate == "network":
+        gain = ddim_gain(denoiser.process, denoiser.process.time_grid(steps, t_start=snap_time(denoiser.process,
+                                                                                             t_start)), eta)
+    cg = ConjugateGradient(op, y, iters=cg_iters, rho=rho, gain=gain, clip=clip)
+    hook = _coupled(cg, op, y, z_tv, replace=True)
     out = _run("ddim", denoiser, hook, x_init, steps=steps, t_start=t_start, generator=generator,
                progress=progress, eta=eta)
     return Solved(out, samplers.nfe("ddim", steps))
