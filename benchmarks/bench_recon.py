@@ -56,7 +56,12 @@ SEEDS = [0, 1, 2]
 #: (solver, NFE list) on the test slices; PC's NFE is 2 per step.
 PLAN = {"dds": [20, 50, 100], "dps": [200], "pc": [1000], "merge": [200]}
 HEAVY = {"dps", "pc", "merge"}
-GRIDS = {"dds": ("eta", [0.0, 0.15, 0.5]), "dps": ("zeta", [0.003, 0.01, 0.03, 0.1]), "merge": ("lam", [0.5, 0.9, 1.0])}
+#: Each solver's option and its candidates (per modality where their scales differ: DPS's step size is relative to
+#: the measurements' residual, which is far larger for a sinogram than for k-space; on CT 0.3 and above diverge, on
+#: MRI the step grows towards the DPS paper's 1).
+GRIDS = {"dds": ("eta", [0.0, 0.15, 0.5]),
+         "dps": ("zeta", {"ct": [0.003, 0.01, 0.03, 0.1], "mri": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]}),
+         "merge": ("lam", [0.5, 0.9, 1.0])}
 
 
 def mri_slices(indices: list[int], crop: bool = False) -> torch.Tensor:
@@ -187,7 +192,7 @@ def tune(prior, modality, images, setting, window, nfe, store: Store) -> tuple[d
     probs = [problem_for(modality, images, setting, 100, window)]
     for name, (key, grid) in GRIDS.items():
         best = None
-        for value in grid:
+        for value in grid[modality] if isinstance(grid, dict) else grid:
             p = store.get("tuning", f"{modality} {name} {key}={value} nfe={nfe[name]}", _val_psnr, prior, probs, name,
                           nfe[name], {key: value})
             lines.append(f"{modality} {name} {key}={value}: {p:.2f} dB")
