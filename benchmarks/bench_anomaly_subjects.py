@@ -382,10 +382,12 @@ def loo_fpr_deviation(maps: list[np.ndarray], cases: list[dict]) -> float:
     worst absolute gap between the left-out subject's false-positive rate and ``FPR`` (NaN for one subject)."""
     if len(cases) < 2:
         return float("nan")
+    regions = [healthy_region(c["brain"], c["label"]) for c in cases]  # once, not once per fold
     gaps = []
-    for i, case in enumerate(cases):
-        threshold = calibrate([m for j, m in enumerate(maps) if j != i], [c for j, c in enumerate(cases) if j != i])
-        gaps.append(abs(false_positive_rate(maps[i], case["label"], case["brain"], threshold) - FPR))
+    for i in range(len(cases)):
+        threshold = thresholds.calibrate([m for j, m in enumerate(maps) if j != i],
+                                         [r for j, r in enumerate(regions) if j != i], fpr=FPR)
+        gaps.append(abs(thresholds.false_positive_rate([maps[i]], [regions[i]], threshold) - FPR))
     return float(max(gaps))
 
 
@@ -728,12 +730,10 @@ def main(argv: list[str] | None = None) -> int:
     choose = [k for k in keys if args.choose and k in args.choose.split(",")]
     labels = {k: (table[k][0] or f"default of recipes/demo.yaml: {describe(sections[k].reconstruction)}")
               + _scale_text(sections[k]) for k in keys}
-    rows, cropped, bounds = [], [], {}
+    rows, cropped = [], []
     for model in models:
         loaded = load_denoiser(model, device)
         cases = load_cases(listing, loaded[1], base)
-        bounds = {f"{f:g}": float(np.mean([dice_bound(c, f) for c in cases if c["split"] == "test"]))
-                  for f in (FPR, base.fpr)}
         cropped += [c["cropped"] for c in cases]
         made: dict[str, dict] = {k: {} for k in keys}
         for key in (k for k in keys if k not in choose):
@@ -744,6 +744,8 @@ def main(argv: list[str] | None = None) -> int:
             best = max(tried, key=selection_score)["setting"]
             rows += [r for r in tried if r["setting"] != best]
             rows += run_setting(model, loaded, best, sections[best], cases, seeds, device, work, made=made[best])
+    bounds = ({f"{f:g}": float(np.mean([dice_bound(c, f) for c in cases if c["split"] == "test"]))
+               for f in (FPR, base.fpr)} if models else {})  # on the last model's grid, as before
     if args.append and out.with_suffix(".json").is_file():
         rows = merge(rows, out.with_suffix(".json"))
         labels = json.loads(out.with_suffix(".json").read_text())["meta"]["labels"] | labels

@@ -234,8 +234,9 @@ def _split_brains(sources: list, path: str | Path, split: str) -> list[dict]:
             raise RecipeError(f"{name} has voxels of {tuple(np.round(zooms, 3))} mm; the lesion generator draws on "
                               "2 mm brains", where=where,
                               fix="resample the brains to 2 mm isotropic (e.g. scripts/prepare_brains.py).")
-        brain = plain(both)[1] > 0.5
-        t1 = plain(both)[0] * brain
+        image, mask = plain(both)
+        brain = mask > 0.5
+        t1 = image * brain
         out.append({"name": name.split(".")[0], "t1": t1, "brain": brain,
                     "z": torch.full((t1.shape[2],), float("nan"), dtype=torch.float64)})
     return out

@@ -87,7 +87,6 @@ class CaseMaps:
         nfe: denoiser evaluations spent on the case.
         time_s: seconds spent on the case.
         classifier_nfe: classifier gradients spent on the case (method ``guided``).
-        scan_scale: what the map was divided by (``map.scan_quantile``; 1.0 when off).
     """
 
     prepared: Prepared
@@ -98,7 +97,6 @@ class CaseMaps:
     nfe: int
     time_s: float
     classifier_nfe: int = 0
-    scan_scale: float = 1.0
 
     @property
     def case(self) -> Case:
@@ -130,8 +128,7 @@ def analyse(denoiser, info: ModelInfo, case: Case, options: AnomalySection, *, s
     results, n = slicewise(heal, x, prepared.foreground, spatial_dims=dims, axis=axis,
                            min_foreground=options.min_foreground, fills=(None, 0.0, 0.0))
     healthy, spread, score = results if n else (x.clone(), torch.zeros_like(x), torch.zeros_like(x[:1]))
-    score, scale = maps.per_scan(score, prepared.foreground > 0.5, options.map.scan_quantile)
-    score = torch.from_numpy(score)
+    score = torch.from_numpy(maps.per_scan(score, prepared.foreground > 0.5, options.map.scan_quantile)[0])
     plane = x.shape[1:] if dims == 3 else [s for i, s in enumerate(x.shape[1:]) if i != axis]
     n_patches = len(patch_tiles(plane, recon.patch_size or [-(-s // 2) for s in plane]))
     per_image = healthy_evaluations(recon, n_patches=n_patches, process=denoiser.process)
@@ -140,7 +137,7 @@ def analyse(denoiser, info: ModelInfo, case: Case, options: AnomalySection, *, s
     return CaseMaps(prepared=prepared, score=restore(score, prepared).clamp_min(0),
                     healthy=restore(healthy, prepared, units="image"), spread=restore(spread, prepared).clamp_min(0),
                     mean_spread=float(spread[fg].mean()) if bool(fg.any()) else 0.0, nfe=per_image.denoiser * n,
-                    time_s=time.perf_counter() - start, classifier_nfe=per_image.classifier * n, scan_scale=scale)
+                    time_s=time.perf_counter() - start, classifier_nfe=per_image.classifier * n)
 
 
 def _units(options: AnomalySection) -> str:
@@ -281,7 +278,8 @@ class _ScanUnits:
 
 
 def _scan_units(r: CaseMaps, options: AnomalySection, threshold: float | None) -> _ScanUnits:
-    factor = 1.0 if options.map.scan_quantile is not None else restore_factor(r.prepared, _units(options))
+    units = _units(options)
+    factor = 1.0 if units == "scan" else restore_factor(r.prepared, units)  # a per-scan map has no units
     spread = (r.spread * restore_factor(r.prepared, "difference") if options.reconstruction.samples > 1 else None)
     return _ScanUnits(r.score * factor, spread, None if threshold is None else threshold * factor)
 

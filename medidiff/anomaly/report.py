@@ -54,9 +54,14 @@ PER_SCAN_LEGEND = {
 }
 
 
+def _scan_quantile(settings: dict) -> float | None:
+    """The run's ``map.scan_quantile`` (``None``: the heatmaps are in the scans' intensity units)."""
+    return (settings.get("map") or {}).get("scan_quantile")
+
+
 def legend(settings: dict) -> list[tuple[str, str]]:
     """The page's legend for a run's ``detection.json`` settings (the heatmap's scale as the run made it)."""
-    q = (settings.get("map") or {}).get("scan_quantile")
+    q = _scan_quantile(settings)
     if q is None:
         return LEGEND
     return [(k, PER_SCAN_LEGEND[k].format(q=q) if k in PER_SCAN_LEGEND else v) for k, v in LEGEND]
@@ -68,7 +73,7 @@ def _threshold_text(settings: dict) -> str:
         return "none (no calibration scans or threshold given): no anomaly masks"
     origin = (f"calibrated at voxel FPR {record['fpr']:g}" if record.get("fpr") is not None
               else f"from {record.get('source', 'the user')}")
-    q = (settings.get("map") or {}).get("scan_quantile")
+    q = _scan_quantile(settings)
     if q is not None:
         return (f"{settings['threshold']:.4g} ({origin}), in the heatmaps' units: each scan's residual over its own "
                 f"{q:g}-quantile, the same number for every scan")
@@ -197,7 +202,7 @@ def write_html(out_dir: Path, rows: list[dict], metrics: dict | None, settings: 
         views: per case name, its ``case_view`` arrays (a case without them is listed without images).
     """
     shown = [v for v in views.values() if v]
-    q = (settings.get("map") or {}).get("scan_quantile")
+    q = _scan_quantile(settings)
     heat_units = "scan's intensity units" if q is None else f"multiples of each scan's {q:g}-quantile"
     scales = [pages.run_scale(shown, "heatmap", label="Heatmap", units=heat_units),
               pages.run_scale(shown, "uncertainty", label="Uncertainty (spread)", units="scan's intensity units",
