@@ -308,7 +308,7 @@ def main(argv=None) -> int:
         chosen, tuning = tune(prior, modality, val, settings[0 if modality == "mri" else 1], window, tune_nfe, store,
                               ROBUST_SEEDS[:1] if quick else ROBUST_SEEDS)
         lines += [f"## {modality.upper()} (prior `{Path(path).name}`, step {info.step})", "",
-                  "Validation (one seed): " + "; ".join(tuning) + ".", "",
+                  "Validation (one seed; DDS's step over six): " + "; ".join(tuning) + ".", "",
                   f"Chosen: {json.dumps(chosen)}.", ""]
         for setting in settings:
             label = _setting_label(modality, setting)
