@@ -253,3 +253,27 @@ def test_a_3d_prior_denoises_the_stack_of_slices_as_one_volume(tmp_path):
         padded, crop = pad_multiple(x.movedim(0, 1)[None], 2)  # (1, 1, 6, 10, 12)
         expected = den(padded, t[:1])[crop][0].movedim(1, 0)
     assert out.shape == x.shape and torch.allclose(out, expected, atol=1e-6)
+
+
+def test_solver_options_take_the_modality_s_validated_dps_step_unless_set():
+    from medidiff.recon.config import DPS_ZETA, SolverOptions
+
+    dps = SolverOptions(name="dps")
+    assert dps.kwargs("mri")["zeta"] == DPS_ZETA["mri"] == 3.0
+    assert dps.kwargs("ct")["zeta"] == DPS_ZETA["ct"] == 0.03
+    assert SolverOptions(name="dps", zeta=0.5).kwargs("ct")["zeta"] == 0.5
+    assert "zeta" not in SolverOptions().kwargs("ct")  # DDS takes no step size
+
+
+def test_dds_options_default_to_the_validated_step():
+    from medidiff.recon.config import SolverOptions
+
+    for modality in ("ct", "mri"):
+        kw = SolverOptions().kwargs(modality)
+        assert (kw["noise_estimate"], kw["clip"]) == ("network", 1.0)
+    assert SolverOptions(clip=None).kwargs("ct")["clip"] is None
+    assert SolverOptions(noise_estimate="corrected").kwargs("ct")["noise_estimate"] == "corrected"
+    assert SolverOptions(name="merge").kwargs("mri")["lam"] == 1.0
+    assert (SolverOptions().kwargs("ct")["eta"], SolverOptions().kwargs("mri")["eta"]) == (0.0, 0.15)
+    assert SolverOptions(eta=0.5).kwargs("ct")["eta"] == 0.5
+    assert "eta" not in SolverOptions(name="dps").kwargs("ct")  # DPS: the solver's ancestral eta = 1

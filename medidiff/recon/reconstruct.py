@@ -117,7 +117,7 @@ def solve_problem(prior, problem: problems.Problem, solver_options, *, seed: int
     fn = solvers.get_solver(solver_options.name)
     gens = make_generators([member_seed(seed, first + i) for i in range(x_init.shape[0])], device=device)
     result = fn(prior, op, y.to(device), x_init.to(device), generator=gens, progress=progress,
-                **solver_options.kwargs())
+                **solver_options.kwargs(problem.modality))
     return problem.scale.to_physical(result.image.detach().cpu().double()), result.nfe
 
 
