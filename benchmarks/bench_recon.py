@@ -224,6 +224,7 @@ def tune(prior, modality, images, setting, window, nfe, store: Store, robust_see
 
 
 def _val_psnrs(prior, probs, name: str, nfe: int, options: dict) -> list[float]:
+    """Validation PSNR per slice and seed (the solver's noise seeded from 100, the first validation seed)."""
     imgs, _ = run_solver(prior, probs, name, nfe, options, first_seed=ROBUST_SEEDS[0])
     return score(imgs, probs)["psnr"]
 
@@ -235,8 +236,7 @@ def _setting_label(modality: str, setting: dict) -> str:
 
 
 def _val_psnr(prior, probs, name: str, nfe: int, options: dict) -> float:
-    imgs, _ = run_solver(prior, probs, name, nfe, options, first_seed=100)
-    return statistics.mean(score(imgs, probs)["psnr"])
+    return statistics.mean(_val_psnrs(prior, probs, name, nfe, options))
 
 
 def _row(prior, probs, name: str, nfe: int, options: dict, shown: str) -> list:
@@ -319,11 +319,12 @@ def main(argv=None) -> int:
             runs = [(name, nfe, name.upper(), heavy if name in HEAVY else probs)
                     for name, nfes in plan.items() if name not in HEAVY or heavy_here for nfe in nfes]
             dds_nfe = max(n for n in plan["dds"] if n <= 50)
-            if chosen["dds_robust"] != chosen["dds"]:  # the variant chosen on validation, beside DDS as it is
+            variant = chosen["dds_robust"] != chosen["dds"]  # the variant chosen on validation, beside DDS as it is
+            if variant:
                 runs.insert(len(plan["dds"]), ("dds_robust", dds_nfe, f"DDS, {_options(chosen)}", probs))
             if heavy_here:  # DDS on the heavy solvers' slices too, to compare with them on the same slices
                 runs.append(("dds", dds_nfe, f"DDS ({args.heavy_slices} slices)", heavy))
-                if chosen["dds_robust"] != chosen["dds"]:
+                if variant:
                     runs.append(("dds_robust", dds_nfe, f"DDS, {_options(chosen)} ({args.heavy_slices} slices)", heavy))
             for name, nfe, shown, use in runs:
                 rows.append(store.get("rows", f"{modality} {label} {shown} {nfe}", _row, prior, use,
